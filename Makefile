@@ -1,0 +1,50 @@
+# Every target bootstraps .venv when it is missing; a stamp keyed on pyproject.toml keeps
+# later calls fast.  torch comes first and is chosen for the machine:
+#   - already importable in .venv            -> left alone (a GPU user's CUDA build stays)
+#   - an NVIDIA driver is present            -> PyPI's default (CUDA) build
+#   - otherwise                              -> the CPU build of $(TORCH_VERSION)
+# Override with `make install TORCH_SPEC="torch==2.5.1"`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+EXPERIMENT ?= experiments/default.yaml
+ARGS ?=
+
+.PHONY: install test lint sweep train smoke figures bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+	    echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif [ -n "$(TORCH_SPEC)" ]; then \
+	    $(BIN)/pip install -q "$(TORCH_SPEC)"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(BIN)/pip install -q "torch>=2.4"; \
+	else \
+	    $(BIN)/pip install -q --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/pip install -q -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check harness analysis tests
+
+# One DPO run of an experiment: make train EXPERIMENT=experiments/smoke.yaml ARGS="--set dpo.beta=0.3"
+train: $(STAMP)
+	$(BIN)/harness train $(EXPERIMENT) $(ARGS)
+
+smoke: $(STAMP)
+	$(BIN)/harness train experiments/smoke.yaml $(ARGS)
+
+clean:
+	rm -rf results analysis/figures .pytest_cache

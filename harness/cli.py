@@ -1,0 +1,58 @@
+"""`harness` command line: `harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from harness.config import ConfigError, load_config, parse_value
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set dpo.beta=0.3")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.experiment, _overrides(args.set))
+    from harness.train import train  # torch import only when needed
+
+    summary = train(cfg, run_dir=args.run_dir)
+    keys = ["status", "steps", "train/loss", "eval/loss", "eval/rewards/margins",
+            "eval/rewards/accuracies", "test/loss", "wall_s"]
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="one DPO run from an experiment YAML")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/smoke.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,248 @@
+"""One typed configuration for a run, loaded from an experiment YAML.
+
+Every field has its default, its unit and a typical range in the comment beside it.
+Unknown keys and wrong types are errors that name the file and the field
+(`ConfigError`), raised before anything is trained.
+
+An experiment file holds a run configuration at its top level (the sections below);
+sweep-only keys (`grid`, `seeds`, `search`, `objective`, ...) live in their own section
+`sweep:` and are ignored by a single run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+def cache_root() -> Path:
+    """Shared caches (downloads, tokenizers, reference log-probs): $DPO_HARNESS_CACHE or
+    ~/.cache/dpo-harness. Everything in it is keyed by a hash of what determines it."""
+    return Path(os.environ.get("DPO_HARNESS_CACHE", "~/.cache/dpo-harness")).expanduser()
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and field that caused it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    # Where pairs come from: a file (.json/.jsonl/.parquet), a `datasets` saved directory,
+    # an http(s) URL (downloaded once into cache_dir and checked against sha256), or a hub name.
+    source: str = "../shared/data/instruction-data-with-preference.json"
+    # Record layout: alpaca (instruction/input/chosen/rejected), prompt (prompt/chosen/rejected
+    # strings), messages (chat lists rendered with the tokenizer's chat template), or auto.
+    format: Literal["auto", "alpaca", "prompt", "messages"] = "auto"
+    sha256: str | None = None  # required for URL sources: hex digest of the downloaded file
+    cache_dir: str | None = None  # where URL downloads are kept; null = <cache root>/data
+    hub_split: str = "train"  # split name when `source` is a hub dataset or a DatasetDict
+    # Fractions of the records, in file order, for train/validation/test (the seed uses 85/5/10).
+    split: tuple[float, float, float] = (0.85, 0.05, 0.10)
+    # Given split files instead of fractions (any of the sources above); override `split`.
+    validation_source: str | None = None
+    test_source: str | None = None
+    limit: int | None = None  # keep only the first N records of `source` before splitting
+    max_length: int = 512  # tokens per sequence (prompt + response + eos); 64..4096
+    # Pairs longer than max_length: `truncate` cuts the response tail, `drop` removes the pair.
+    # Either way the count lands in summary.json.
+    too_long: Literal["truncate", "drop"] = "truncate"
+    add_eos: bool = True  # append the tokenizer's eos token to every response
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
+            raise ValueError(f"fractions must be >= 0, train > 0, and sum to 1; got {list(v)}")
+        return v
+
+
+class ModelConfig(_Section):
+    # A tiny model built from config by name (tiny-xs, tiny-s, tiny-m, tiny-l), a hub id,
+    # a local directory holding a transformers model, or a .gguf file.
+    name: str = "tiny-s"
+    gguf_file: str | None = None  # file name inside `name` (a hub id or directory) for GGUF
+    tokenizer: str | None = None  # tokenizer id/dir; default: the model's, or one trained here
+    tokenizer_vocab_size: int = 2048  # when the harness trains a byte-level BPE; 512..50k
+    trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
+    revision: str | None = None  # hub revision (branch, tag or commit)
+
+
+class DPOConfig(_Section):
+    beta: float = 0.1  # strength of the KL constraint (paper's beta); 0.01..1
+    loss: str = "sigmoid"  # a name in harness.dpo.LOSSES: sigmoid, ipo, hinge
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels; 0..0.5
+    mask_prompt: bool = True  # prompt tokens do not count in a sequence log-prob
+    reduction: Literal["sum", "mean"] = "mean"  # sum: the paper; mean: per response token
+    # Reference log-probs: a frozen copy of the model (`model`) or computed once before
+    # training and cached on disk (`cache`). Both give the same losses.
+    reference: Literal["model", "cache"] = "model"
+    reference_cache_dir: str | None = None  # null = <cache root>/reference
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"beta must be > 0, got {v}")
+        return v
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _smoothing_range(cls, v: float) -> float:
+        if not 0.0 <= v < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {v}")
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        from harness.dpo import LOSSES  # late import: dpo imports torch
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; valid: {', '.join(sorted(LOSSES))}")
+        return v
+
+
+class TrainConfig(_Section):
+    lr: float = 5e-6  # peak learning rate (AdamW); 1e-7..1e-3
+    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr
+    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warmup
+    batch_size: int = 8  # pairs per micro-batch (each pair = 2 sequences)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    epochs: float = 1.0  # passes over the train split (fractions allowed)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    max_grad_norm: float | None = 1.0  # clip the global gradient norm; null = no clipping
+    eval_every: int = 40  # examples (pairs) seen between eval passes; 0 = only at the end
+    eval_batches: int | None = 5  # batches per eval pass; null = the whole split
+    log_every: int = 1  # optimizer steps between train metric logs
+    seed: int = 123  # one seed for data order, init and dropout
+    device: str = "auto"  # auto (cuda > mps > cpu), or cpu, cuda, cuda:1, mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda only
+    num_threads: int | None = None  # torch CPU threads; null = torch's default
+    save_model: bool = True  # final policy weights into the run directory (safetensors)
+    drop_last: bool = True  # drop the last partial train batch of an epoch (as the seed notebook)
+    test_at_end: bool = True  # evaluate the whole test split after training
+    shuffle: bool = True  # reshuffle the train split every epoch (seeded)
+
+    @field_validator("batch_size", "grad_accum", "log_every")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    project: str = "dpo-harness"  # wandb project
+    entity: str | None = None  # wandb entity (team or user)
+    # auto: online when logged in, offline otherwise. The WANDB_MODE env variable wins.
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    group: str | None = None  # wandb group (a sweep sets it to the study name)
+    tags: list[str] = Field(default_factory=list)
+    results_dir: str = "results"  # run directories go to results_dir/runs/<name>
+    progress: bool = True  # tqdm progress bar on stderr
+
+
+class RunConfig(_Section):
+    name: str = "run"  # run name: the run directory and the wandb run are named after it
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    # Sweep definition; read by `harness sweep`, ignored by `harness train`.
+    sweep: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_error(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars and lists (`1e-5`, `true`, `[1, 2]`), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`dpo.beta`) in a nested dict, creating sections as needed."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(raw: dict[str, Any], where: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, where)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read an experiment YAML, apply dotted overrides, validate.
+
+    Relative data paths in the file are resolved against the file's directory, so an
+    experiment can be run from anywhere.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or {})
+    cfg = build_config(raw, where=str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Make relative local data paths absolute against `base` (the experiment's folder)."""
+    d = cfg.data
+    for field in ("source", "validation_source", "test_source"):
+        value = getattr(d, field)
+        if value and _looks_like_relative_path(value):
+            candidate = (base / value).resolve()
+            if candidate.exists():
+                setattr(d, field, str(candidate))
+    return cfg
+
+
+def _looks_like_relative_path(value: str) -> bool:
+    return not value.startswith(("http://", "https://", "/", "~")) and (
+        value.startswith(".") or "/" in value or Path(value).suffix != ""
+    )

@@ -1,0 +1,369 @@
+"""One DPO run, end to end: `train(cfg)` reads top to bottom.
+
+setup → data → models → reference log-probs → optimizer → loop (log, eval) → final eval → save.
+The library parts (data, models, dpo, tracking) are imported; the loop lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from harness import data as hdata
+from harness import models as hmodels
+from harness.config import RunConfig, cache_root
+from harness.dpo import dpo_loss, model_logps, pair_metrics
+from harness.tracking import RunTracker, write_json_atomic
+
+Batch = dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(cfg: RunConfig, run_dir: str | Path | None) -> Path:
+    """`--run-dir` as given, else results_dir/runs/<name>-<time>. A finished run is never overwritten."""
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.tracking.results_dir) / "runs" / f"{cfg.name}-{stamp}"
+    run_dir = Path(run_dir)
+    if (run_dir / "summary.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run (summary.json); pick another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.jsonl",):  # an earlier attempt that was cut off starts over
+        (run_dir / stale).unlink(missing_ok=True)
+    return run_dir
+
+
+def batches(
+    items: list[hdata.TokenizedPair], order: list[int], batch_size: int, pad_id: int,
+    mask_prompt: bool, drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """(pair indices [B], collated batch) in the given order."""
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield torch.tensor(idx), hdata.collate([items[i] for i in idx], pad_id, mask_prompt)
+
+
+def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over chosen and rejected rows ([2B, T]) → (chosen [B], rejected [B])."""
+    logps = model_logps(
+        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], reduction
+    )
+    half = logps.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO runs without dropout: policy and reference must score the same function."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer: the identity of the reference model."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model, items: list[hdata.TokenizedPair], cfg: RunConfig, pad_id: int, device, desc: str
+) -> torch.Tensor:
+    """Reference log-probs of every pair of a split: [n, 2] (chosen, rejected), float32."""
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(len(items), 2)
+    order = list(range(len(items)))
+    bs = cfg.train.batch_size
+    it = batches(items, order, bs, pad_id, cfg.dpo.mask_prompt)
+    for idx, batch in tqdm(it, total=math.ceil(len(items) / bs), desc=desc, leave=False,
+                           disable=not cfg.tracking.progress):
+        with hmodels.autocast(device, cfg.train.precision):
+            chosen, rejected = concatenated_logps(model, to_device(batch, device), cfg.dpo.reduction)
+        out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
+    model.train(was_training)
+    return out
+
+
+def reference_cache(
+    model, splits: dict[str, list[hdata.TokenizedPair]], cfg: RunConfig, pad_id: int, device
+) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """Reference log-probs for all splits, computed once per distinct (weights, tokens, masking,
+    reduction, precision) and kept on disk. Returns (logps per split, cache file, was it reused)."""
+    key = hashlib.sha256()
+    key.update(weights_digest(model).encode())
+    key.update(json.dumps([cfg.dpo.mask_prompt, cfg.dpo.reduction, cfg.train.precision]).encode())
+    for name in sorted(splits):
+        key.update(name.encode())
+        key.update(json.dumps([[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]]).encode())
+    root = Path(cfg.dpo.reference_cache_dir or cache_root() / "reference").expanduser()
+    path = root / f"{key.hexdigest()[:32]}.pt"
+    if path.exists():
+        return torch.load(path), path, True
+    logps = {
+        name: compute_reference_logps(model, items, cfg, pad_id, device, f"reference {name}")
+        for name, items in splits.items()
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(logps, tmp)
+    tmp.replace(path)
+    return logps, path, False
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def dpo_batch(policy, reference, ref_cache, idx, batch: Batch, cfg: RunConfig, device):
+    """Losses and per-pair metrics for one micro-batch. The reference is either a frozen model
+    (no_grad, eval mode) or rows of the cached log-probs."""
+    batch = to_device(batch, device)
+    with hmodels.autocast(device, cfg.train.precision):
+        pc, pr = concatenated_logps(policy, batch, cfg.dpo.reduction)
+        if reference is not None:
+            with torch.no_grad():
+                rc, rr = concatenated_logps(reference, batch, cfg.dpo.reduction)
+        else:
+            rc, rr = ref_cache[idx, 0].to(device), ref_cache[idx, 1].to(device)
+    d = cfg.dpo
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, d.beta, d.loss, d.label_smoothing)
+    return losses, pair_metrics(losses, cr, rj, pc, pr, d.beta)
+
+
+@torch.no_grad()
+def evaluate(policy, reference, ref_cache, items, cfg: RunConfig, pad_id, device, max_batches):
+    """Mean per-pair metrics over the first `max_batches` batches of a split, in file order
+    (the same pairs at every eval, so curves compare like with like)."""
+    was_training = policy.training
+    policy.eval()
+    sums: dict[str, float] = defaultdict(float)
+    n = 0
+    order = list(range(len(items)))
+    for i, (idx, batch) in enumerate(batches(items, order, cfg.train.batch_size, pad_id, cfg.dpo.mask_prompt)):
+        if max_batches is not None and i >= max_batches:
+            break
+        _, metrics = dpo_batch(policy, reference, ref_cache, idx, batch, cfg, device)
+        for k, v in metrics.items():
+            sums[k] += v.sum().item()
+        n += len(idx)
+    policy.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None) -> dict:
+    """Train one DPO run; returns the summary (also written to run_dir/summary.json)."""
+    # ---------------------------------------------------------------- setup
+    run_dir = new_run_dir(cfg, run_dir)
+    t = cfg.train
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = hmodels.pick_device(t.device)
+    seed_everything(t.seed)
+    tracker = RunTracker(run_dir, cfg.to_dict(), cfg.tracking, name=run_dir.name)
+    say = (lambda *a: print(*a, file=sys.stderr)) if cfg.tracking.progress else (lambda *a: None)
+    started = time.time()
+    try:
+        summary = _run(cfg, run_dir, device, tracker, say)
+    except BaseException as err:
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        tracker.write_summary({"status": status, "error": repr(err), "wall_s": time.time() - started})
+        tracker.close(exit_code=1)
+        raise
+    summary["wall_s"] = time.time() - started
+    tracker.write_summary(summary)
+    tracker.close()
+    say(f"run directory: {run_dir}")
+    return summary
+
+
+def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say) -> dict:
+    t, d = cfg.train, cfg.dpo
+    # ---------------------------------------------------------------- data and tokenizer
+    raw_splits = hdata.load_pairs(cfg.data) if cfg.data.format != "messages" else None
+    texts = (lambda: hdata.iter_texts(raw_splits["train"])) if raw_splits else (lambda: iter(()))
+    tokenizer, tok_info = hmodels.load_tokenizer(cfg.model, texts, cache_root() / "tokenizers")
+    if raw_splits is None:
+        raw_splits = hdata.load_pairs(cfg.data, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    splits, counts = {}, {}
+    for name, pairs in raw_splits.items():
+        splits[name], c = hdata.tokenize_pairs(
+            pairs, tokenizer, cfg.data.max_length, cfg.data.too_long, cfg.data.add_eos,
+            prompt_special_tokens=cfg.data.format != "messages",
+        )
+        counts.update({f"data/{name}/{k.split('/')[-1]}": v for k, v in c.items()})
+    if not splits["train"]:
+        raise ValueError(f"data.source {cfg.data.source}: no training pairs left after filtering: {counts}")
+
+    # ---------------------------------------------------------------- models
+    seed_everything(t.seed)
+    policy, model_info = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
+    disable_dropout(policy)
+    policy.to(device).train()
+    reference, ref_cache, ref_info = None, {}, {}
+    if d.reference == "model":
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    else:
+        ref_cache, ref_path, reused = reference_cache(policy, splits, cfg, pad_id, device)
+        ref_info = {"reference_cache": str(ref_path), "reference_cache_reused": reused}
+
+    # ---------------------------------------------------------------- optimizer and schedule
+    n_train = len(splits["train"])
+    micro_per_epoch = n_train // t.batch_size if t.drop_last else math.ceil(n_train / t.batch_size)
+    if micro_per_epoch == 0:
+        raise ValueError(f"train.batch_size {t.batch_size} is larger than the {n_train} train pairs")
+    total_steps = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps)
+    )
+    pairs_per_step = t.batch_size * t.grad_accum
+    say(
+        f"model: {model_info['model_source']} ({model_info['n_params'] / 1e6:.2f}M params) | "
+        f"tokenizer: {tok_info['tokenizer_source']} | device: {device} | wandb: {tracker.wandb_mode}\n"
+        f"pairs train/validation/test: {len(splits['train'])}/{len(splits['validation'])}/"
+        f"{len(splits['test'])} | {pairs_per_step} pairs per step "
+        f"({t.batch_size} x {t.grad_accum} accum) | {total_steps} steps | run dir: {run_dir}"
+    )
+
+    # ---------------------------------------------------------------- training loop
+    def eval_now(step: int, seen: int) -> dict:
+        m = evaluate(policy, reference, ref_cache.get("validation"), splits["validation"], cfg,
+                     pad_id, device, t.eval_batches)
+        m = {f"eval/{k}": v for k, v in m.items()}
+        tracker.log(m, step, seen)
+        return m
+
+    def epoch_orders() -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(t.seed)
+        while True:
+            yield torch.randperm(n_train, generator=gen).tolist() if t.shuffle else list(range(n_train))
+
+    def micro_batches() -> Iterator[tuple[torch.Tensor, Batch]]:
+        for order in epoch_orders():
+            yield from batches(splits["train"], order, t.batch_size, pad_id, d.mask_prompt, t.drop_last)
+
+    last_eval = eval_now(0, 0) if splits["validation"] and t.eval_every else {}
+    stream = micro_batches()
+    seen = 0
+    window: dict[str, float] = defaultdict(float)
+    window_pairs = 0
+    train_metrics: dict[str, float] = {}
+    tokens_total = 0
+    bar = tqdm(total=total_steps, desc="dpo", unit="step", disable=not cfg.tracking.progress)
+    for step in range(1, total_steps + 1):
+        t0 = time.perf_counter()
+        tokens = 0
+        for _ in range(t.grad_accum):
+            idx, batch = next(stream)
+            losses, metrics = dpo_batch(policy, reference, ref_cache.get("train"), idx, batch, cfg, device)
+            (losses.mean() / t.grad_accum).backward()
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in metrics.items():
+                window[k] += v.sum().item()
+            window_pairs += len(idx)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            policy.parameters(), t.max_grad_norm if t.max_grad_norm else float("inf")
+        )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.perf_counter() - t0
+        seen += pairs_per_step
+        tokens_total += tokens
+
+        if step % t.log_every == 0 or step == total_steps:
+            train_metrics = {f"train/{k}": v / window_pairs for k, v in window.items()}
+            train_metrics.update({
+                "train/grad_norm": float(grad_norm), "train/lr": lr,
+                "perf/tokens_per_s": tokens / step_s, "perf/step_s": step_s,
+            })
+            tracker.log(train_metrics, step, seen)
+            window.clear()
+            window_pairs = 0
+            bar.set_postfix(loss=f"{train_metrics['train/loss']:.4f}",
+                            margin=f"{train_metrics['train/rewards/margins']:.3f}")
+        if t.eval_every and splits["validation"] and seen // t.eval_every > (seen - pairs_per_step) // t.eval_every:
+            last_eval = eval_now(step, seen)
+        bar.update(1)
+    bar.close()
+
+    # ---------------------------------------------------------------- final evaluation and save
+    if splits["validation"] and (not t.eval_every or seen % t.eval_every):
+        last_eval = eval_now(total_steps, seen)
+    test_metrics = {}
+    if t.test_at_end and splits["test"]:
+        test_metrics = evaluate(policy, reference, ref_cache.get("test"), splits["test"], cfg,
+                                pad_id, device, None)
+        test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
+        tracker.log(test_metrics, total_steps, seen)
+    if t.save_model:
+        hmodels.save_policy(policy, run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    write_json_atomic(run_dir / "data_counts.json", counts)
+    return {
+        "status": "finished",
+        "steps": total_steps,
+        "examples_seen": seen,
+        "tokens_seen": tokens_total,
+        **train_metrics, **last_eval, **test_metrics, **counts,
+        "n_params": model_info["n_params"],
+        "model_source": model_info["model_source"],
+        "tokenizer_source": tok_info["tokenizer_source"],
+        "device": str(device),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        **ref_info,
+    }
