@@ -1,4 +1,8 @@
-"""`harness` command line: `harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]`."""
+"""`harness` command line.
+
+    harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
+    harness sweep EXPERIMENT.yaml [--workers N] [--storage URL] [--study NAME]
+"""
 
 from __future__ import annotations
 
@@ -30,6 +34,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import run_sweep
+
+    run_sweep(args.experiment, workers=args.workers, storage=args.storage, study=args.study,
+              results_dir=args.results_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="a study: grid cells x Optuna trials x seeds")
+    p.add_argument("experiment", help="experiment YAML with a `sweep:` section")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default sqlite:///<results>/<study>/optuna.db); "
+                        "postgresql://... to share a study between machines")
+    p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
+    p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 

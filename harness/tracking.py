@@ -148,11 +148,13 @@ class RunTracker:
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
         self.wandb_mode = resolve_wandb_mode(tracking.wandb)
         self.wandb = WandbBackend(run_dir, name, config, tracking, self.wandb_mode)
+        self.last: dict[str, float] = {}  # latest value of every metric (for a cut-off run's summary)
 
     def log(self, metrics: dict[str, float], step: int, examples_seen: int) -> None:
         row = {"step": step, "examples_seen": examples_seen}
         row.update({k: _clean(float(v)) for k, v in metrics.items()})
         self._metrics.write(json.dumps(row) + "\n")
+        self.last.update({k: v for k, v in row.items() if k not in ("step",)})
         self.wandb.log({**metrics, "examples_seen": examples_seen}, step=step)
 
     def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:

@@ -15,7 +15,7 @@ import random
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -29,9 +29,24 @@ from harness.dpo import dpo_loss, model_logps, pair_metrics
 from harness.tracking import RunTracker, write_json_atomic
 
 Batch = dict[str, torch.Tensor]
+EvalHook = Callable[[int, dict[str, float]], None]
+
+
+class RunPruned(Exception):
+    """Raised by an eval hook to stop a run early (a sweep's pruner); the run ends as `pruned`."""
 
 
 # ----------------------------------------------------------------------------- helpers
+
+PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logratios/margins", "logps/chosen", "logps/rejected")
+
+
+def logged_metrics(cfg: RunConfig) -> set[str]:
+    """Every metric name a run of this config logs (a sweep checks its objective against it)."""
+    names = {f"{split}/{m}" for split in ("train", "eval", "test") for m in PAIR_METRICS}
+    names |= {"train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/step_s"}
+    return names
 
 
 def seed_everything(seed: int) -> None:
@@ -198,8 +213,11 @@ def evaluate(policy, reference, ref_cache, items, cfg: RunConfig, pad_id, device
 # ----------------------------------------------------------------------------- the run
 
 
-def train(cfg: RunConfig, run_dir: str | Path | None = None) -> dict:
-    """Train one DPO run; returns the summary (also written to run_dir/summary.json)."""
+def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook | None = None) -> dict:
+    """Train one DPO run; returns the summary (also written to run_dir/summary.json).
+
+    `on_eval(step, metrics)` is called after every validation pass; it may raise RunPruned.
+    """
     # ---------------------------------------------------------------- setup
     run_dir = new_run_dir(cfg, run_dir)
     t = cfg.train
@@ -211,10 +229,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None) -> dict:
     say = (lambda *a: print(*a, file=sys.stderr)) if cfg.tracking.progress else (lambda *a: None)
     started = time.time()
     try:
-        summary = _run(cfg, run_dir, device, tracker, say)
+        summary = _run(cfg, run_dir, device, tracker, say, on_eval)
     except BaseException as err:
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        tracker.write_summary({"status": status, "error": repr(err), "wall_s": time.time() - started})
+        status = {KeyboardInterrupt: "interrupted", RunPruned: "pruned"}.get(type(err), "failed")
+        tracker.write_summary({"status": status, "error": repr(err), "wall_s": time.time() - started,
+                               **tracker.last})
         tracker.close(exit_code=1)
         raise
     summary["wall_s"] = time.time() - started
@@ -224,7 +243,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None) -> dict:
     return summary
 
 
-def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eval) -> dict:
     t, d = cfg.train, cfg.dpo
     # ---------------------------------------------------------------- data and tokenizer
     raw_splits = hdata.load_pairs(cfg.data) if cfg.data.format != "messages" else None
@@ -283,6 +302,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say) -> dic
                      pad_id, device, t.eval_batches)
         m = {f"eval/{k}": v for k, v in m.items()}
         tracker.log(m, step, seen)
+        if on_eval is not None:
+            on_eval(step, m)
         return m
 
     def epoch_orders() -> Iterator[list[int]]:
