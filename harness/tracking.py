@@ -163,12 +163,13 @@ class RunTracker:
         write_json_atomic(path, [dict(zip(columns, r, strict=True)) for r in rows])
         self.wandb.log_table(key, columns, rows)
 
-    def write_summary(self, summary: dict) -> None:
+    def write_summary(self, summary: dict) -> dict:
         summary = {k: _clean(v) for k, v in summary.items()}
         summary["wandb_mode"] = self.wandb_mode
         summary["wandb_dir"] = self.wandb.run_path
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
+        return summary
 
     def close(self, exit_code: int = 0) -> None:
         self._metrics.close()

@@ -237,7 +237,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
         tracker.close(exit_code=1)
         raise
     summary["wall_s"] = time.time() - started
-    tracker.write_summary(summary)
+    summary = tracker.write_summary(summary)
     tracker.close()
     say(f"run directory: {run_dir}")
     return summary

@@ -1,0 +1,331 @@
+"""Preference data: records from files, URLs or the hub → pairs → splits → token ids → batches.
+
+A `Pair` is one prompt (templates applied, ending exactly where the response begins) with a
+chosen and a rejected response. Prompt and responses are tokenized separately and concatenated,
+so the first counted token is the first response token for any tokenizer (no character counting,
+no fixed offsets). Bad rows are `DataError`s naming the file, the row and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.config import DataConfig, cache_root
+
+
+class DataError(ValueError):
+    """A data problem, naming the file, the row (0-based) and the field."""
+
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+def format_alpaca_prompt(instruction: str, input: str) -> str:  # noqa: A002 - the seed's field name
+    """The seed notebook's template, with the response header that precedes every response."""
+    text = f"{ALPACA_PREAMBLE}\n\n### Instruction:\n{instruction}"
+    if input:
+        text += f"\n\n### Input:\n{input}"
+    return text + "\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    prompt_ids: tuple[int, ...]
+    chosen_ids: tuple[int, ...]  # response tokens only (eos appended when add_eos)
+    rejected_ids: tuple[int, ...]
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def _looks_local(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or Path(source).suffix in (".json", ".jsonl", ".parquet")
+            or os.sep in source and Path(source).expanduser().exists())
+
+
+def download(url: str, sha256: str | None, cache_dir: str | None) -> Path:
+    """Download once into the cache, verified against `sha256`; never leaves a partial file."""
+    if not sha256:
+        raise DataError(f"{url}: data.sha256 is required for a URL source (the file's hex digest)")
+    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "data"
+    name = url.rstrip("/").split("/")[-1] or "download"
+    path = root / f"{sha256[:16]}-{name}"
+    if path.exists():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != sha256.lower():
+            raise DataError(f"{url}: sha256 mismatch: expected {sha256}, downloaded {digest.hexdigest()}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _read_file(path: Path) -> list[dict]:
+    where = str(path)
+    if path.suffix == ".jsonl":
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: line {i + 1} is not valid JSON: {err.msg}") from None
+        return rows
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        return pd.read_parquet(path).to_dict(orient="records")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON: {err}") from None
+    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{where}: expected a list of records at the top level")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{where}: expected a list of records at the top level")
+    return data
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("reading a `datasets` directory or hub dataset needs "
+                        "`pip install dpo-harness[datasets]`") from None
+    return datasets
+
+
+def load_records(source: str, cfg: DataConfig) -> list[dict]:
+    """Raw records from a file, a `datasets` directory, a verified URL download or the hub."""
+    if _is_url(source):
+        return _read_file(download(source, cfg.sha256, cfg.cache_dir))
+    path = Path(source).expanduser()
+    if path.is_dir():
+        ds = _datasets().load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict
+            if cfg.hub_split not in ds:
+                raise DataError(f"{path}: no split {cfg.hub_split!r} (data.hub_split); has {list(ds)}")
+            ds = ds[cfg.hub_split]
+        return [dict(r) for r in ds]
+    if path.is_file():
+        return _read_file(path)
+    if _looks_local(source):
+        raise DataError(f"{source}: no such file (data.source)")
+    # A hub dataset name: kept for users with hub access; not reachable here.
+    return [dict(r) for r in _datasets().load_dataset(source, split=cfg.hub_split)]
+
+
+# ----------------------------------------------------------------------------- records → pairs
+
+
+def _text(record: Any, i: int, key: str, where: str, optional: bool = False) -> str:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: row {i} (0-based): expected an object, got {type(record).__name__}")
+    if key not in record or record[key] is None:
+        if optional:
+            return ""
+        raise DataError(f"{where}: row {i} (0-based): missing field {key!r}")
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: row {i} (0-based): field {key!r} must be text, got {type(value).__name__}")
+    if not optional and not value.strip():
+        raise DataError(f"{where}: row {i} (0-based): field {key!r} is empty")
+    return value
+
+
+def _is_messages(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(m, dict) and "role" in m for m in v)
+
+
+def detect_format(record: Any, where: str) -> str:
+    if isinstance(record, dict):
+        if "instruction" in record:
+            return "alpaca"
+        if _is_messages(record.get("chosen")) or _is_messages(record.get("prompt")):
+            return "messages"
+        if isinstance(record.get("prompt"), str):
+            return "prompt"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise DataError(f"{where}: row 0: cannot tell the format from fields {keys}; set data.format "
+                    "(alpaca: instruction/input/chosen/rejected; prompt: prompt/chosen/rejected; "
+                    "messages: chat lists)")
+
+
+def _render_messages(r: dict, i: int, where: str, tokenizer) -> Pair:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: the messages format needs a tokenizer with a chat template; "
+                        "this tokenizer has none")
+    for key in ("chosen", "rejected"):
+        if not _is_messages(r.get(key)):
+            raise DataError(f"{where}: row {i} (0-based): field {key!r} must be a list of messages")
+    if "prompt" in r:
+        if not _is_messages(r["prompt"]):
+            raise DataError(f"{where}: row {i} (0-based): field 'prompt' must be a list of messages")
+        prompt, chosen, rejected = r["prompt"], r["chosen"], r["rejected"]
+    else:  # full conversations sharing a prefix; the last message is the answer
+        prompt, chosen, rejected = r["chosen"][:-1], r["chosen"][-1:], r["rejected"][-1:]
+        if r["rejected"][:-1] != prompt:
+            raise DataError(f"{where}: row {i} (0-based): chosen and rejected do not share a prompt")
+    for key, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        for m in msgs:
+            if not isinstance(m.get("content"), str) or not m["content"].strip():
+                raise DataError(f"{where}: row {i} (0-based): field {key!r}: a message has empty "
+                                "or non-text content")
+    render = tokenizer.apply_chat_template
+    head = render(prompt, tokenize=False, add_generation_prompt=True)
+    out = []
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        full = render(prompt + answer, tokenize=False)
+        if not full.startswith(head):
+            raise DataError(f"{where}: row {i} (0-based): field {key!r}: the chat template does not "
+                            "extend the rendered prompt, so the response cannot be separated")
+        out.append(full[len(head):])
+    return Pair(head, out[0], out[1])
+
+
+def records_to_pairs(records: list[dict], fmt: str, where: str, tokenizer=None) -> list[Pair]:
+    if not records:
+        raise DataError(f"{where}: no records")
+    if fmt == "auto":
+        fmt = detect_format(records[0], where)
+    pairs = []
+    for i, r in enumerate(records):
+        if fmt == "alpaca":
+            prompt = format_alpaca_prompt(_text(r, i, "instruction", where),
+                                          _text(r, i, "input", where, optional=True))
+            pairs.append(Pair(prompt, _text(r, i, "chosen", where), _text(r, i, "rejected", where)))
+        elif fmt == "prompt":
+            pairs.append(Pair(_text(r, i, "prompt", where), _text(r, i, "chosen", where),
+                              _text(r, i, "rejected", where)))
+        elif fmt == "messages":
+            pairs.append(_render_messages(r, i, where, tokenizer))
+        else:
+            raise DataError(f"data.format: unknown format {fmt!r}; valid: auto, alpaca, prompt, messages")
+    return pairs
+
+
+def split_records(records: list, fractions: tuple[float, float, float]) -> dict[str, list]:
+    """In file order, exactly as the seed notebook: train, then test, then validation."""
+    n = len(records)
+    n_train = int(n * fractions[0])
+    n_test = int(n * fractions[2])
+    return {"train": records[:n_train], "validation": records[n_train + n_test:],
+            "test": records[n_train:n_train + n_test]}
+
+
+def load_pairs(cfg: DataConfig, tokenizer=None) -> dict[str, list[Pair]]:
+    """Pairs per split (`train`, `validation`, `test`)."""
+    records = load_records(cfg.source, cfg)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    pairs = records_to_pairs(records, cfg.format, cfg.source, tokenizer)
+    if cfg.validation_source or cfg.test_source:
+        out = {"train": pairs, "validation": [], "test": []}
+        for split, src in (("validation", cfg.validation_source), ("test", cfg.test_source)):
+            if src:
+                out[split] = records_to_pairs(load_records(src, cfg), cfg.format, src, tokenizer)
+        return out
+    return split_records(pairs, cfg.split)
+
+
+def iter_texts(pairs: list[Pair]) -> Iterator[str]:
+    for p in pairs:
+        yield p.prompt
+        yield p.chosen
+        yield p.rejected
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, too_long: str = "truncate",
+                   add_eos: bool = True, prompt_special_tokens: bool = True
+                   ) -> tuple[list[TokenizedPair], dict[str, int]]:
+    """Token ids with an exact prompt/response boundary, and counts of what the policies did."""
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise DataError("data.add_eos: the tokenizer has no eos token")
+    counts = {"pairs/total": len(pairs), "pairs/kept": 0, "pairs/truncated": 0,
+              "pairs/dropped_too_long": 0, "pairs/dropped_identical": 0}
+    out = []
+    for p in pairs:
+        if p.chosen == p.rejected:
+            counts["pairs/dropped_identical"] += 1
+            continue
+        prompt = tuple(tokenizer(p.prompt, add_special_tokens=prompt_special_tokens)["input_ids"])
+        responses = []
+        for text in (p.chosen, p.rejected):
+            ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+            responses.append(tuple(ids + [eos] if add_eos else ids))
+        room = max_length - len(prompt)
+        if max(len(r) for r in responses) > room:
+            if too_long == "drop" or room < 1:
+                counts["pairs/dropped_too_long"] += 1
+                continue
+            responses = [r[:room] for r in responses]
+            counts["pairs/truncated"] += 1
+        out.append(TokenizedPair(prompt, responses[0], responses[1]))
+    counts["pairs/kept"] = len(out)
+    return out, counts
+
+
+def collate(batch: list[TokenizedPair], pad_id: int, mask_prompt: bool) -> dict[str, torch.Tensor]:
+    """Rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected, right-padded to the longest.
+
+    input_ids [2B, T] long; attention_mask [2B, T] long; loss_mask [2B, T] bool (True where the
+    token at that position counts: response always, prompt only when not masked, never position 0
+    nor padding); prompt_lens [2B] long.
+    """
+    rows = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
+    T = max(len(a) + len(b) for a, b in rows)
+    n = len(rows)
+    input_ids = torch.full((n, T), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, T), dtype=torch.long)
+    loss_mask = torch.zeros((n, T), dtype=torch.bool)
+    prompt_lens = torch.zeros(n, dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        L, P = len(prompt) + len(response), len(prompt)
+        input_ids[i, :L] = torch.tensor(prompt + response, dtype=torch.long)
+        attention[i, :L] = 1
+        loss_mask[i, (1 if not mask_prompt else P):L] = True
+        loss_mask[i, 0] = False
+        prompt_lens[i] = P
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
+            "prompt_lens": prompt_lens}

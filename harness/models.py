@@ -1,0 +1,228 @@
+"""Models and tokenizers: a tiny GPT-2 family built from config, byte-level BPE tokenizers trained
+on the experiment's texts, and any causal LM from a hub id, a local directory or a GGUF file."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+# GPT-2-style sizes about 4x apart in parameters (with a 2,048-token vocabulary and tied
+# embeddings): width doubles and depth grows with it.  n_params is printed before step 0.
+TINY_MODELS: dict[str, dict[str, int]] = {
+    "tiny-xs": {"n_layer": 2, "n_embd": 64, "n_head": 2},  # ~0.2M
+    "tiny-s": {"n_layer": 3, "n_embd": 128, "n_head": 4},  # ~0.9M
+    "tiny-m": {"n_layer": 4, "n_embd": 256, "n_head": 4},  # ~3.8M
+    "tiny-l": {"n_layer": 6, "n_embd": 448, "n_head": 7},  # ~15M
+}
+
+EOS = "<|endoftext|>"
+# A minimal chat template so the `messages` data format works with tiny models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def is_tiny(name: str) -> bool:
+    return name in TINY_MODELS
+
+
+def build_tiny_model(name: str, vocab_size: int, n_positions: int, eos_id: int, pad_id: int):
+    """A GPT2LMHeadModel of a named tiny size, dropout off (DPO runs without dropout)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if name not in TINY_MODELS:
+        raise ValueError(f"model.name: unknown tiny model {name!r}; valid: {', '.join(TINY_MODELS)}")
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=n_positions, bos_token_id=eos_id, eos_token_id=eos_id,
+        pad_token_id=pad_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        tie_word_embeddings=True, **TINY_MODELS[name],
+    )
+    return GPT2LMHeadModel(config)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Unique parameters: tied weights counted once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Byte-level BPE trained on `texts`; `<|endoftext|>` is eos, bos and pad. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
+                                   pad_token=EOS, unk_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tokenizer_cache_key(texts: list[str], vocab_size: int) -> str:
+    h = hashlib.sha256(f"bpe-v1|{vocab_size}".encode())
+    for t in texts:
+        h.update(hashlib.sha256(t.encode()).digest())
+    return h.hexdigest()[:24]
+
+
+def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
+    """Save into a temporary sibling directory, then rename: no half-written cache entry."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        save(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race: its copy is identical
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _hf_kwargs(cfg) -> dict:
+    return {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+
+
+def _gguf_location(cfg) -> tuple[str, str | None]:
+    """(name or directory, gguf file name or None) for from_pretrained."""
+    if cfg.name.endswith(".gguf"):
+        p = Path(cfg.name).expanduser()
+        return str(p.parent), p.name
+    return cfg.name, cfg.gguf_file
+
+
+def load_tokenizer(cfg, texts: Callable[[], Iterable[str]], cache_dir: str | Path):
+    """The run's tokenizer and where it came from.
+
+    `model.tokenizer` if set; for a tiny model a BPE trained on `texts()` (cached by a hash of
+    the texts and vocabulary size); otherwise the model's own tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer:
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer, **_hf_kwargs(cfg))
+        info = {"tokenizer_source": f"{cfg.tokenizer}", "trained": False}
+    elif is_tiny(cfg.name):
+        corpus = list(texts())
+        if not corpus:
+            raise ValueError("model.tokenizer: a tiny model needs texts to train its tokenizer on")
+        key = tokenizer_cache_key(corpus, cfg.tokenizer_vocab_size)
+        path = Path(cache_dir) / key
+        reused = path.exists()
+        if not reused:
+            trained = train_tokenizer(corpus, cfg.tokenizer_vocab_size)
+            _atomic_save(lambda d: trained.save_pretrained(d), path)
+        tok = AutoTokenizer.from_pretrained(path)
+        verb = "reused" if reused else "trained"
+        info = {"tokenizer_source": f"byte-level BPE ({len(tok)} tokens) {verb}: {path}",
+                "trained": True}
+    else:
+        name, gguf = _gguf_location(cfg)
+        tok = _from_pretrained(AutoTokenizer, cfg, name, gguf)
+        info = {"tokenizer_source": f"{name}{f' ({gguf})' if gguf else ''}", "trained": False}
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, info
+
+
+def _from_pretrained(cls, cfg, name: str, gguf: str | None, **extra):
+    kwargs = {**_hf_kwargs(cfg), **extra}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    local = Path(name).expanduser()
+    if local.exists():
+        return cls.from_pretrained(str(local), **kwargs)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.name: no such file or directory {name!r}")
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise OSError(
+            f"model.name: could not load {name!r} from the Hugging Face hub"
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ' (unreachable, or no such model)'}; "
+            f"a local directory or a .gguf file path works offline. Cause: {err}"
+        ) from err
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def load_model(cfg, tokenizer, max_length: int):
+    """(model in float32, info) for a tiny name, a local directory, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM
+
+    if is_tiny(cfg.name):
+        model = build_tiny_model(cfg.name, len(tokenizer), max(max_length, 128),
+                                 tokenizer.eos_token_id, tokenizer.pad_token_id)
+        source = f"{cfg.name} (built from config)"
+    else:
+        name, gguf = _gguf_location(cfg)
+        model = _from_pretrained(AutoModelForCausalLM, cfg, name, gguf, dtype=torch.float32)
+        where = "local directory" if Path(name).expanduser().exists() else "hub"
+        source = f"{name}{f' / {gguf}' if gguf else ''} ({where})"
+    model = model.float()
+    info = {"model_source": source, "n_params": count_params(model),
+            "model_type": model.config.model_type}
+    return model, info
+
+
+def save_policy(model, out_dir: Path) -> Path:
+    """Final weights as safetensors plus the model config; works for GGUF-loaded models too."""
+    from safetensors.torch import save_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".model.safetensors.tmp"
+    save_model(model, str(tmp))
+    tmp.replace(out_dir / "model.safetensors")
+    model.config.save_pretrained(out_dir)
+    return out_dir / "model.safetensors"
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def pick_device(spec: str) -> torch.device:
+    """`auto`: cuda, then mps, then cpu. An explicit device that is not there is an error."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device: {spec!r} asked for, but no CUDA device is available")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device: {spec!r} asked for, but MPS is not available")
+    return device
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on cuda for `auto`, on any device for `bf16`; fp32 otherwise."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
