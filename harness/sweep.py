@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 import math
 import os
 import signal
@@ -32,6 +33,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from harness.config import ConfigError, RunConfig, apply_overrides, build_config, resolve_paths
+
+# Heartbeats and stale-trial handling are marked experimental by Optuna; they are what makes a
+# killed worker's trial come back, so we rely on them knowingly.
+warnings.filterwarnings("ignore", category=Warning, module="optuna")
+warnings.filterwarnings("ignore", message=".*experimental.*")
 
 # `masking` is the one grid axis that is not a config field: it sets two of them.
 MASKINGS: dict[str, dict[str, Any]] = {
@@ -223,7 +229,7 @@ def default_storage(results_dir: Path, study: str) -> str:
 
 def make_storage(url: str):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     if url.endswith(".log") or url.startswith("journal:"):
         # A journal file: multi-process safe on one machine without SQLite's locking.
@@ -234,7 +240,7 @@ def make_storage(url: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return RDBStorage(
         url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        failed_trial_callback=RetryFailedTrialCallback(max_retry=3),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
     )
 
 

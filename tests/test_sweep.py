@@ -72,6 +72,7 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     """
     sweep = {"grid": {"dpo.beta": [0.1, 0.5], "masking": ["masked-mean", "full-sum"]},
              "trials": 3, "seeds": 2, "search": SEARCH,
+             "objective": {"metric": "eval/rewards/margins"},
              "pruner": {"type": "median", "n_startup_trials": 1}}
     path = experiment(tmp_path, seed_data, sweep)
     out = run_sweep(path)
@@ -147,10 +148,12 @@ def test_two_workers_share_one_study(tmp_path, seed_data):
     path = experiment(tmp_path, seed_data, sweep)
     run_sweep(path, workers=2)
     url = f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}"
+    trial_dirs = []
     for cell in ("beta=0.1", "beta=0.3"):
-        complete = _count(url, f"t/{cell}", (TrialState.COMPLETE,))
-        assert 3 <= len(complete) <= 4  # parallel asks may overshoot the budget by one
-        dirs = [t.user_attrs["run_dir"] for t in complete]
-        assert len(set(dirs)) == len(dirs)
-    pids = {p.name for p in (tmp_path / "results" / "t" / "runs").glob("*/*")}
-    assert len(pids) == len(list((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json")))
+        study_trials = _count(url, f"t/{cell}", tuple(TrialState))
+        assert all(t.state == TrialState.COMPLETE for t in study_trials)
+        assert 3 <= len(study_trials) <= 4  # parallel asks may overshoot the budget by one
+        trial_dirs += [t.user_attrs["run_dir"] for t in study_trials]
+    assert len(set(trial_dirs)) == len(trial_dirs)  # no trial ran twice
+    on_disk = sorted(str(p.parent) for p in (tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))
+    assert on_disk == sorted(trial_dirs)  # and no run happened outside the study
