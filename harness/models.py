@@ -4,6 +4,7 @@ on the experiment's texts, and any causal LM from a hub id, a local directory or
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import shutil
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+from harness.config import cache_root
 
 # GPT-2-style sizes about 4x apart in parameters (with a 2,048-token vocabulary and tied
 # embeddings): width doubles and depth grows with it.  n_params is printed before step 0.
@@ -170,6 +173,38 @@ def _from_pretrained(cls, cfg, name: str, gguf: str | None, **extra):
 # ----------------------------------------------------------------------------- models
 
 
+def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
+    """Convert a GGUF model once into a cached transformers directory (safetensors, float32).
+
+    transformers dequantizes GGUF on load but marks the result as quantized, refusing
+    save_pretrained and .float(); so the model is rebuilt from its config and the dequantized
+    state dict loaded into it. Keyed by the file's path, size and mtime (or the hub name).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).expanduser() / gguf
+    ident = f"{local.resolve()}|{local.stat().st_size}|{local.stat().st_mtime_ns}" if local.exists() \
+        else f"{name}|{gguf}|{cfg.revision}"
+    target = cache_root() / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:24]
+    if (target / "config.json").exists():
+        return target
+    quantized = _from_pretrained(AutoModelForCausalLM, cfg, name, gguf, dtype=torch.float32)
+    config = copy.deepcopy(quantized.config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    tok = _from_pretrained(AutoTokenizer, cfg, name, gguf)
+
+    def save(d: Path) -> None:
+        plain.save_pretrained(d)
+        tok.save_pretrained(d)
+
+    _atomic_save(save, target)
+    return target
+
+
 def load_model(cfg, tokenizer, max_length: int):
     """(model in float32, info) for a tiny name, a local directory, a .gguf file or a hub id."""
     from transformers import AutoModelForCausalLM
@@ -180,10 +215,16 @@ def load_model(cfg, tokenizer, max_length: int):
         source = f"{cfg.name} (built from config)"
     else:
         name, gguf = _gguf_location(cfg)
-        model = _from_pretrained(AutoModelForCausalLM, cfg, name, gguf, dtype=torch.float32)
         where = "local directory" if Path(name).expanduser().exists() else "hub"
-        source = f"{name}{f' / {gguf}' if gguf else ''} ({where})"
-    model = model.float()
+        if gguf:
+            converted = gguf_to_safetensors(cfg, name, gguf)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+            source = f"{name}/{gguf} ({where}; converted once to {converted})"
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, cfg, name, None, dtype=torch.float32)
+            source = f"{name} ({where})"
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = model.float()
     info = {"model_source": source, "n_params": count_params(model),
             "model_type": model.config.model_type}
     return model, info

