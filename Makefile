@@ -55,5 +55,9 @@ train: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/harness train experiments/smoke.yaml $(ARGS)
 
+# Every figure and the results table from results/ into analysis/figures/.
+figures: $(STAMP)
+	$(BIN)/python -m analysis.figures results analysis/figures
+
 clean:
 	rm -rf results analysis/figures .pytest_cache

@@ -1,0 +1,65 @@
+"""Selections shared by the figure scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.load import load_curves, load_finals, load_study_summaries
+from analysis.style import MissingData
+
+
+def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the runs each sweep cell is compared on (its best trial and that trial's seed
+    reruns); runs outside any sweep are all kept."""
+    if frame.empty:
+        return frame
+    cells = load_study_summaries(results)
+    keep: set[str] = set()
+    if not cells.empty and "run_dirs" in cells:
+        for dirs in cells["run_dirs"].dropna():
+            for d in str(dirs).split(";"):
+                try:
+                    keep.add(str(Path(d).resolve().relative_to(Path(results).resolve())))
+                except ValueError:
+                    continue
+    in_sweep = frame["cell"].notna() if "cell" in frame else pd.Series(False, index=frame.index)
+    return frame[~in_sweep | frame["run"].isin(keep)]
+
+
+def curves_or_fail(results: Path, needed: list[str]) -> pd.DataFrame:
+    curves = load_curves(results)
+    if curves.empty:
+        raise MissingData(f"no runs under {results} (no metrics.jsonl found)")
+    missing = [m for m in needed if m not in curves]
+    if missing:
+        raise MissingData(f"the runs under {results} log none of {missing}")
+    return curves
+
+
+def finals_or_fail(results: Path) -> pd.DataFrame:
+    finals = load_finals(results)
+    if finals.empty:
+        raise MissingData(f"no finished runs under {results} (no summary.json with status finished)")
+    return finals
+
+
+def beta_label(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["β"] = frame["dpo.beta"].map(lambda b: f"{b:g}")
+    return frame
+
+
+def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
+    """One row per compared run (each cell's best trial and its seed reruns) with its final
+    `objective` value, and the objective's metric name. Without sweeps: every finished run,
+    scored on eval/rewards/accuracies."""
+    finals = best_runs(results, finals_or_fail(results))
+    cells = load_study_summaries(results)
+    metric = str(cells["objective"].iloc[0]) if not cells.empty else "eval/rewards/accuracies"
+    if metric not in finals:
+        raise MissingData(f"the finished runs under {results} have no final {metric!r}")
+    finals = finals.dropna(subset=[metric]).copy()
+    finals["objective"] = finals[metric].astype(float)
+    return finals, metric

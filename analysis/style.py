@@ -1,0 +1,51 @@
+"""One look for every figure: paper-column size, readable fonts, deterministic files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+COLUMN_IN = 3.4  # width of one paper column, inches
+FULL_IN = 7.0  # full text width
+
+LABELS = {
+    "examples_seen": "examples seen (pairs)",
+    "train/loss": "DPO loss (train)",
+    "eval/loss": "DPO loss (validation)",
+    "eval/rewards/margins": "reward margin β·h (validation, nats)",
+    "eval/rewards/accuracies": "reward accuracy (validation)",
+    "eval/logratios/margins": "log-ratio margin h (validation, nats)",
+    "gen/reward": "ground-truth reward of samples",
+    "gen/kl": "KL(π ‖ π_ref) per sample (nats)",
+    "n_params": "parameters",
+}
+
+
+def label(metric: str) -> str:
+    return LABELS.get(metric, metric)
+
+
+def setup() -> None:
+    sns.set_theme(context="paper", style="whitegrid", font_scale=0.9)
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 200, "legend.frameon": False,
+                         "axes.titlesize": 9, "axes.labelsize": 8, "svg.hashsalt": "dpo-harness"})
+
+
+def save(fig, out_dir: Path, name: str) -> list[Path]:
+    """PNG and PDF with fixed metadata, so the same data gives the same files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    fig.savefig(paths[0], bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None, "Creator": None,
+                                                         "Producer": None})
+    plt.close(fig)
+    return paths
+
+
+class MissingData(Exception):
+    """A figure's data is not in these results; the message says what is missing."""
