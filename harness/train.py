@@ -213,6 +213,22 @@ def evaluate(policy, reference, ref_cache, items, cfg: RunConfig, pad_id, device
 # ----------------------------------------------------------------------------- the run
 
 
+def write_samples(cfg: RunConfig, policy, reference, tokenizer, raw_splits, tracker, device) -> None:
+    """Greedy answers of reference and policy to the first validation and test prompts."""
+    from harness.samples import side_by_side
+
+    t = cfg.train
+    if reference is None:  # cached reference: rebuild the starting model
+        seed_everything(t.seed)
+        reference, _ = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
+        reference.to(device).eval()
+    prompts = [("validation", p.prompt) for p in raw_splits["validation"][: t.sample_validation]]
+    prompts += [("test", p.prompt) for p in raw_splits["test"][: t.sample_test]]
+    rows = side_by_side(policy, reference, tokenizer, prompts, t.sample_max_new_tokens, device,
+                        special_tokens=cfg.data.format != "messages")
+    tracker.log_table("samples", ["split", "prompt", "reference", "policy"], rows)
+
+
 def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook | None = None) -> dict:
     """Train one DPO run; returns the summary (also written to run_dir/summary.json).
 
@@ -370,6 +386,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
                                 pad_id, device, None)
         test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
         tracker.log(test_metrics, total_steps, seen)
+    if t.sample_validation or t.sample_test:
+        write_samples(cfg, policy, reference, tokenizer, raw_splits, tracker, device)
     if t.save_model:
         hmodels.save_policy(policy, run_dir / "model")
     tokenizer.save_pretrained(run_dir / "tokenizer")
