@@ -146,6 +146,44 @@ class TrainConfig(_Section):
         return v
 
 
+class SFTConfig(_Section):
+    """Supervised fine-tuning before DPO; its checkpoint is the DPO start and the reference."""
+
+    enabled: bool = False  # always on for task `controlled` (the paper's SFT on IMDb text)
+    # Response trained on: `chosen`, or any record field (the seed's `output`); with a task,
+    # the task's unlabelled texts.
+    field: str = "chosen"
+    steps: int = 400  # optimizer steps; 100..5000
+    lr: float = 2e-3  # peak learning rate (cosine decay); tiny models 1e-3..3e-3, real 1e-5
+    batch_size: int = 32  # texts per step
+    warmup_steps: int = 20
+    max_length: int = 256  # tokens per text
+
+
+class TaskConfig(_Section):
+    """A task with a known reward (harness/tasks): pairs come from the SFT model's own samples."""
+
+    name: Literal["none", "controlled"] = "none"  # none: pairs come from `data`
+    n_sft_texts: int = 4000  # unlabelled reviews for the SFT stage
+    n_train_prompts: int = 256  # prompts whose samples become training pairs
+    n_val_prompts: int = 32  # prompts whose samples become validation pairs
+    n_eval_prompts: int = 64  # held-out prompts for generation metrics (gen/*)
+    samples_per_prompt: int = 4  # 4 samples → 6 pairs per prompt, as the DPO paper
+    bt_temperature: float = 0.25  # Bradley–Terry: P(y1 ≻ y2) = σ((r1 − r2)/τ); reward in [−2, 2]
+    max_new_tokens: int = 48  # tokens per sampled continuation
+    seed: int = 0  # generator and sampling seed
+
+
+class GenEvalConfig(_Section):
+    """Generation metrics at every eval step: gen/reward, gen/kl (± se), gen/win_rate."""
+
+    enabled: bool | None = None  # null: on for tasks with a reward, off otherwise
+    n_prompts: int = 32  # held-out prompts without a task (validation prompts)
+    max_new_tokens: int = 48  # tokens per sample
+    seed: int = 1234  # the same samples' randomness at every eval
+    table_rows: int = 6  # prompts shown in the wandb Table of samples
+
+
 class TrackingConfig(_Section):
     project: str = "dpo-harness"  # wandb project
     entity: str | None = None  # wandb entity (team or user)
@@ -164,6 +202,9 @@ class RunConfig(_Section):
     dpo: DPOConfig = Field(default_factory=DPOConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    gen_eval: GenEvalConfig = Field(default_factory=GenEvalConfig)
     # Sweep definition; read by `harness sweep`, ignored by `harness train`.
     sweep: dict[str, Any] | None = None
 

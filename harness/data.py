@@ -329,3 +329,17 @@ def collate(batch: list[TokenizedPair], pad_id: int, mask_prompt: bool) -> dict[
         prompt_lens[i] = P
     return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask,
             "prompt_lens": prompt_lens}
+
+
+def sft_texts(cfg: DataConfig, field: str, tokenizer=None) -> list[str]:
+    """Prompt + response texts of the train split for an SFT stage: the `chosen` response, or
+    any other record field (the seed's `output`: the reference answer)."""
+    if field == "chosen":
+        return [p.prompt + p.chosen for p in load_pairs(cfg, tokenizer)["train"]]
+    records = load_records(cfg.source, cfg)[: cfg.limit]
+    where = cfg.source
+    for i, r in enumerate(records):
+        _text(r, i, field, where)  # a missing or empty field is an error naming the row
+    swapped = [{**r, "chosen": r[field], "rejected": r[field]} for r in records]
+    pairs = records_to_pairs(swapped, cfg.format, where, tokenizer)
+    return [p.prompt + p.chosen for p in split_records(pairs, cfg.split)["train"]]

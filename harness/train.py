@@ -26,6 +26,9 @@ from harness import data as hdata
 from harness import models as hmodels
 from harness.config import RunConfig, cache_root
 from harness.dpo import dpo_loss, model_logps, pair_metrics
+from harness.generate import gen_eval
+from harness.sft import load_checkpoint, sft_checkpoint
+from harness.tasks import TASKS
 from harness.tracking import RunTracker, write_json_atomic
 
 Batch = dict[str, torch.Tensor]
@@ -46,6 +49,11 @@ def logged_metrics(cfg: RunConfig) -> set[str]:
     """Every metric name a run of this config logs (a sweep checks its objective against it)."""
     names = {f"{split}/{m}" for split in ("train", "eval", "test") for m in PAIR_METRICS}
     names |= {"train/grad_norm", "train/lr", "perf/tokens_per_s", "perf/step_s"}
+    if gen_enabled(cfg):
+        names |= {"gen/kl", "gen/kl_se", "gen/length"}
+        if cfg.task.name != "none":
+            names |= {"gen/reward", "gen/reward_se", "gen/ref_reward", "gen/win_rate",
+                      "eval/pref_accuracy"}
     return names
 
 
@@ -210,6 +218,63 @@ def evaluate(policy, reference, ref_cache, items, cfg: RunConfig, pad_id, device
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+# ----------------------------------------------------------------------------- tasks and generations
+
+
+def gen_enabled(cfg: RunConfig) -> bool:
+    g = cfg.gen_eval.enabled
+    return cfg.task.name != "none" if g is None else g
+
+
+def task_pairs(cfg: RunConfig, task, init_path: Path, tokenizer, device, say):
+    """Train/validation pairs from the SFT model's own samples (cached by a hash of the SFT
+    checkpoint and the task settings), their true rewards, and held-out eval prompts."""
+    tc = cfg.task
+    n = tc.n_train_prompts + tc.n_val_prompts + tc.n_eval_prompts
+    prompts = [r.prompt for r in task.generate_reviews(n, tc.seed + 1)]
+    key = hashlib.sha256(json.dumps([str(init_path), tc.model_dump(mode="json")]).encode()).hexdigest()[:24]
+    path = cache_root() / "pairs" / f"{key}.json"
+    if path.exists():
+        cached = json.loads(path.read_text())
+        say(f"pairs: reused {path}")
+    else:
+        t0 = time.time()
+        model = load_checkpoint(init_path).to(device)
+        cached = {}
+        for split, ps in (("train", prompts[: tc.n_train_prompts]),
+                          ("validation", prompts[tc.n_train_prompts: tc.n_train_prompts + tc.n_val_prompts])):
+            cached[split] = task.build_pairs(model, tokenizer, ps, tc.samples_per_prompt,
+                                             tc.bt_temperature, tc.max_new_tokens,
+                                             tc.seed + (0 if split == "train" else 10_000), device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cached))
+        tmp.replace(path)
+        say(f"pairs: sampled {sum(len(v) for v in cached.values())} in {time.time() - t0:.0f}s -> {path}")
+    splits = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in cached[name]]
+              for name in ("train", "validation")}
+    splits["test"] = []
+    rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in cached[name]]
+               for name in ("train", "validation")}
+    return splits, rewards, prompts[tc.n_train_prompts + tc.n_val_prompts:]
+
+
+@torch.no_grad()
+def pref_accuracy(policy, reference, ref_cache, items, true_rewards, cfg, pad_id, device) -> float:
+    """Share of held-out pairs whose implicit-reward order matches the true reward's order
+    (pairs with equal true rewards are left out)."""
+    was_training = policy.training
+    policy.eval()
+    margins = []
+    order = list(range(len(items)))
+    for idx, batch in batches(items, order, cfg.train.batch_size, pad_id, cfg.dpo.mask_prompt):
+        _, m = dpo_batch(policy, reference, ref_cache, idx, batch, cfg, device)
+        margins += m["rewards/margins"].tolist()
+    policy.train(was_training)
+    agree = [(mg > 0) == (rc > rr) for mg, (rc, rr) in zip(margins, true_rewards, strict=False) if rc != rr]
+    return sum(agree) / max(1, len(agree))
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -261,18 +326,37 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
 
 def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eval) -> dict:
     t, d = cfg.train, cfg.dpo
-    # ---------------------------------------------------------------- data and tokenizer
-    raw_splits = hdata.load_pairs(cfg.data) if cfg.data.format != "messages" else None
-    texts = (lambda: hdata.iter_texts(raw_splits["train"])) if raw_splits else (lambda: iter(()))
+    # ---------------------------------------------------------------- data, tokenizer, SFT
+    task = TASKS.get(cfg.task.name)
+    if task is not None:
+        reviews = task.generate_reviews(cfg.task.n_sft_texts, cfg.task.seed)
+        sft_corpus = [r.prompt + r.continuation for r in reviews]
+        texts = lambda: iter(sft_corpus)  # noqa: E731
+        raw_splits = None
+    else:
+        raw_splits = hdata.load_pairs(cfg.data) if cfg.data.format != "messages" else None
+        texts = (lambda: hdata.iter_texts(raw_splits["train"])) if raw_splits else (lambda: iter(()))
     tokenizer, tok_info = hmodels.load_tokenizer(cfg.model, texts, cache_root() / "tokenizers")
-    if raw_splits is None:
-        raw_splits = hdata.load_pairs(cfg.data, tokenizer)
     pad_id = tokenizer.pad_token_id
+    sft_info: dict = {}
+    init_path = None
+    if task is not None or cfg.sft.enabled:
+        if task is None:
+            sft_corpus = hdata.sft_texts(cfg.data, cfg.sft.field, tokenizer)
+        init_path, sft_info, reused = sft_checkpoint(cfg, tokenizer, sft_corpus, device)
+        sft_info = {**sft_info, "sft/checkpoint": str(init_path), "sft/reused": reused}
+        say(f"sft: {'reused' if reused else 'trained'} checkpoint {init_path}")
+    true_rewards: dict[str, list[tuple[float, float]]] = {}
+    eval_prompts: list[str] = []
+    if task is not None:
+        raw_splits, true_rewards, eval_prompts = task_pairs(cfg, task, init_path, tokenizer, device, say)
+    elif raw_splits is None:
+        raw_splits = hdata.load_pairs(cfg.data, tokenizer)
     splits, counts = {}, {}
     for name, pairs in raw_splits.items():
         splits[name], c = hdata.tokenize_pairs(
             pairs, tokenizer, cfg.data.max_length, cfg.data.too_long, cfg.data.add_eos,
-            prompt_special_tokens=cfg.data.format != "messages",
+            prompt_special_tokens=cfg.data.format != "messages" and task is None,
         )
         counts.update({f"data/{name}/{k.split('/')[-1]}": v for k, v in c.items()})
     if not splits["train"]:
@@ -280,15 +364,25 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
 
     # ---------------------------------------------------------------- models
     seed_everything(t.seed)
-    policy, model_info = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
+    if init_path is not None:
+        policy = load_checkpoint(init_path)
+        model_info = {"model_source": f"{cfg.model.name} after SFT ({init_path})",
+                      "n_params": hmodels.count_params(policy)}
+    else:
+        policy, model_info = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
     disable_dropout(policy)
     policy.to(device).train()
     reference, ref_cache, ref_info = None, {}, {}
-    if d.reference == "model":
+    if d.reference == "model" or gen_enabled(cfg):  # generation metrics need the model itself
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    else:
+    if d.reference == "cache":
         ref_cache, ref_path, reused = reference_cache(policy, splits, cfg, pad_id, device)
         ref_info = {"reference_cache": str(ref_path), "reference_cache_reused": reused}
+    dpo_reference = reference if d.reference == "model" else None
+    gen_state: dict = {"ref_samples": None, "rows": []}
+    if gen_enabled(cfg) and task is None:
+        eval_prompts = [p.prompt for p in raw_splits["validation"][: cfg.gen_eval.n_prompts]]
+        say("gen eval: no ground-truth reward exists for this data; reporting KL and samples only")
 
     # ---------------------------------------------------------------- optimizer and schedule
     n_train = len(splits["train"])
@@ -314,9 +408,19 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
 
     # ---------------------------------------------------------------- training loop
     def eval_now(step: int, seen: int) -> dict:
-        m = evaluate(policy, reference, ref_cache.get("validation"), splits["validation"], cfg,
+        m = evaluate(policy, dpo_reference, ref_cache.get("validation"), splits["validation"], cfg,
                      pad_id, device, t.eval_batches)
         m = {f"eval/{k}": v for k, v in m.items()}
+        if true_rewards.get("validation"):
+            m["eval/pref_accuracy"] = pref_accuracy(policy, dpo_reference, ref_cache.get("validation"),
+                                                    splits["validation"], true_rewards["validation"],
+                                                    cfg, pad_id, device)
+        if gen_enabled(cfg) and eval_prompts:
+            g, rows, gen_state["ref_samples"] = gen_eval(
+                policy, reference, tokenizer, eval_prompts, task.reward if task else None,
+                cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, device, gen_state["ref_samples"])
+            m.update(g)
+            gen_state["rows"] = rows
         tracker.log(m, step, seen)
         if on_eval is not None:
             on_eval(step, m)
@@ -344,7 +448,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
         tokens = 0
         for _ in range(t.grad_accum):
             idx, batch = next(stream)
-            losses, metrics = dpo_batch(policy, reference, ref_cache.get("train"), idx, batch, cfg, device)
+            losses, metrics = dpo_batch(policy, dpo_reference, ref_cache.get("train"), idx, batch, cfg,
+                                        device)
             (losses.mean() / t.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
@@ -382,10 +487,13 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
         last_eval = eval_now(total_steps, seen)
     test_metrics = {}
     if t.test_at_end and splits["test"]:
-        test_metrics = evaluate(policy, reference, ref_cache.get("test"), splits["test"], cfg,
+        test_metrics = evaluate(policy, dpo_reference, ref_cache.get("test"), splits["test"], cfg,
                                 pad_id, device, None)
         test_metrics = {f"test/{k}": v for k, v in test_metrics.items()}
         tracker.log(test_metrics, total_steps, seen)
+    if gen_state["rows"]:
+        tracker.log_table("gen/samples", ["prompt", "reference", "policy", "reference reward",
+                                          "policy reward"], gen_state["rows"][: cfg.gen_eval.table_rows])
     if t.sample_validation or t.sample_test:
         write_samples(cfg, policy, reference, tokenizer, raw_splits, tracker, device)
     if t.save_model:
@@ -398,6 +506,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
         "examples_seen": seen,
         "tokens_seen": tokens_total,
         **train_metrics, **last_eval, **test_metrics, **counts,
+        **sft_info,
+        "gen/reward_available": task is not None,
         "n_params": model_info["n_params"],
         "model_source": model_info["model_source"],
         "tokenizer_source": tok_info["tokenizer_source"],

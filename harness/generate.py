@@ -1,0 +1,122 @@
+"""Sampling from a causal LM and the evaluation of generations: reward, KL, win rate.
+
+Samples are drawn from π exactly (temperature 1, no top-k / top-p), so that
+    KL(π ‖ π_ref) = E_{y~π}[log π(y|x) − log π_ref(y|x)]
+is estimated without bias by the mean over the policy's own samples (with its standard error).
+Log-probs are sequence sums over the continuation tokens (eos included when sampled).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from harness.dpo import model_logps
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+           seed: int, device) -> list[list[int]]:
+    """Continuations of each prompt (token ids, eos included when produced), batched with left
+    padding and a KV cache. The same seed gives the same samples."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        attn[i, P - len(p):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    done = torch.zeros(B, dtype=torch.bool)
+    result: list[list[int]] = [[] for _ in range(B)]
+    for _ in range(max_new_tokens):
+        probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+        for i in range(B):
+            if not done[i]:
+                result[i].append(int(tok[i]))
+        done |= tok == eos_id
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+    model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def continuation_logps(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int,
+                       device, batch_size: int = 64) -> torch.Tensor:
+    """Σ_t log p(y_t | x, y_<t) of each continuation under `model`: [N] float32."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(prompts), batch_size):
+        rows = [p + c for p, c in zip(prompts[s:s + batch_size], continuations[s:s + batch_size], strict=True)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts[s:s + batch_size], rows, strict=True)):
+            ids[i, :len(r)] = torch.tensor(r)
+            attn[i, :len(r)] = 1
+            mask[i, len(p):len(r)] = True
+        out.append(model_logps(model, ids.to(device), attn.to(device), mask.to(device), "sum").cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def kl_estimate(policy, reference, prompts, samples, pad_id, device) -> tuple[float, float]:
+    """(KL(π‖π_ref) estimate, its standard error) from samples y ~ π of the prompts."""
+    lp = continuation_logps(policy, prompts, samples, pad_id, device)
+    lr = continuation_logps(reference, prompts, samples, pad_id, device)
+    return mean_se((lp - lr).tolist())
+
+
+def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, max_new_tokens: int,
+             seed: int, device, ref_samples: list[list[int]] | None = None) -> tuple[dict, list, list]:
+    """Generation metrics on held-out prompts.
+
+    Returns (metrics, table rows (prompt, reference, policy, rewards), reference samples for reuse).
+    With `reward_fn` None (no ground-truth reward) only KL and samples are reported.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    pol = sample(policy, prompts, max_new_tokens, eos, pad, seed, device)
+    if ref_samples is None:
+        ref_samples = sample(reference, prompts, max_new_tokens, eos, pad, seed + 1, device)
+    kl, kl_se = kl_estimate(policy, reference, prompts, pol, pad, device)
+    metrics = {"gen/kl": kl, "gen/kl_se": kl_se,
+               "gen/length": sum(len(s) for s in pol) / len(pol)}
+
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode([t for t in ids if t != eos])
+
+    pol_text, ref_text = [text(s) for s in pol], [text(s) for s in ref_samples]
+    rows = []
+    if reward_fn is not None:
+        r_pol = [reward_fn(x, y) for x, y in zip(prompt_texts, pol_text, strict=True)]
+        r_ref = [reward_fn(x, y) for x, y in zip(prompt_texts, ref_text, strict=True)]
+        metrics["gen/reward"], metrics["gen/reward_se"] = mean_se(r_pol)
+        metrics["gen/ref_reward"] = sum(r_ref) / len(r_ref)
+        metrics["gen/win_rate"] = sum(1.0 if a > b else 0.5 if a == b else 0.0
+                                      for a, b in zip(r_pol, r_ref, strict=True)) / len(r_pol)
+        rows = [[x, yr, yp, rr, rp] for x, yr, yp, rr, rp in
+                zip(prompt_texts, ref_text, pol_text, r_ref, r_pol, strict=True)]
+    else:
+        rows = [[x, yr, yp, None, None] for x, yr, yp in zip(prompt_texts, ref_text, pol_text, strict=True)]
+    return metrics, rows, ref_samples
