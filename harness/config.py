@@ -158,6 +158,9 @@ class SFTConfig(_Section):
     batch_size: int = 32  # texts per step
     warmup_steps: int = 20
     max_length: int = 256  # tokens per text
+    # Init and batch order of the SFT stage; apart from train.seed, so that the seeds of a sweep
+    # share one SFT checkpoint (and one pair set) and differ only in DPO.
+    seed: int = 0
 
 
 class TaskConfig(_Section):

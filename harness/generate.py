@@ -98,7 +98,9 @@ def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, m
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
     pol = sample(policy, prompts, max_new_tokens, eos, pad, seed, device)
     if ref_samples is None:
-        ref_samples = sample(reference, prompts, max_new_tokens, eos, pad, seed + 1, device)
+        # The same seed as the policy's samples (common random numbers): while the policy is the
+        # reference both draw identical samples, and the reward difference has less variance.
+        ref_samples = sample(reference, prompts, max_new_tokens, eos, pad, seed, device)
     kl, kl_se = kl_estimate(policy, reference, prompts, pol, pad, device)
     metrics = {"gen/kl": kl, "gen/kl_se": kl_se,
                "gen/length": sum(len(s) for s in pol) / len(pol)}

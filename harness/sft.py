@@ -74,16 +74,16 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
 def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict, bool]:
     """(checkpoint dir, stats, reused?) for the SFT of cfg.model on `texts`, from cache if there."""
     sft = cfg.sft
-    settings = sft.model_dump(mode="json")
-    key = sft_key(cfg.model.name, tokenizer, texts, settings, cfg.train.seed)
+    settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length}
+    key = sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed)
     path = cache_root() / "sft" / key
     if (path / "sft.json").exists():
         return path, json.loads((path / "sft.json").read_text()), True
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(sft.seed)
     model, _ = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
     model.to(device)
     t0 = time.time()
-    stats = train_sft(model, tokenizer, texts, sft, cfg.train.seed, device, cfg.tracking.progress)
+    stats = train_sft(model, tokenizer, texts, sft, sft.seed, device, cfg.tracking.progress)
     stats["sft/wall_s"] = time.time() - t0
     stats["sft/texts"] = len(texts)
     print(f"sft: loss {stats['sft/loss_first']:.3f} -> {stats['sft/loss_last']:.3f} in "

@@ -234,7 +234,8 @@ def task_pairs(cfg: RunConfig, task, init_path: Path, tokenizer, device, say):
     prompts = [r.prompt for r in task.generate_reviews(n, tc.seed + 1)]
     key = hashlib.sha256(json.dumps([str(init_path), tc.model_dump(mode="json")]).encode()).hexdigest()[:24]
     path = cache_root() / "pairs" / f"{key}.json"
-    if path.exists():
+    reused = path.exists()
+    if reused:
         cached = json.loads(path.read_text())
         say(f"pairs: reused {path}")
     else:
@@ -256,7 +257,8 @@ def task_pairs(cfg: RunConfig, task, init_path: Path, tokenizer, device, say):
     splits["test"] = []
     rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in cached[name]]
                for name in ("train", "validation")}
-    return splits, rewards, prompts[tc.n_train_prompts + tc.n_val_prompts:]
+    info = {"pairs/cache": str(path), "pairs/reused": reused}
+    return splits, rewards, prompts[tc.n_train_prompts + tc.n_val_prompts:], info
 
 
 @torch.no_grad()
@@ -271,8 +273,10 @@ def pref_accuracy(policy, reference, ref_cache, items, true_rewards, cfg, pad_id
         _, m = dpo_batch(policy, reference, ref_cache, idx, batch, cfg, device)
         margins += m["rewards/margins"].tolist()
     policy.train(was_training)
-    agree = [(mg > 0) == (rc > rr) for mg, (rc, rr) in zip(margins, true_rewards, strict=False) if rc != rr]
-    return sum(agree) / max(1, len(agree))
+    # A tie of the implicit rewards (as at step 0, where the policy is the reference) scores 1/2.
+    agree = [0.5 if mg == 0 else float((mg > 0) == (rc > rr))
+             for mg, (rc, rr) in zip(margins, true_rewards, strict=True) if rc != rr]
+    return sum(agree) / len(agree) if agree else None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -349,7 +353,9 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
     true_rewards: dict[str, list[tuple[float, float]]] = {}
     eval_prompts: list[str] = []
     if task is not None:
-        raw_splits, true_rewards, eval_prompts = task_pairs(cfg, task, init_path, tokenizer, device, say)
+        raw_splits, true_rewards, eval_prompts, pairs_info = task_pairs(cfg, task, init_path, tokenizer,
+                                                                        device, say)
+        sft_info.update(pairs_info)
     elif raw_splits is None:
         raw_splits = hdata.load_pairs(cfg.data, tokenizer)
     splits, counts = {}, {}
@@ -412,9 +418,10 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
                      pad_id, device, t.eval_batches)
         m = {f"eval/{k}": v for k, v in m.items()}
         if true_rewards.get("validation"):
-            m["eval/pref_accuracy"] = pref_accuracy(policy, dpo_reference, ref_cache.get("validation"),
-                                                    splits["validation"], true_rewards["validation"],
-                                                    cfg, pad_id, device)
+            acc = pref_accuracy(policy, dpo_reference, ref_cache.get("validation"), splits["validation"],
+                                true_rewards["validation"], cfg, pad_id, device)
+            if acc is not None:  # None: every validation pair has equal true rewards
+                m["eval/pref_accuracy"] = acc
         if gen_enabled(cfg) and eval_prompts:
             g, rows, gen_state["ref_samples"] = gen_eval(
                 policy, reference, tokenizer, eval_prompts, task.reward if task else None,
