@@ -55,6 +55,16 @@ train: $(STAMP)
 smoke: $(STAMP)
 	$(BIN)/harness train experiments/smoke.yaml $(ARGS)
 
+# The main job: the study of experiments/default.yaml (or EXPERIMENT=...) into results/<study>/.
+# Stop it with Ctrl-C and run it again to continue; WORKERS processes share the study.
+WORKERS ?= 2
+sweep: $(STAMP)
+	$(BIN)/harness sweep $(EXPERIMENT) --workers $(WORKERS) $(ARGS)
+
+# The DPO step against the seed notebook's path; a table, and JSON into results/bench/.
+bench: $(STAMP)
+	$(BIN)/harness bench $(ARGS)
+
 # Every figure and the results table from results/ into analysis/figures/.
 figures: $(STAMP)
 	$(BIN)/python -m analysis.figures results analysis/figures

@@ -2,6 +2,7 @@
 
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     harness sweep EXPERIMENT.yaml [--workers N] [--storage URL] [--study NAME]
+    harness bench [--cases a,b] [--steps N]   (harness bench --help)
 """
 
 from __future__ import annotations
@@ -61,10 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
     p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
     p.set_defaults(func=cmd_sweep)
+
+    sub.add_parser("bench", help="the DPO step against the seed notebook's path (harness bench --help)",
+                   add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from harness.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
