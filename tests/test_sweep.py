@@ -28,6 +28,7 @@ def experiment(tmp_path, seed_data, sweep, **sections):
         "model": {"name": "tiny-xs"},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 4, "eval_batches": 1,
                   "save_model": False, "test_at_end": False},
+        "dpo": {},
         "tracking": {"results_dir": str(tmp_path / "results"), "progress": False},
         "sweep": sweep,
     }
@@ -157,3 +158,29 @@ def test_two_workers_share_one_study(tmp_path, seed_data):
     assert len(set(trial_dirs)) == len(trial_dirs)  # no trial ran twice
     on_disk = sorted(str(p.parent) for p in (tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))
     assert on_disk == sorted(trial_dirs)  # and no run happened outside the study
+
+
+def test_k_betas_compute_reference_logps_once(tmp_path, seed_data, monkeypatch):
+    """A sweep of 3 beta values on the same data and model with `reference: cache` runs the
+    reference forward passes for one run only; the other runs read the cache."""
+    import harness.train
+
+    calls = []
+    real = harness.train.compute_reference_logps
+
+    def counting(model, items, *args, **kwargs):
+        calls.append(len(items))
+        return real(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(harness.train, "compute_reference_logps", counting)
+    sweep = {"grid": {"dpo.beta": [0.1, 0.3, 0.5]}, "trials": 1, "pruner": {"type": "none"}}
+    path = experiment(tmp_path, seed_data, sweep, dpo={"reference": "cache"})
+    out = run_sweep(path)
+    assert len(pd.read_csv(out)) == 3
+    runs = sorted((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))
+    assert len(runs) == 3
+    import json
+
+    reused = sorted(json.loads(r.read_text())["reference_cache_reused"] for r in runs)
+    assert reused == [False, True, True]
+    assert len(calls) == 3  # one pass per split (train, validation, test) for the first run only
