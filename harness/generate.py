@@ -15,6 +15,16 @@ import torch
 from harness.dpo import model_logps
 
 
+def _cache_kwarg(model, out) -> dict:
+    """The KV cache of the previous call, under the name this transformers version takes
+    (`cache` in 5.x, `past_key_values` before)."""
+    import inspect
+
+    if "cache" in inspect.signature(model.forward).parameters and hasattr(out, "cache"):
+        return {"cache": out.cache}
+    return {"past_key_values": out.past_key_values}
+
+
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
            seed: int, device) -> list[list[int]]:
@@ -46,7 +56,7 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=pos,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    use_cache=True, **_cache_kwarg(model, out))
     model.train(was_training)
     return result
 

@@ -90,6 +90,24 @@ def tokenizer_cache_key(texts: list[str], vocab_size: int) -> str:
     return h.hexdigest()[:24]
 
 
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on `path` (created) across processes on this machine: two sweep workers
+    that need the same SFT checkpoint or pair set make it once, the second waits and reuses it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, at worst duplicate work (saves stay atomic)
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
     """Save into a temporary sibling directory, then rename: no half-written cache entry."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,14 @@ def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict
     settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length}
     key = sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed)
     path = cache_root() / "sft" / key
-    if (path / "sft.json").exists():
-        return path, json.loads((path / "sft.json").read_text()), True
+    with hmodels.file_lock(path.with_name(f"{key}.lock")):
+        if (path / "sft.json").exists():
+            return path, json.loads((path / "sft.json").read_text()), True
+        return _train_checkpoint(cfg, tokenizer, texts, device, path)
+
+
+def _train_checkpoint(cfg, tokenizer, texts: list[str], device, path: Path) -> tuple[Path, dict, bool]:
+    sft = cfg.sft
     torch.manual_seed(sft.seed)
     model, _ = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
     model.to(device)

@@ -234,6 +234,19 @@ def task_pairs(cfg: RunConfig, task, init_path: Path, tokenizer, device, say):
     prompts = [r.prompt for r in task.generate_reviews(n, tc.seed + 1)]
     key = hashlib.sha256(json.dumps([str(init_path), tc.model_dump(mode="json")]).encode()).hexdigest()[:24]
     path = cache_root() / "pairs" / f"{key}.json"
+    with hmodels.file_lock(path.with_suffix(".lock")):
+        cached, reused = _sample_pairs(cfg, task, init_path, tokenizer, device, say, prompts, path)
+    splits = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in cached[name]]
+              for name in ("train", "validation")}
+    splits["test"] = []
+    rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in cached[name]]
+               for name in ("train", "validation")}
+    info = {"pairs/cache": str(path), "pairs/reused": reused}
+    return splits, rewards, prompts[tc.n_train_prompts + tc.n_val_prompts:], info
+
+
+def _sample_pairs(cfg, task, init_path, tokenizer, device, say, prompts, path) -> tuple[dict, bool]:
+    tc = cfg.task
     reused = path.exists()
     if reused:
         cached = json.loads(path.read_text())
@@ -252,13 +265,7 @@ def task_pairs(cfg: RunConfig, task, init_path: Path, tokenizer, device, say):
         tmp.write_text(json.dumps(cached))
         tmp.replace(path)
         say(f"pairs: sampled {sum(len(v) for v in cached.values())} in {time.time() - t0:.0f}s -> {path}")
-    splits = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in cached[name]]
-              for name in ("train", "validation")}
-    splits["test"] = []
-    rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in cached[name]]
-               for name in ("train", "validation")}
-    info = {"pairs/cache": str(path), "pairs/reused": reused}
-    return splits, rewards, prompts[tc.n_train_prompts + tc.n_val_prompts:], info
+    return cached, reused
 
 
 @torch.no_grad()
