@@ -58,7 +58,11 @@ CASES = {
     "tiny-live-mean-bf16": Case("tiny-live-mean-bf16", "tiny-50k", "model", "mean", True, bf16=True),
     "smollm2-live-mean": Case("smollm2-live-mean", SMOLLM2, "model", "mean", True),
     "smollm2-cache-mean": Case("smollm2-cache-mean", SMOLLM2, "cache", "mean", True),
+    "smollm2-live-mean-bf16": Case("smollm2-live-mean-bf16", SMOLLM2, "model", "mean", True, bf16=True),
 }
+# bf16 autocast is kept for a case only within these tolerances of fp32 (the naive path's):
+BF16_LOGP_TOLERANCE = 0.05  # max |mean log-prob per token| difference on the first batch, nats
+BF16_LOSS_TOLERANCE = 0.01  # max |loss| difference over the measured steps
 DEFAULT_CASES = list(CASES)
 
 
@@ -216,6 +220,21 @@ class HarnessPath:
         return float(loss.detach())
 
 
+@torch.no_grad()
+def bf16_logp_difference(model, batch, cfg) -> float:
+    """max |log-prob| difference (per sequence, in the run's reduction) between fp32 and CPU
+    bf16 autocast on one batch."""
+    from harness.dpo import model_logps
+
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cfg.dpo.reduction)
+    model.eval()
+    fp32 = model_logps(model, *args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model_logps(model, *args)
+    model.train()
+    return float((fp32 - bf16.float()).abs().max())
+
+
 def make_path(name: str, model, cfg, bats):
     return NaivePath(model, cfg) if name == "naive" else HarnessPath(model, cfg, bats)
 
@@ -259,7 +278,9 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
     model, bats, cfg, n_params = load(case, 8 * (steps + warmup))
     if len(bats) < steps + warmup:
         raise RuntimeError(f"{case.name}: only {len(bats)} batches of seed data")
+    bf16_logp_diff = bf16_logp_difference(model, bats[0][1], cfg) if case.bf16 else None
     paths = [make_path("naive", model, cfg, bats), make_path("harness", model, cfg, bats)]
+    losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
     tokens: list[int] = []
     first: dict[str, float] = {}
@@ -268,6 +289,7 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
             t0 = time.perf_counter()
             loss = p.step(idx, batch)
             dt = time.perf_counter() - t0
+            losses[p.name].append(loss)
             if i == 0:
                 first[p.name] = loss
             if i >= warmup:
@@ -282,7 +304,14 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
     flops_per_token = (8 if case.reference == "model" else 6) * n_params
     result = {"case": asdict(case), "n_params": n_params, "steps": steps, "warmup": warmup,
               "tokens_per_step": statistics.mean(tokens), "first_loss": first,
-              "first_loss_abs_diff": diff, "cache_build_s": paths[1].cache_s, "paths": {}}
+              "first_loss_abs_diff": diff, "cache_build_s": paths[1].cache_s, "paths": {},
+              "losses": losses,
+              "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses["naive"], losses["harness"],
+                                                                  strict=True))}
+    if case.bf16:
+        result["bf16_logp_max_abs_diff"] = bf16_logp_diff
+        result["bf16_within_tolerance"] = (bf16_logp_diff <= BF16_LOGP_TOLERANCE
+                                           and result["loss_max_abs_diff"] <= BF16_LOSS_TOLERANCE)
     naive_flops_per_token = 8 * n_params  # the notebook always runs the reference
     for p in paths:
         step_s = statistics.median(times[p.name])
@@ -362,6 +391,12 @@ def table(results: list[dict], rate: float) -> str:
             sp = f"{r['speedup']:.2f}x" if name == "harness" else ""
             lines.append(f"{r['case']['name']:26} {name:8} {p['tokens_per_s']:7.0f} "
                          f"{p['step_s']:7.2f} {p['mfu']:6.1%} {rss:>7} {sp:>8}")
+    for r in results:
+        if r["case"]["bf16"]:
+            ok = "within" if r["bf16_within_tolerance"] else "OUTSIDE"
+            lines.append(f"{r['case']['name']}: bf16 vs fp32 log-probs differ by "
+                         f"{r['bf16_logp_max_abs_diff']:.3g} (tolerance {BF16_LOGP_TOLERANCE}), losses "
+                         f"by {r['loss_max_abs_diff']:.3g} (tolerance {BF16_LOSS_TOLERANCE}): {ok}")
     return "\n".join(lines)
 
 

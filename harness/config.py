@@ -132,6 +132,9 @@ class TrainConfig(_Section):
     drop_last: bool = True  # drop the last partial train batch of an epoch (as the seed notebook)
     test_at_end: bool = True  # evaluate the whole test split after training
     shuffle: bool = True  # reshuffle the train split every epoch (seeded)
+    # Batches of pairs of similar length (sorted within chunks of 16 batches, batches shuffled):
+    # less padding, different batch composition from the seed notebook's.
+    group_by_length: bool = False
     # After training: greedy reference-vs-policy answers for the first N validation and test
     # prompts (the seed notebook shows 3 of each), into samples.json and a wandb Table.
     sample_validation: int = 0

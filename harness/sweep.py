@@ -506,13 +506,22 @@ def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
         for p in procs:
             p.start()
             time.sleep(1.0)  # stagger: the first worker creates the studies
+        def on_term(signum, frame):  # `kill` of the parent stops its workers as Ctrl-C does
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
         try:
             for p in procs:
                 p.join()
         except KeyboardInterrupt:
+            for p in procs:  # Ctrl-C already reached them (same process group); kill does not
+                if p.is_alive() and p.pid is not None:
+                    os.kill(p.pid, signal.SIGINT)
             for p in procs:
                 p.join(timeout=60)
             raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     out = sweep.write_summary()
     _log_summary_to_wandb(exp, out)
     print(f"study {exp.study} done in {time.time() - started:.0f}s; summary: {out}", file=sys.stderr)

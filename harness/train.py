@@ -87,6 +87,22 @@ def batches(
         yield torch.tensor(idx), hdata.collate([items[i] for i in idx], pad_id, mask_prompt)
 
 
+def length_grouped(order: list[int], items: list[hdata.TokenizedPair], batch_size: int,
+                   generator: torch.Generator, chunk_batches: int = 16) -> list[int]:
+    """`order` regrouped so that each batch holds pairs of similar length (less padding): sorted
+    by length within chunks of `chunk_batches` batches, then the batches shuffled (seeded). Every
+    pair still appears once; a partial batch stays last, so `drop_last` drops the same count."""
+    lengths = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in items]
+    size = batch_size * chunk_batches
+    full, partial = [], []
+    for s in range(0, len(order), size):
+        chunk = sorted(order[s : s + size], key=lambda i: lengths[i])
+        for k in range(0, len(chunk), batch_size):
+            (full if len(chunk[k : k + batch_size]) == batch_size else partial).append(chunk[k : k + batch_size])
+    perm = torch.randperm(len(full), generator=generator).tolist()
+    return [i for b in perm for i in full[b]] + [i for b in partial for i in b]
+
+
 def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen and rejected rows ([2B, T]) → (chosen [B], rejected [B])."""
     logps = model_logps(
@@ -443,7 +459,10 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
     def epoch_orders() -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(t.seed)
         while True:
-            yield torch.randperm(n_train, generator=gen).tolist() if t.shuffle else list(range(n_train))
+            order = torch.randperm(n_train, generator=gen).tolist() if t.shuffle else list(range(n_train))
+            if t.group_by_length:
+                order = length_grouped(order, splits["train"], t.batch_size, gen)
+            yield order
 
     def micro_batches() -> Iterator[tuple[torch.Tensor, Batch]]:
         for order in epoch_orders():

@@ -160,6 +160,25 @@ def test_two_workers_share_one_study(tmp_path, seed_data):
     assert on_disk == sorted(trial_dirs)  # and no run happened outside the study
 
 
+def test_two_workers_share_one_postgresql_study(tmp_path, seed_data):
+    """The scale-out path: two workers on one PostgreSQL study (as machines sharing --storage).
+    CI starts a local server and sets DPO_HARNESS_TEST_POSTGRES (see .ci/run)."""
+    url = os.environ.get("DPO_HARNESS_TEST_POSTGRES")
+    if not url:
+        pytest.skip("DPO_HARNESS_TEST_POSTGRES is not set (no PostgreSQL server for this run)")
+    study = f"t-{os.getpid()}-{time.time_ns()}"
+    sweep = {"grid": {"dpo.beta": [0.1, 0.3]}, "trials": 2, "search": SEARCH, "pruner": {"type": "none"}}
+    path = experiment(tmp_path, seed_data, sweep)
+    out = run_sweep(path, workers=2, storage=url, study=study)
+    assert len(pd.read_csv(out)) == 2
+    dirs = []
+    for cell in ("beta=0.1", "beta=0.3"):
+        trials = _count(url, f"{study}/{cell}", tuple(TrialState))
+        assert all(t.state == TrialState.COMPLETE for t in trials) and 2 <= len(trials) <= 3
+        dirs += [t.user_attrs["run_dir"] for t in trials]
+    assert len(set(dirs)) == len(dirs)
+
+
 def test_k_betas_compute_reference_logps_once(tmp_path, seed_data, monkeypatch):
     """A sweep of 3 beta values on the same data and model with `reference: cache` runs the
     reference forward passes for one run only; the other runs read the cache."""

@@ -169,3 +169,34 @@ def test_cli_train_and_bad_override(seed_data, tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert "dpo.betta" in bad.stderr and "unknown key" in bad.stderr and "smoke.yaml" in bad.stderr
+
+
+def test_length_grouped_order_keeps_every_pair_and_cuts_padding():
+    import random
+
+    import torch
+
+    from harness.data import TokenizedPair
+    from harness.train import length_grouped
+
+    rng = random.Random(0)
+    items = [TokenizedPair([1] * rng.randint(5, 60), [2] * rng.randint(1, 80), [3] * rng.randint(1, 80))
+             for _ in range(203)]
+    order = list(range(203))
+    rng.shuffle(order)
+    grouped = length_grouped(order, items, 8, torch.Generator().manual_seed(1))
+    assert sorted(grouped) == list(range(203))
+    assert grouped == length_grouped(order, items, 8, torch.Generator().manual_seed(1))
+    # The partial batch (203 = 25 x 8 + 3) comes from the last chunk (16 x 8 = 128 pairs) and stays
+    # last, so drop_last drops 3 pairs either way.
+    assert set(grouped[-3:]) <= set(order[128:])
+
+    def padded(o):
+        total = 0
+        for s in range(0, 200, 8):
+            lens = [len(items[i].prompt_ids) + max(len(items[i].chosen_ids), len(items[i].rejected_ids))
+                    for i in o[s:s + 8]]
+            total += max(lens) * 8 - sum(lens)
+        return total
+
+    assert padded(grouped) < 0.5 * padded(order)
