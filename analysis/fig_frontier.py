@@ -25,7 +25,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     points = beta_label(curves.dropna(subset=["gen/reward", "gen/kl"]))
     paths = []
     for model, frame in points.groupby("model.name", sort=True):
-        fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN, 2.7))
+        fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN + 1.1, 2.7))
         sns.scatterplot(data=frame, x="gen/kl", y="gen/reward", hue="β", style="masking",
                         palette="viridis", s=14, alpha=0.8, ax=ax,
                         hue_order=sorted(frame["β"].unique(), key=float))
@@ -35,7 +35,7 @@ def draw(results: Path, out: Path) -> list[Path]:
             ax.axhline(ref, color="crimson", lw=0.6, ls="--")
         ax.set(xlabel=label("gen/kl"), ylabel=label("gen/reward"),
                title=f"{model}: reward vs KL, every eval point")
-        ax.legend(fontsize=6, loc="best")
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
         paths += save(fig, out, f"frontier_{model}")
     return paths
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import seaborn as sns
+from matplotlib.ticker import FixedLocator, NullLocator
 
 from analysis.common import beta_label, compared_runs
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
@@ -28,6 +29,10 @@ def draw(results: Path, out: Path) -> list[Path]:
                      err_style="bars", palette="viridis", ax=ax, legend=j == len(maskings) - 1,
                      hue_order=sorted(sub["β"].unique(), key=float))
         ax.set_xscale("log")
+        sizes = sorted(runs["n_params"].unique())  # ticks at the model sizes, labelled in millions
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{n / 1e6:.2g}M" for n in sizes])
         ax.set(title=f"masking: {masking}", xlabel=label("n_params"), ylabel=label(metric))
     fig.suptitle("Does it hold as the model grows? (mean ± sd over seeds)", fontsize=9)
     return save(fig, out, "model_size")

@@ -22,7 +22,7 @@ LABELS = {
     "eval/logratios/margins": "log-ratio margin h (validation, nats)",
     "gen/reward": "ground-truth reward of samples",
     "gen/kl": "KL(π ‖ π_ref) per sample (nats)",
-    "n_params": "parameters",
+    "n_params": "parameters (log scale)",
 }
 
 

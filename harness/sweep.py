@@ -244,17 +244,23 @@ def make_storage(url: str):
     )
 
 
-def make_study(exp: Experiment, storage, name: str):
+def make_study(exp: Experiment, storage, name: str, worker: int = 0):
     import optuna
 
     spec = exp.spec
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                direction=spec.objective.direction)
+    # Every trial is asked from a freshly loaded study, so a fixed sampler seed would draw the
+    # same start-up point every time: the seed moves with the trials already in the study (and
+    # the worker), which keeps a one-worker study reproducible and parallel workers apart.
+    seed = spec.sampler_seed + 1000 * len(study.get_trials(deepcopy=False)) + worker
     if spec.sampler == "tpe":
         # Few trials per cell: start modelling after 2 random trials, and constant_liar keeps
         # parallel workers from sampling the same point.
-        sampler = optuna.samplers.TPESampler(seed=spec.sampler_seed, n_startup_trials=2,
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=2,
                                              constant_liar=True, multivariate=True)
     else:
-        sampler = optuna.samplers.RandomSampler(seed=spec.sampler_seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     p = spec.pruner
     pruner = {
         "none": optuna.pruners.NopPruner(),
@@ -262,8 +268,8 @@ def make_study(exp: Experiment, storage, name: str):
                                                n_warmup_steps=p.n_warmup_steps),
         "halving": optuna.pruners.SuccessiveHalvingPruner(),
     }[p.type]
-    return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                               direction=spec.objective.direction, load_if_exists=True)
+    study.sampler, study.pruner = sampler, pruner
+    return study
 
 
 def suggest(trial, name: str, p: ParamSpec) -> Any:
@@ -306,8 +312,9 @@ def _search_open(study, budget: int) -> bool:
 
 
 class Sweep:
-    def __init__(self, exp: Experiment, storage_url: str, results_dir: Path):
+    def __init__(self, exp: Experiment, storage_url: str, results_dir: Path, worker: int = 0):
         self.exp = exp
+        self.worker = worker  # index of this worker process on this machine (sampler seeds)
         self.storage_url = storage_url
         self.storage = make_storage(storage_url)
         self.results_dir = results_dir
@@ -380,7 +387,7 @@ class Sweep:
 
         spec = self.exp.spec
         for cell in self.exp.cells:
-            search = make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}")
+            search = make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", self.worker)
             if _search_open(search, spec.trials):
                 return search, cell, "search"
         if spec.seeds < 2:
@@ -473,13 +480,14 @@ class Sweep:
 # ----------------------------------------------------------------------------- entry points
 
 
-def _worker(path: str, study: str | None, storage_url: str, results_dir: str, threads: int) -> int:
+def _worker(path: str, study: str | None, storage_url: str, results_dir: str, threads: int,
+            worker: int) -> int:
     import torch
 
     torch.set_num_threads(threads)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     exp = load_experiment(path, study)
-    return Sweep(exp, storage_url, Path(results_dir)).work()
+    return Sweep(exp, storage_url, Path(results_dir), worker).work()
 
 
 def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
@@ -501,8 +509,8 @@ def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
 
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(str(path), study, storage_url, str(results), threads))
-                 for _ in range(workers)]
+        procs = [ctx.Process(target=_worker, args=(str(path), study, storage_url, str(results), threads, i))
+                 for i in range(workers)]
         for p in procs:
             p.start()
             time.sleep(1.0)  # stagger: the first worker creates the studies

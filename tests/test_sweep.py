@@ -82,6 +82,10 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     assert (df["trials"] == 3).all() and (df["seeds_done"] == 2).all()
     assert df["pruned"].sum() >= 1
     assert df["param/train.lr"].between(1e-4, 3e-3).all()
+    for cell in df["cell"]:  # each trial of a cell tries its own learning rate
+        lrs = [t.params["train.lr"] for t in _count(
+            f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}", f"t/{cell}", tuple(TrialState))]
+        assert len(lrs) == 3 and len(set(lrs)) == 3, lrs
     storage = make_storage(f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     assert len(names) == 8  # a search study and a seeds study per cell
