@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -48,6 +49,7 @@ class Case:
     reduction: str  # mean | sum
     mask_prompt: bool
     bf16: bool = False  # harness path under CPU bf16 autocast (a lead, checked against fp32)
+    checkpointing: bool = False  # harness path with gradient checkpointing (memory)
 
 
 CASES = {
@@ -59,6 +61,9 @@ CASES = {
     "smollm2-live-mean": Case("smollm2-live-mean", SMOLLM2, "model", "mean", True),
     "smollm2-cache-mean": Case("smollm2-cache-mean", SMOLLM2, "cache", "mean", True),
     "smollm2-live-mean-bf16": Case("smollm2-live-mean-bf16", SMOLLM2, "model", "mean", True, bf16=True),
+    "smollm2-cache-mean-bf16": Case("smollm2-cache-mean-bf16", SMOLLM2, "cache", "mean", True, bf16=True),
+    "smollm2-live-mean-bf16-ckpt": Case("smollm2-live-mean-bf16-ckpt", SMOLLM2, "model", "mean", True,
+                                        bf16=True, checkpointing=True),
 }
 # bf16 autocast is kept for a case only within these tolerances of fp32 (the naive path's):
 BF16_LOGP_TOLERANCE = 0.05  # max |mean log-prob per token| difference on the first batch, nats
@@ -88,7 +93,8 @@ def run_config(case: Case, data_limit: int | None = None):
 
     overrides = {"dpo.reference": case.reference, "dpo.reduction": case.reduction,
                  "dpo.mask_prompt": case.mask_prompt, "tracking.progress": False,
-                 "train.precision": "bf16" if case.bf16 else "fp32"}
+                 "train.precision": "bf16" if case.bf16 else "fp32",
+                 "train.gradient_checkpointing": case.checkpointing}
     if data_limit:
         overrides["data.limit"] = data_limit
     if case.model != "tiny-50k":
@@ -205,6 +211,10 @@ class HarnessPath:
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
             self.policy.train()
             self.cache_s = time.perf_counter() - t0
+        if cfg.train.gradient_checkpointing:
+            from harness.train import enable_checkpointing
+
+            enable_checkpointing(self.policy)
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
 
@@ -257,9 +267,22 @@ def child_main(case_json: str, path: str, steps: int) -> None:
     model, bats, cfg, _ = load(case, 8 * steps)
     runner = make_path(path, model, cfg, bats)
     del model  # each path holds its own copies, as in a real run
+    gc.collect()
+    load_peak = peak_rss()
+    reset = reset_peak_rss()  # from here the high-water mark is the training's own
     for idx, batch in bats[:steps]:
         runner.step(idx, batch)
-    print(json.dumps({"peak_rss": peak_rss()}))
+    print(json.dumps({"peak_rss": peak_rss(), "load_peak_rss": load_peak, "reset": reset}))
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading and converting the
+    model, which both paths share, does not hide what a training step needs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss() -> int:

@@ -135,6 +135,8 @@ class TrainConfig(_Section):
     # Batches of pairs of similar length (sorted within chunks of 16 batches, batches shuffled):
     # less padding, different batch composition from the seed notebook's.
     group_by_length: bool = False
+    # Recompute activations in the backward pass: far less memory, about one more forward pass.
+    gradient_checkpointing: bool = False
     # After training: greedy reference-vs-policy answers for the first N validation and test
     # prompts (the seed notebook shows 3 of each), into samples.json and a wandb Table.
     sample_validation: int = 0

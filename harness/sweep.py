@@ -338,6 +338,8 @@ class Sweep:
             trial.set_user_attr("cell", cell.id)
             trial.set_user_attr("seed_offset", seed_offset)
             tags = [f"{a.split('.')[-1]}={v}" for a, v in cell.values] + [role]
+            tags += [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                     for k, v in params.items()]
             cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_name}", tags)
 
             def on_eval(step: int, metrics: dict[str, float]) -> None:

@@ -112,6 +112,13 @@ def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tenso
     return logps[:half], logps[half:]
 
 
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them: the
+    activations of a step shrink to the layer inputs, for about one more forward pass."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """DPO runs without dropout: policy and reference must score the same function."""
     for module in model.modules():
@@ -408,6 +415,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
         ref_cache, ref_path, reused = reference_cache(policy, splits, cfg, pad_id, device)
         ref_info = {"reference_cache": str(ref_path), "reference_cache_reused": reused}
     dpo_reference = reference if d.reference == "model" else None
+    if t.gradient_checkpointing:
+        enable_checkpointing(policy)
     gen_state: dict = {"ref_samples": None, "rows": []}
     if gen_enabled(cfg) and task is None:
         eval_prompts = [p.prompt for p in raw_splits["validation"][: cfg.gen_eval.n_prompts]]

@@ -100,6 +100,10 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     c1 = json.loads((Path(dirs[1]) / "config.json").read_text())
     assert c0["train"]["lr"] == c1["train"]["lr"] and c0["train"]["seed"] != c1["train"]["seed"]
     assert c0["tracking"]["group"] == "t"
+    assert cell["cell"] == "beta=0.1,masking=masked-mean"  # grid order
+    assert {"beta=0.1", "masking=masked-mean", "search", f"lr={c0['train']['lr']:.3g}"} <= set(
+        c0["tracking"]["tags"])
+    assert "seeds" in c1["tracking"]["tags"]
     # Running again finds nothing left to do: no new runs.
     run_sweep(path)
     assert len(list((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))) == 16
