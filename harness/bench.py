@@ -62,6 +62,8 @@ CASES = {
     "smollm2-cache-mean": Case("smollm2-cache-mean", SMOLLM2, "cache", "mean", True),
     "smollm2-live-mean-bf16": Case("smollm2-live-mean-bf16", SMOLLM2, "model", "mean", True, bf16=True),
     "smollm2-cache-mean-bf16": Case("smollm2-cache-mean-bf16", SMOLLM2, "cache", "mean", True, bf16=True),
+    "smollm2-cache-mean-ckpt": Case("smollm2-cache-mean-ckpt", SMOLLM2, "cache", "mean", True,
+                                    checkpointing=True),
     "smollm2-live-mean-bf16-ckpt": Case("smollm2-live-mean-bf16-ckpt", SMOLLM2, "model", "mean", True,
                                         bf16=True, checkpointing=True),
 }
