@@ -33,7 +33,8 @@ def draw(results: Path, out: Path) -> list[Path]:
             ax = ovm.plot_optimization_history(study)
             _finish(ax, f"history: {summary.study_name}")
             paths += save(ax.figure, out, f"optuna_history_{safe}")
-            if len(done) >= 2 and study.trials[0].params:
+            # Importances need two parameters or more (one parameter is trivially 100%).
+            if len(done) >= 2 and len(study.trials[0].params) >= 2:
                 ax = ovm.plot_param_importances(study)
                 _finish(ax, f"importances: {summary.study_name}")
                 paths += save(ax.figure, out, f"optuna_importance_{safe}")
