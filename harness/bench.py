@@ -217,8 +217,9 @@ class HarnessPath:
             from harness.train import enable_checkpointing
 
             enable_checkpointing(self.policy)
-        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
-                                     weight_decay=cfg.train.weight_decay)
+        from harness.train import make_optimizer
+
+        self.opt = make_optimizer(self.policy, cfg.train, torch.device("cpu"))
 
     def step(self, idx, batch) -> float:
         from harness.train import dpo_batch

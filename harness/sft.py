@@ -45,7 +45,8 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
     eos = tokenizer.eos_token_id
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: sft.max_length - 1] + [eos]
                for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0,
+                            fused=torch.device(device).type in ("cuda", "cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, sft.warmup_steps))
         * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, sft.steps))))))
@@ -74,7 +75,8 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
 def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict, bool]:
     """(checkpoint dir, stats, reused?) for the SFT of cfg.model on `texts`, from cache if there."""
     sft = cfg.sft
-    settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length}
+    settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length,
+                "optimizer": "adamw-fused" if torch.device(device).type in ("cuda", "cpu") else "adamw"}
     key = sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed)
     path = cache_root() / "sft" / key
     with hmodels.file_lock(path.with_name(f"{key}.lock")):

@@ -112,6 +112,13 @@ def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tenso
     return logps[:half], logps[half:]
 
 
+def make_optimizer(model, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW, fused on cuda and cpu: on 2 CPU cores its step over 135M parameters takes 0.08 s
+    against 0.25 s for torch's default per-tensor loop (notes/perf.md)."""
+    return torch.optim.AdamW(model.parameters(), lr=t.lr, betas=t.adam_betas,
+                             weight_decay=t.weight_decay, fused=device.type in ("cuda", "cpu"))
+
+
 def enable_checkpointing(model) -> None:
     """Recompute each layer's activations in the backward pass instead of keeping them: the
     activations of a step shrink to the layer inputs, for about one more forward pass."""
@@ -428,10 +435,7 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: RunTracker, say, on_eva
     if micro_per_epoch == 0:
         raise ValueError(f"train.batch_size {t.batch_size} is larger than the {n_train} train pairs")
     total_steps = t.max_steps or max(1, int(t.epochs * micro_per_epoch) // t.grad_accum)
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=t.lr, betas=t.adam_betas, weight_decay=t.weight_decay,
-        fused=device.type == "cuda",
-    )
+    optimizer = make_optimizer(policy, t, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps)
     )
