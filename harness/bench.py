@@ -358,6 +358,24 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
     return result
 
 
+def profile_case(case: Case, rows: int = 15) -> str:
+    """torch.profiler table (top ops by self CPU time) of one harness step after a warm-up step,
+    and the same for the naive path: where the time of each goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, bats, cfg, _ = load(case, 16)
+    out = []
+    for name in ("harness", "naive"):
+        runner = make_path(name, model, cfg, bats)
+        runner.step(*bats[0])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner.step(*bats[1])
+        out.append(f"== {case.name} / {name}: one step, top {rows} ops by self CPU time ==")
+        out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        del runner
+    return "\n".join(out)
+
+
 def padding_report(n_pairs: int = 928, batch_size: int = 8) -> dict:
     """Padded width of the seed data's batches (SmolLM2 tokenizer when available, else the
     byte-level tokenizer the tiny models use): file order vs length-grouped batches."""
@@ -467,10 +485,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--out", default="results/bench", help="directory for the JSON report")
+    p.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of "
+                   "each path for CASE instead of benchmarking")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child_main(args.child[0], args.child[1], int(args.child[2]))
+        return 0
+    if args.profile:
+        if args.profile not in CASES:
+            p.error(f"unknown case {args.profile}; valid: {', '.join(CASES)}")
+        print(profile_case(CASES[args.profile]))
         return 0
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]

@@ -68,3 +68,9 @@ def test_peak_rss_child_counts_only_itself():
     naive = bench.peak_rss_child(case, "naive", 1)
     harness = bench.peak_rss_child(case, "harness", 1)
     assert 0 < harness < naive  # the naive path materialises [B, T, 50k] log-probs
+
+
+def test_profile_prints_both_paths():
+    text = bench.profile_case(bench.CASES["tiny-live-mean"], rows=5)
+    assert "tiny-live-mean / harness" in text and "tiny-live-mean / naive" in text
+    assert "aten::" in text  # real profiler rows
