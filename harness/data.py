@@ -55,6 +55,11 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
 
 
+def pair_length(p: TokenizedPair) -> int:
+    """Width a pair needs in a batch: prompt + the longer of its two responses."""
+    return len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+
+
 # ----------------------------------------------------------------------------- sources
 
 

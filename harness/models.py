@@ -312,6 +312,18 @@ def save_policy(model, out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- device
 
 
+def adamw(model: torch.nn.Module, device, lr: float, weight_decay: float,
+          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """AdamW, fused where torch has a fused kernel (cuda, cpu): on 2 CPU cores its step over 135M
+    parameters takes 0.08 s against 0.25 s for torch's default per-tensor loop (notes/perf.md)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+                             fused=adamw_fused(device))
+
+
+def adamw_fused(device) -> bool:
+    return torch.device(device).type in ("cuda", "cpu")
+
+
 def pick_device(spec: str) -> torch.device:
     """`auto`: cuda, then mps, then cpu. An explicit device that is not there is an error."""
     if spec == "auto":

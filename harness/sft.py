@@ -45,8 +45,7 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
     eos = tokenizer.eos_token_id
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: sft.max_length - 1] + [eos]
                for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=sft.lr, weight_decay=0.0,
-                            fused=torch.device(device).type in ("cuda", "cpu"))
+    opt = hmodels.adamw(model, device, sft.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, sft.warmup_steps))
         * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, sft.steps))))))
@@ -76,7 +75,7 @@ def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict
     """(checkpoint dir, stats, reused?) for the SFT of cfg.model on `texts`, from cache if there."""
     sft = cfg.sft
     settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length,
-                "optimizer": "adamw-fused" if torch.device(device).type in ("cuda", "cpu") else "adamw"}
+                "optimizer": "adamw-fused" if hmodels.adamw_fused(device) else "adamw"}
     key = sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed)
     path = cache_root() / "sft" / key
     with hmodels.file_lock(path.with_name(f"{key}.lock")):
