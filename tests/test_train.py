@@ -200,3 +200,55 @@ def test_length_grouped_order_keeps_every_pair_and_cuts_padding():
         return total
 
     assert padded(grouped) < 0.5 * padded(order)
+
+
+def test_gradient_checkpointing_is_applied_and_changes_no_number(seed_data, tmp_path, monkeypatch):
+    """train.gradient_checkpointing: the policy recomputes activations in backward, and the run's
+    metrics are those of the run without it (fp32, no dropout: the recompute is exact)."""
+    import harness.train
+
+    applied = []
+    real = harness.train.enable_checkpointing
+
+    def spy(model):
+        real(model)
+        applied.append(model.is_gradient_checkpointing)
+
+    monkeypatch.setattr(harness.train, "enable_checkpointing", spy)
+    plain = train(quick_config(seed_data, tmp_path), run_dir=tmp_path / "a")
+    assert applied == []
+    ckpt = train(quick_config(seed_data, tmp_path, **{"train.gradient_checkpointing": True}),
+                 run_dir=tmp_path / "b")
+    assert applied == [True]
+    for key in ("train/loss", "eval/loss", "eval/rewards/margins"):
+        assert ckpt[key] == pytest.approx(plain[key], abs=1e-5), key
+
+
+def test_optimizer_is_fused_adamw_on_cpu():
+    import torch
+
+    from harness.config import TrainConfig
+    from harness.train import make_optimizer
+
+    opt = make_optimizer(torch.nn.Linear(4, 4), TrainConfig(lr=1e-3, adam_betas=(0.8, 0.9)),
+                         torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
+    assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
+
+
+def test_group_by_length_orders_the_training_batches(seed_data, tmp_path, monkeypatch):
+    """train.group_by_length: each epoch's order goes through length_grouped, and the run trains."""
+    import harness.train
+
+    calls = []
+    real = harness.train.length_grouped
+
+    def spy(order, items, batch_size, generator, *args):
+        out = real(order, items, batch_size, generator, *args)
+        calls.append((sorted(order) == sorted(out), batch_size))
+        return out
+
+    monkeypatch.setattr(harness.train, "length_grouped", spy)
+    s = train(quick_config(seed_data, tmp_path, **{"train.group_by_length": True}),
+              run_dir=tmp_path / "r")
+    assert s["status"] == "finished" and calls and all(c == (True, 4) for c in calls)
