@@ -10,6 +10,12 @@ import torch
 from harness import bench
 
 
+@pytest.fixture(autouse=True)
+def _needs_seed_data(seed_data):
+    """The benchmark reads the seed data through experiments/seed_polite.yaml (../shared):
+    without it every test here is skipped with the fixture's reason."""
+
+
 def test_naive_logps_equal_harness_logps():
     """The notebook's full log-softmax path and the harness's sliced-head path score the same."""
     from harness.dpo import model_logps
