@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from harness import metrics
 from harness.config import ConfigError, load_config, parse_value
 
 
@@ -29,9 +30,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from harness.train import train  # torch import only when needed
 
     summary = train(cfg, run_dir=args.run_dir)
-    keys = ["status", "steps", "train/loss", "eval/loss", "eval/rewards/margins",
-            "eval/rewards/accuracies", "test/loss", "wall_s"]
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=2))
+    final = {"status": summary["status"], "steps": summary["steps"], **metrics.headline(summary),
+             "wall_s": summary["wall_s"]}
+    print(json.dumps(final, indent=2))
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from typing import Any
 
 import torch
 
-from harness.config import DataConfig, cache_root
+from harness import cache
+from harness.config import DataConfig
 
 
 class DataError(ValueError):
@@ -76,26 +76,21 @@ def download(url: str, sha256: str | None, cache_dir: str | None) -> Path:
     """Download once into the cache, verified against `sha256`; never leaves a partial file."""
     if not sha256:
         raise DataError(f"{url}: data.sha256 is required for a URL source (the file's hex digest)")
-    root = Path(cache_dir).expanduser() if cache_dir else cache_root() / "data"
     name = url.rstrip("/").split("/")[-1] or "download"
-    path = root / f"{sha256[:16]}-{name}"
+    path = cache.entry("data", f"{sha256[:16]}-{name}", root=cache_dir)
     if path.exists():
         return path
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
-    try:
+
+    def fetch(tmp: Path) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
             while chunk := resp.read(1 << 20):
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != sha256.lower():
             raise DataError(f"{url}: sha256 mismatch: expected {sha256}, downloaded {digest.hexdigest()}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return cache.atomic_file(path, fetch)
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -309,6 +304,34 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_length: int, too_long: str 
         out.append(TokenizedPair(prompt, responses[0], responses[1]))
     counts["pairs/kept"] = len(out)
     return out, counts
+
+
+Batch = dict[str, torch.Tensor]
+
+
+def batches(items: list[TokenizedPair], order: list[int], batch_size: int, pad_id: int,
+            mask_prompt: bool, drop_last: bool = False) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """(pair indices [B], collated batch) in the given order."""
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        yield torch.tensor(idx), collate([items[i] for i in idx], pad_id, mask_prompt)
+
+
+def length_grouped(order: list[int], items: list[TokenizedPair], batch_size: int,
+                   generator: torch.Generator, chunk_batches: int = 16) -> list[int]:
+    """`order` regrouped so that each batch holds pairs of similar length (less padding): sorted
+    by length within chunks of `chunk_batches` batches, then the batches shuffled (seeded). Every
+    pair still appears once; a partial batch stays last, so `drop_last` drops the same count."""
+    lengths = [pair_length(p) for p in items]
+    size = batch_size * chunk_batches
+    full, partial = [], []
+    for s in range(0, len(order), size):
+        chunk = sorted(order[s : s + size], key=lambda i: lengths[i])
+        for k in range(0, len(chunk), batch_size):
+            (full if len(chunk[k : k + batch_size]) == batch_size else partial).append(chunk[k : k + batch_size])
+    perm = torch.randperm(len(full), generator=generator).tolist()
+    return [i for b in perm for i in full[b]] + [i for b in partial for i in b]
 
 
 def collate(batch: list[TokenizedPair], pad_id: int, mask_prompt: bool) -> dict[str, torch.Tensor]:

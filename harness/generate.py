@@ -13,6 +13,7 @@ import math
 import torch
 
 from harness.dpo import model_logps
+from harness.models import eval_mode
 
 
 def _cache_kwarg(model, out) -> dict:
@@ -30,8 +31,11 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
            seed: int, device) -> list[list[int]]:
     """Continuations of each prompt (token ids, eos included when produced), batched with left
     padding and a KV cache. The same seed gives the same samples."""
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _sample(model, prompts, max_new_tokens, eos_id, pad_id, seed, device)
+
+
+def _sample(model, prompts, max_new_tokens, eos_id, pad_id, seed, device) -> list[list[int]]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     B, P = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -57,7 +61,6 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
         pos = pos[:, -1:] + 1
         out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=pos,
                     use_cache=True, **_cache_kwarg(model, out))
-    model.train(was_training)
     return result
 
 
@@ -65,22 +68,24 @@ def sample(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pa
 def continuation_logps(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int,
                        device, batch_size: int = 64) -> torch.Tensor:
     """Σ_t log p(y_t | x, y_<t) of each continuation under `model`: [N] float32."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        rows = [p + c for p, c in zip(prompts[s:s + batch_size], continuations[s:s + batch_size], strict=True)]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompts[s:s + batch_size], rows, strict=True)):
-            ids[i, :len(r)] = torch.tensor(r)
-            attn[i, :len(r)] = 1
-            mask[i, len(p):len(r)] = True
-        out.append(model_logps(model, ids.to(device), attn.to(device), mask.to(device), "sum").cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    with eval_mode(model):
+        return torch.cat([_continuation_logps(model, prompts[s:s + batch_size],
+                                              continuations[s:s + batch_size], pad_id, device)
+                          for s in range(0, len(prompts), batch_size)])
+
+
+def _continuation_logps(model, prompts, continuations, pad_id, device) -> torch.Tensor:
+    """One batch of continuation_logps: prompt + continuation rows, right-padded."""
+    rows = [p + c for p, c in zip(prompts, continuations, strict=True)]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+        ids[i, :len(r)] = torch.tensor(r)
+        attn[i, :len(r)] = 1
+        mask[i, len(p):len(r)] = True
+    return model_logps(model, ids.to(device), attn.to(device), mask.to(device), "sum").cpu()
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:

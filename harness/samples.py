@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
+from harness.models import eval_mode
+
 
 @torch.no_grad()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int, device, special_tokens: bool) -> str:
     """Greedy continuation of one prompt, up to eos or max_new_tokens (deterministic)."""
-    was_training = model.training
-    model.eval()
     ids = tokenizer(prompt, add_special_tokens=special_tokens, return_tensors="pt")["input_ids"].to(device)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    with eval_mode(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 

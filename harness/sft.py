@@ -8,9 +8,7 @@ model size reuses one.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -19,16 +17,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import cache, optim
 from harness import models as hmodels
-from harness.config import cache_root
 
 
-def sft_key(model_name: str, tokenizer, texts: list[str], settings: dict, seed: int) -> str:
-    h = hashlib.sha256(json.dumps([model_name, settings, seed, len(tokenizer)]).encode())
-    h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
-    for t in texts:
-        h.update(hashlib.sha256(t.encode()).digest())
-    return h.hexdigest()[:24]
+def sft_key(model_name: str, tokenizer, texts: list[str], settings: dict, seed: int) -> cache.Key:
+    key = cache.Key([model_name, settings, seed, len(tokenizer)], tokenizer.get_vocab())
+    return key.texts(texts)
 
 
 def lm_loss(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -45,10 +40,8 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
     eos = tokenizer.eos_token_id
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: sft.max_length - 1] + [eos]
                for t in texts]
-    opt = hmodels.adamw(model, device, sft.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, sft.warmup_steps))
-        * (0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, sft.steps))))))
+    opt = optim.adamw(model, device, sft.lr, weight_decay=0.0)
+    sched = optim.scheduler(opt, "cosine", sft.warmup_steps, sft.steps, decay_in_warmup=True)
     model.train()
     losses = []
     for _ in tqdm(range(sft.steps), desc="sft", unit="step", disable=not progress, leave=False):
@@ -75,10 +68,9 @@ def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict
     """(checkpoint dir, stats, reused?) for the SFT of cfg.model on `texts`, from cache if there."""
     sft = cfg.sft
     settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length,
-                "optimizer": "adamw-fused" if hmodels.adamw_fused(device) else "adamw"}
-    key = sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed)
-    path = cache_root() / "sft" / key
-    with hmodels.file_lock(path.with_name(f"{key}.lock")):
+                "optimizer": "adamw-fused" if optim.adamw_fused(device) else "adamw"}
+    path = cache.entry("sft", sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed))
+    with cache.file_lock(path.with_name(f"{path.name}.lock")):
         if (path / "sft.json").exists():
             return path, json.loads((path / "sft.json").read_text()), True
         return _train_checkpoint(cfg, tokenizer, texts, device, path)
@@ -100,7 +92,7 @@ def _train_checkpoint(cfg, tokenizer, texts: list[str], device, path: Path) -> t
         model.save_pretrained(d)
         (d / "sft.json").write_text(json.dumps(stats, indent=2))
 
-    hmodels._atomic_save(save, path)
+    cache.atomic_dir(path, save)
     return path, stats, False
 
 

@@ -1,11 +1,12 @@
-"""Tracking behind a tiny interface: `log_config`, `log`, `log_table`, `close`.
+"""Tracking behind a small interface, `log`, `table`, `summary`, `close`, with two backends:
 
-Two backends, always used together by `RunTracker`:
-- the run directory: `config.json`, `metrics.jsonl` (one JSON object per logged step),
-  `summary.json` (written once, at the end, by `write_summary`);
-- wandb, online when logged in, offline otherwise (`WANDB_MODE` wins). A wandb failure
-  prints one warning and disables wandb for the run: it never stops training, and the
-  run-directory files are written regardless.
+- `RunFiles`, the run directory (the source of truth, and the one owner of its layout):
+  `config.json` (the resolved config and the run's `labels`), `metrics.jsonl` (one JSON object
+  per logged step), `<table>.json` per table, `summary.json` (written once, at the end);
+- `Wandb`, online when logged in, offline otherwise (`WANDB_MODE` wins). A wandb failure prints
+  one warning and disables wandb for the run: it never stops training.
+
+`Tracker` sends every call to its backends and checks metric names against harness.metrics.
 """
 
 from __future__ import annotations
@@ -16,21 +17,37 @@ import netrc
 import os
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from harness import cache, metrics
+
+CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
+DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    tmp.replace(path)
+def new_run_dir(results_dir: str | Path, name: str, run_dir: str | Path | None) -> Path:
+    """`run_dir` as given, else results_dir/runs/<name>-<time>. A finished run is never
+    overwritten; an earlier attempt that was cut off starts over."""
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(results_dir) / "runs" / f"{name}-{stamp}"
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists():
+        raise FileExistsError(f"{run_dir} already holds a finished run ({SUMMARY}); pick another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / METRICS).unlink(missing_ok=True)
+    return run_dir
 
 
-def _jsonable(x: Any) -> Any:
-    if hasattr(x, "item"):
-        return x.item()
-    return str(x)
+def run_labels(cfg: Any, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What analysis groups runs by, written explicitly into config.json and summary.json:
+    study, cell, trial, role and storage (set by a sweep, else None), masking and seed."""
+    sweep = sweep or {}
+    return {"study": sweep.get("study"), "cell": sweep.get("cell"), "trial": sweep.get("trial"),
+            "role": sweep.get("role"), "storage": sweep.get("storage"),
+            "masking": cfg.dpo.masking, "seed": cfg.train.seed}
 
 
 def _clean(value: Any) -> Any:
@@ -40,7 +57,42 @@ def _clean(value: Any) -> Any:
     return value
 
 
-# ----------------------------------------------------------------------------- wandb mode
+class Backend(Protocol):
+    def log(self, values: dict[str, float], step: int, examples_seen: int) -> None: ...
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None: ...
+    def close(self, exit_code: int = 0) -> None: ...
+
+
+# ----------------------------------------------------------------------------- run files
+
+
+class RunFiles:
+    """The run directory's files."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any]):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cache.atomic_json(self.run_dir / CONFIG, config)
+        self._metrics = open(self.run_dir / METRICS, "a", buffering=1)  # noqa: SIM115
+
+    def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
+        row = {"step": step, "examples_seen": examples_seen}
+        row.update({k: _clean(float(v)) for k, v in values.items()})
+        self._metrics.write(json.dumps(row) + "\n")
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        path = self.run_dir / f"{key.replace('/', '_')}.json"
+        cache.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
+
+    def summary(self, values: dict[str, Any]) -> None:
+        cache.atomic_json(self.run_dir / SUMMARY, values)
+
+    def close(self, exit_code: int = 0) -> None:
+        self._metrics.close()
+
+
+# ----------------------------------------------------------------------------- wandb
 
 
 def wandb_logged_in() -> bool:
@@ -64,33 +116,27 @@ def resolve_wandb_mode(configured: str) -> str:
     return configured
 
 
-class WandbBackend:
-    """wandb run; every call is guarded so that a wandb fault only disables wandb."""
+class Wandb:
+    """A wandb run; every call is guarded so that a wandb fault only disables wandb."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict, tracking: Any, mode: str):
+    def __init__(self, run_dir: Path, name: str, config: dict, tracking: Any):
         self.run = None
-        self.mode = mode
-        if mode == "disabled":
+        self.mode = resolve_wandb_mode(tracking.wandb)
+        if self.mode == "disabled":
             return
         try:
             import wandb
 
             self.run = wandb.init(
-                project=tracking.project,
-                entity=tracking.entity,
-                group=tracking.group,
-                tags=list(tracking.tags) or None,
-                name=name,
-                config=config,
-                dir=str(run_dir),
-                mode=mode,
-                reinit="finish_previous",
+                project=tracking.project, entity=tracking.entity, group=tracking.group,
+                tags=list(tracking.tags) or None, name=name, config=config, dir=str(run_dir),
+                mode=self.mode, reinit="finish_previous",
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
             )
             # Curves from runs with different batch sizes line up on examples seen.
             self.run.define_metric("examples_seen")
-            for prefix in ("train/*", "eval/*", "perf/*", "gen/*"):
-                self.run.define_metric(prefix, step_metric="examples_seen")
+            for split in metrics.SPLITS:
+                self.run.define_metric(f"{split}/*", step_metric="examples_seen")
         except Exception as err:  # noqa: BLE001 - wandb must never stop a run
             self._fail("init", err)
 
@@ -98,81 +144,79 @@ class WandbBackend:
         print(f"warning: wandb {what} failed ({err!r}); continuing without wandb", file=sys.stderr)
         self.run = None
 
+    def _guard(self, what: str, fn) -> None:
+        if self.run is not None:
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001
+                self._fail(what, err)
+
     @property
     def run_path(self) -> str | None:
-        if self.run is None:
-            return None
-        return str(Path(self.run.dir).parent)
+        return None if self.run is None else str(Path(self.run.dir).parent)
 
-    def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            try:
-                self.run.log(metrics, step=step)
-            except Exception as err:  # noqa: BLE001
-                self._fail("log", err)
+    def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
+        self._guard("log", lambda: self.run.log({**values, "examples_seen": examples_seen}, step=step))
 
-    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        if self.run is not None:
-            try:
-                import wandb
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        def log_table() -> None:
+            import wandb
 
-                self.run.log({key: wandb.Table(columns=columns, data=rows)})
-            except Exception as err:  # noqa: BLE001
-                self._fail("log_table", err)
+            self.run.log({key: wandb.Table(columns=columns, data=rows)})
 
-    def summary(self, values: dict) -> None:
-        if self.run is not None:
-            try:
-                self.run.summary.update(values)
-            except Exception as err:  # noqa: BLE001
-                self._fail("summary", err)
+        self._guard("log_table", log_table)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        plain = {k: v for k, v in values.items() if isinstance(v, int | float | str)}
+        self._guard("summary", lambda: self.run.summary.update(plain))
 
     def close(self, exit_code: int = 0) -> None:
-        if self.run is not None:
-            try:
-                self.run.finish(exit_code=exit_code)
-            except Exception as err:  # noqa: BLE001
-                self._fail("finish", err)
-
-
-# ----------------------------------------------------------------------------- run tracker
-
-
-class RunTracker:
-    """The run directory's files plus wandb, logged with the same metric names."""
-
-    def __init__(self, run_dir: Path, config: dict, tracking: Any, name: str):
-        self.run_dir = run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "config.json", config)
-        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
-        self.wandb_mode = resolve_wandb_mode(tracking.wandb)
-        self.wandb = WandbBackend(run_dir, name, config, tracking, self.wandb_mode)
-        self.last: dict[str, float] = {}  # latest value of every metric (for a cut-off run's summary)
-
-    def log(self, metrics: dict[str, float], step: int, examples_seen: int) -> None:
-        row = {"step": step, "examples_seen": examples_seen}
-        row.update({k: _clean(float(v)) for k, v in metrics.items()})
-        self._metrics.write(json.dumps(row) + "\n")
-        self.last.update({k: v for k, v in row.items() if k not in ("step",)})
-        self.wandb.log({**metrics, "examples_seen": examples_seen}, step=step)
-
-    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        """A table: a JSON file in the run directory and a wandb Table."""
-        path = self.run_dir / f"{key.replace('/', '_')}.json"
-        write_json_atomic(path, [dict(zip(columns, r, strict=True)) for r in rows])
-        self.wandb.log_table(key, columns, rows)
-
-    def write_summary(self, summary: dict) -> dict:
-        summary = {k: _clean(v) for k, v in summary.items()}
-        summary["wandb_mode"] = self.wandb_mode
-        summary["wandb_dir"] = self.wandb.run_path
-        write_json_atomic(self.run_dir / "summary.json", summary)
-        self.wandb.summary({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
-        return summary
-
-    def close(self, exit_code: int = 0) -> None:
-        self._metrics.close()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.wandb.close(exit_code)
+            self._guard("finish", lambda: self.run.finish(exit_code=exit_code))
+
+
+# ----------------------------------------------------------------------------- tracker
+
+
+class Tracker:
+    """Every call goes to every backend; metric names are checked against the registry."""
+
+    def __init__(self, backends: list[Backend]):
+        self.backends = backends
+        self.last: dict[str, float] = {}  # latest value of every metric (a cut-off run's summary)
+
+    @classmethod
+    def for_run(cls, run_dir: Path, cfg: Any, labels: dict[str, Any]) -> Tracker:
+        """Run files and wandb, both holding the resolved config and the run's labels."""
+        config = {**cfg.to_dict(), "labels": labels}
+        return cls([RunFiles(run_dir, config), Wandb(run_dir, run_dir.name, config, cfg.tracking)])
+
+    @property
+    def wandb(self) -> Wandb | None:
+        return next((b for b in self.backends if isinstance(b, Wandb)), None)
+
+    def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
+        metrics.check(values)
+        for b in self.backends:
+            b.log(values, step, examples_seen)
+        self.last.update({k: _clean(float(v)) for k, v in values.items()})
+        self.last["examples_seen"] = examples_seen
+
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        for b in self.backends:
+            b.table(key, columns, rows)
+
+    def summary(self, values: dict[str, Any]) -> dict[str, Any]:
+        """Write the final summary (non-finite floats as null, wandb's mode and folder added)."""
+        w = self.wandb
+        values = {k: _clean(v) for k, v in values.items()}
+        values["wandb_mode"] = w.mode if w else "disabled"
+        values["wandb_dir"] = w.run_path if w else None
+        for b in self.backends:
+            b.summary(values)
+        return values
+
+    def close(self, exit_code: int = 0) -> None:
+        for b in self.backends:
+            b.close(exit_code)

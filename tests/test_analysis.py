@@ -1,22 +1,31 @@
-"""analysis/: the loader's frames against the run files of a small real sweep, every figure drawn,
-the results table checked by hand, determinism, and plain messages for missing data."""
+"""analysis/: the loader's frames against the run files of a small real sweep (journal storage),
+labels read from the run files and nothing else, every figure drawn (Optuna's from the storage the
+sweep recorded), the results table checked by hand, byte-identical outputs across processes, and
+plain messages for missing data."""
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from analysis import figures, table
-from analysis.load import load_curves, load_finals, load_study_summaries, load_wandb
+from analysis import fig_optuna, style, table
+from analysis.load import LABELS, load_curves, load_finals, load_study_summaries, load_wandb
 from analysis.style import MissingData
+from harness import metrics
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, request):
-    """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seeds (about 30 s)."""
+def results(tmp_path_factory):
+    """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seeds, its Optuna studies in a
+    journal file (about 30 s)."""
     from tests.conftest import SEED_DATA
 
     if not SEED_DATA.exists():
@@ -36,12 +45,36 @@ def results(tmp_path_factory, request):
                   "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 3e-3}}},
     }
     (root / "exp.yaml").write_text(yaml.safe_dump(raw))
-    run_sweep(root / "exp.yaml")
+    (root / "results" / "a").mkdir(parents=True)
+    run_sweep(root / "exp.yaml", storage=str(root / "results" / "a" / "journal.log"))
     return root / "results"
+
+
+@pytest.fixture(scope="module")
+def drawn(results, tmp_path_factory):
+    """`python -m analysis.figures RESULTS OUT` run twice, in two processes at once (different hash
+    seeds), into two folders: ([out1, out2], [stdout1, stdout2])."""
+    root = tmp_path_factory.mktemp("figures")
+    outs = [root / "first", root / "second"]
+    procs = [subprocess.Popen([sys.executable, "-m", "analysis.figures", str(results), str(out)],
+                              cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, out in enumerate(outs, start=1)]
+    done = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, done, strict=True):
+        assert p.returncode == 0, err
+    return outs, [stdout for stdout, _ in done]
 
 
 def _runs(results: Path) -> list[Path]:
     return sorted(p.parent for p in results.rglob("summary.json"))
+
+
+def _same(value, label) -> bool:
+    """A frame cell equals a label (a None label may read back as NaN)."""
+    if label is None:
+        return value is None or (isinstance(value, float) and math.isnan(value))
+    return value == label
 
 
 def test_frames_match_the_run_files(results):
@@ -51,35 +84,139 @@ def test_frames_match_the_run_files(results):
     runs = _runs(results)
     n_lines = sum(len((r / "metrics.jsonl").read_text().splitlines()) for r in runs)
     assert len(curves) == n_lines and len(finals) == len(runs) == 4 * (2 + 1)
-    for col in ("run", "step", "examples_seen", "dpo.beta", "masking", "seed", "study", "cell",
-                "train/loss", "eval/rewards/accuracies"):
+    for col in ("run", "step", "examples_seen", "dpo.beta", *LABELS, "train/loss",
+                "eval/rewards/accuracies"):
         assert col in curves, col
+    assert not any(c.startswith("labels.") for c in curves)  # labels are columns of their own
     one = runs[0]
     rel = str(one.relative_to(results))
     summary = json.loads((one / "summary.json").read_text())
     config = json.loads((one / "config.json").read_text())
     row = finals[finals["run"] == rel].iloc[0]
     assert row["eval/loss"] == pytest.approx(summary["eval/loss"])
-    assert row["dpo.beta"] == config["dpo"]["beta"] and row["study"] == "a"
+    assert row["dpo.beta"] == config["dpo"]["beta"]
     first = json.loads((one / "metrics.jsonl").read_text().splitlines()[0])
     c = curves[(curves["run"] == rel) & (curves["step"] == first["step"])]
     assert c["examples_seen"].iloc[0] == first["examples_seen"]
-    assert set(curves["masking"]) == {"masked-mean", "full-sum"}
     assert len(load_study_summaries(results)) == 4
 
 
-def test_every_figure_is_drawn(results, tmp_path):
-    """`make figures` draws every figure that has data; the missing ones say why, none crash."""
-    out = tmp_path / "figs"
-    assert figures.main(results, out) == 0
+def test_labels_are_the_run_files_labels(results):
+    """For every run, the frames' study, cell, trial, role, masking, seed and storage equal the
+    `labels` block of its config.json, which summary.json repeats: the loader takes them from
+    there, not from run names or other config fields. The sweep's labels are what it ran: study
+    `a`, the four cells of summary.csv, both roles, both maskings, the journal storage."""
+    curves, finals = load_curves(results), load_finals(results)
+    runs = _runs(results)
+    assert len(runs) == 12
+    for rd in runs:
+        config = json.loads((rd / "config.json").read_text())
+        summary = json.loads((rd / "summary.json").read_text())
+        assert isinstance(config.get("labels"), dict), f"{rd}: config.json has no labels block"
+        labels = config["labels"]
+        assert set(LABELS) <= set(labels), f"{rd}: labels lack {set(LABELS) - set(labels)}"
+        for k in LABELS:
+            assert summary[k] == labels[k], (rd, k)
+        rel = str(rd.relative_to(results))
+        row = finals[finals["run"] == rel]
+        rows = curves[curves["run"] == rel]
+        assert len(row) == 1 and len(rows) > 0
+        for k in LABELS:
+            assert _same(row[k].iloc[0], labels[k]), (rel, k, row[k].iloc[0], labels[k])
+            assert all(_same(v, labels[k]) for v in rows[k]), (rel, k)
+    assert set(finals["study"]) == {"a"}
+    assert set(finals["cell"]) == set(pd.read_csv(results / "a" / "summary.csv")["cell"])
+    assert set(finals["role"]) == {"search", "seeds"}
+    assert set(finals["masking"]) == {"masked-mean", "full-sum"}
+    assert set(finals["storage"]) == {str(results / "a" / "journal.log")}
+
+
+def test_runs_without_labels_warn_once(results, tmp_path, capsys):
+    """A run written without labels (an older harness) loads with None labels and its config
+    columns intact; each load prints one warning with the count, the labelled runs are unchanged."""
+    old, new = _runs(results)[:2]
+    for src, name in ((old, "old"), (new, "new")):
+        (tmp_path / name).mkdir()
+        for f in ("config.json", "metrics.jsonl", "summary.json"):
+            shutil.copy(src / f, tmp_path / name / f)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["labels"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    summary = json.loads((tmp_path / "old" / "summary.json").read_text())
+    (tmp_path / "old" / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                              if k not in LABELS}))
+    capsys.readouterr()
+    finals = load_finals(tmp_path).set_index("run")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "no labels" in line]
+    assert len(warnings) == 1 and "1 of 2 runs" in warnings[0]
+    assert all(_same(finals.loc["old", k], None) for k in LABELS)
+    assert finals.loc["old", "dpo.beta"] == json.loads((old / "config.json").read_text())["dpo"]["beta"]
+    labels = json.loads((new / "config.json").read_text())["labels"]
+    assert all(_same(finals.loc["new", k], labels[k]) for k in LABELS)
+    load_curves(tmp_path)
+    assert sum("no labels" in line for line in capsys.readouterr().out.splitlines()) == 1
+
+
+def test_every_figure_is_drawn(drawn, results):
+    """`make figures` draws every figure that has data (an Optuna history per cell included); the
+    missing ones say why, none crash."""
+    (out, _), (stdout, _) = drawn
     names = {p.name for p in out.iterdir()}
-    for prefix in ("notebook_a", "curves_tiny-xs", "heatmap_beta_masking", "optuna_history_a_",
-                   "results_table"):
+    for prefix in ("notebook_a", "curves_tiny-xs", "heatmap_beta_masking", "results_table"):
         assert any(n.startswith(prefix) for n in names), prefix
+    for cell in pd.read_csv(results / "a" / "summary.csv")["cell"]:
+        assert f"optuna_history_a_{cell}.png" in names, cell
     assert all((out / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
+    assert "model size: skipped" in stdout and "FAILED" not in stdout
 
 
-def test_results_table_by_hand(results, tmp_path):
+def test_optuna_figures_from_the_journal_storage(results, tmp_path, monkeypatch):
+    """The sweep kept its studies in a journal file (no optuna.db anywhere): the Optuna figures
+    come from the storage its runs' labels name. Each cell's history plots exactly that cell's
+    finished search runs (x = their `trial` labels, y = their objective from summary.json), and
+    reading the storage changes no file under the results."""
+    assert not list(results.rglob("optuna.db")) and (results / "a" / "journal.log").exists()
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("*")}
+    points = {}
+
+    def keep_points(fig, out, name):
+        points[name] = sorted(map(tuple, fig.axes[0].collections[0].get_offsets().tolist()))
+        return style.save(fig, out, name)
+
+    monkeypatch.setattr(fig_optuna, "save", keep_points)
+    fig_optuna.draw(results, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("*")} == before
+    finals = load_finals(results)
+    objective = str(load_study_summaries(results)["objective"].iloc[0])
+    cells = sorted(pd.read_csv(results / "a" / "summary.csv")["cell"])
+    assert sorted(points) == [f"optuna_history_a_{c}" for c in cells]
+    for cell in cells:
+        search = finals[(finals["cell"] == cell) & (finals["role"] == "search")]
+        expected = sorted(zip(search["trial"].astype(float), search[objective].astype(float), strict=True))
+        drawn_points = points[f"optuna_history_a_{cell}"]
+        assert [x for x, _ in drawn_points] == [x for x, _ in expected], cell
+        assert [y for _, y in drawn_points] == pytest.approx([y for _, y in expected]), cell
+
+
+def test_optuna_storage_of_moved_results(results, tmp_path):
+    """Results copied elsewhere: a file storage missing at its recorded path is found by name
+    under results/<study>/; if it is nowhere, the message says so and no empty storage is created."""
+    moved = tmp_path / "moved"
+    shutil.copytree(results, moved, ignore=shutil.ignore_patterns("wandb"))
+    gone = tmp_path / "elsewhere" / "a" / "journal.log"
+    for config in moved.rglob("config.json"):
+        data = json.loads(config.read_text())
+        data["labels"]["storage"] = str(gone)
+        config.write_text(json.dumps(data))
+    found, missing = fig_optuna.storages(moved)
+    assert found == {str((moved / "a" / "journal.log").resolve()): {"a"}} and not missing
+    (moved / "a" / "journal.log").unlink()
+    with pytest.raises(MissingData, match="not found"):
+        fig_optuna.draw(moved, tmp_path / "figs")
+    assert not gone.exists() and not (moved / "a" / "journal.log").exists()
+
+
+def test_results_table_by_hand(results):
     """Each cell's mean and sd equal those computed here from the compared runs' summary.json."""
     df = table.results_table(results)
     cells = pd.read_csv(results / "a" / "summary.csv")
@@ -95,15 +232,23 @@ def test_results_table_by_hand(results, tmp_path):
         assert row["train.lr"] == pytest.approx(cell["param/train.lr"])
 
 
-def test_outputs_are_deterministic(results, tmp_path):
-    """The same results give byte-identical CSV and identical figure files."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    table.draw(results, a), table.draw(results, b)
-    assert (a / "results_table.csv").read_bytes() == (b / "results_table.csv").read_bytes()
-    from analysis import fig_heatmap
+def test_outputs_are_deterministic(drawn):
+    """Two processes drawing from the same results (different hash seeds) write the same set of
+    files with the same bytes: every PNG, PDF, CSV and Markdown file."""
+    (a, b), _ = drawn
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert {Path(f).suffix for f in files} == {".png", ".pdf", ".csv", ".md"}
+    differ = [f for f in files if (a / f).read_bytes() != (b / f).read_bytes()]
+    assert not differ, differ
 
-    fig_heatmap.draw(results, a), fig_heatmap.draw(results, b)
-    assert (a / "heatmap_beta_masking.png").read_bytes() == (b / "heatmap_beta_masking.png").read_bytes()
+
+def test_metric_labels_come_from_the_registry():
+    """Figures label a metric as harness.metrics does; the local labels are for other columns."""
+    for name in metrics.METRICS:
+        assert style.label(name) == metrics.label(name)
+    assert style.label("loss") == metrics.PAIR_METRICS["loss"]
+    assert not set(style.LABELS) & set(metrics.METRICS)
 
 
 def test_missing_data_is_said_plainly(tmp_path, results):
@@ -116,26 +261,47 @@ def test_missing_data_is_said_plainly(tmp_path, results):
         fig_frontier.draw(results, tmp_path)
     with pytest.raises(MissingData, match="at least two model sizes"):
         fig_size.draw(results, tmp_path)
+    with pytest.raises(MissingData, match="no Optuna study"):
+        fig_optuna.draw(tmp_path / "empty", tmp_path)
 
 
-def test_wandb_loader_with_the_api_mocked():
-    """load_wandb builds the same frame shape from the wandb API (mocked at the API object)."""
+def test_wandb_loader_with_the_api_mocked(capsys):
+    """load_wandb builds the same frame shape from the wandb API (mocked at the API object), with
+    the labels from the run config's `labels` block, whether wandb keeps it nested or flattens it
+    to `labels.*` keys; a run without labels gets None and one warning."""
+    labels = {"study": "s", "cell": "beta=0.1", "trial": 3, "role": "search", "masking": "masked-mean",
+              "seed": 124, "storage": "postgresql://u:p@host/db"}
 
     class Run:
-        name, group = "r1", "study"
-        config = {"dpo": {"beta": 0.1, "mask_prompt": True, "reduction": "mean"}}
         summary = {"eval/loss": 0.5, "_runtime": 3}
+
+        def __init__(self, name, config):
+            self.name, self.config, self.group = name, config, "s"
 
         def scan_history(self):
             return [{"_step": 1, "train/loss": 0.69, "examples_seen": 8},
                     {"_step": 2, "train/loss": 0.6, "examples_seen": 16}]
 
+    dpo = {"dpo": {"beta": 0.1, "mask_prompt": False, "reduction": "sum"}}
+    runs = [Run("nested", {**dpo, "labels": labels}),
+            Run("flat", {**dpo, **{f"labels.{k}": v for k, v in labels.items()}}),
+            Run("old", dpo)]
+
     class Api:
         def runs(self, path, filters=None):
-            assert path == "me/proj" and filters == {"group": "study"}
-            return [Run()]
+            assert path == "me/proj" and filters == {"group": "s"}
+            return runs
 
-    curves, finals = load_wandb("proj", entity="me", group="study", api=Api())
-    assert list(curves["step"]) == [1, 2] and list(curves["train/loss"]) == [0.69, 0.6]
-    assert curves["masking"].iloc[0] == "masked-mean" and curves["dpo.beta"].iloc[0] == 0.1
-    assert finals.iloc[0]["eval/loss"] == 0.5 and "_runtime" not in finals
+    curves, finals = load_wandb("proj", entity="me", group="s", api=Api())
+    assert list(curves["step"]) == [1, 2] * 3 and list(curves["train/loss"]) == [0.69, 0.6] * 3
+    assert not any(c.startswith("labels") for c in finals)
+    finals = finals.set_index("run")
+    for name in ("nested", "flat"):
+        assert all(finals.loc[name, k] == v for k, v in labels.items()), name
+        assert (curves[curves["run"] == name]["masking"] == "masked-mean").all()
+    # The old run's config would say full-sum; nothing is derived from it.
+    assert all(_same(finals.loc["old", k], None) for k in LABELS)
+    assert finals.loc["old", "dpo.beta"] == 0.1 and finals.loc["old", "eval/loss"] == 0.5
+    assert "_runtime" not in finals
+    out = capsys.readouterr().out
+    assert out.count("no labels") == 1 and "1 of 3 runs" in out

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from harness import bench
+from harness.bench import cases, cli, measure, paths
 
 
 @pytest.fixture(autouse=True)
@@ -20,22 +20,22 @@ def test_naive_logps_equal_harness_logps():
     """The notebook's full log-softmax path and the harness's sliced-head path score the same."""
     from harness.dpo import model_logps
 
-    case = bench.CASES["tiny-live-mean"]
-    model, bats, cfg, _ = bench.load(case, 8)
+    case = cases.CASES["tiny-live-mean"]
+    model, bats, cfg, _ = cases.load(case, 8)
     _, batch = bats[0]
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     with torch.no_grad():
         for red in ("mean", "sum"):
-            a = bench.naive_logps(model, ids, attn, mask, red)
+            a = paths.naive_logps(model, ids, attn, mask, red)
             b = model_logps(model, ids, attn, mask, red)
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), red
 
 
 @pytest.mark.parametrize("name", ["tiny-live-mean", "tiny-cache-mean"])
 def test_bench_case_runs_and_checks_losses(name):
-    rate = bench.matmul_rate(n=256, repeats=3)
-    r = bench.bench_case(bench.CASES[name], steps=1, warmup=1, rate=rate, memory=False)
-    assert r["first_loss_abs_diff"] <= bench.LOSS_TOLERANCE
+    rate = measure.matmul_rate(n=256, repeats=3)
+    r = measure.bench_case(cases.CASES[name], steps=1, warmup=1, rate=rate, memory=False)
+    assert r["first_loss_abs_diff"] <= cases.LOSS_TOLERANCE
     assert r["first_loss"]["naive"] == pytest.approx(0.693147, abs=1e-5)  # policy = reference
     for p in ("naive", "harness"):
         assert r["paths"][p]["tokens_per_s"] > 0 and r["paths"][p]["step_s"] > 0
@@ -46,18 +46,18 @@ def test_bench_case_runs_and_checks_losses(name):
 
 def test_bench_fails_when_paths_disagree(monkeypatch):
     """A harness path that computed something else (here: a loss off by 0.01) is caught."""
-    real = bench.HarnessPath.step
+    real = paths.HarnessPath.step
 
     def wrong(self, idx, batch):
         return real(self, idx, batch) + 0.01
 
-    monkeypatch.setattr(bench.HarnessPath, "step", wrong)
+    monkeypatch.setattr(paths.HarnessPath, "step", wrong)
     with pytest.raises(RuntimeError, match="first-step losses differ"):
-        bench.bench_case(bench.CASES["tiny-live-mean"], steps=1, warmup=0, rate=1e11, memory=False)
+        measure.bench_case(cases.CASES["tiny-live-mean"], steps=1, warmup=0, rate=1e11, memory=False)
 
 
 def test_cli_writes_report(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "padding_report", lambda: {
+    monkeypatch.setattr(cli, "padding_report", lambda: {
         "tokenizer": "t", "file_order": {"padding_fraction": 0.2},
         "length_grouped": {"padding_fraction": 0.05}})
     from harness.cli import main
@@ -70,13 +70,13 @@ def test_cli_writes_report(tmp_path, monkeypatch):
 
 
 def test_peak_rss_child_counts_only_itself():
-    case = bench.CASES["tiny-live-mean"]
-    naive = bench.peak_rss_child(case, "naive", 1)
-    harness = bench.peak_rss_child(case, "harness", 1)
+    case = cases.CASES["tiny-live-mean"]
+    naive = measure.peak_rss_child(case, "naive", 1)
+    harness = measure.peak_rss_child(case, "harness", 1)
     assert 0 < harness < naive  # the naive path materialises [B, T, 50k] log-probs
 
 
 def test_profile_prints_both_paths():
-    text = bench.profile_case(bench.CASES["tiny-live-mean"], rows=5)
+    text = measure.profile_case(cases.CASES["tiny-live-mean"], rows=5)
     assert "tiny-live-mean / harness" in text and "tiny-live-mean / naive" in text
     assert "aten::" in text  # real profiler rows

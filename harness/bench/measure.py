@@ -1,0 +1,224 @@
+"""`harness bench`: the harness's DPO step against the seed notebook's naive path.
+
+Both paths train their own copy of the same model on the same batches of the seed data (batch 8
+pairs, the notebook's order), interleaved step by step in one process so that machine drift hits
+both. The naive path is the notebook's: four forward passes (policy and reference, chosen and
+rejected, each padded to the batch's common width), a full log-softmax over the vocabulary, then
+gather. The harness path is `harness.train.dpo_batch`: one concatenated forward per model, the LM
+head only on counted positions, chunked logsumexp; the reference live or from the cache.
+
+Reported per case and path: tokens/s (all non-padding tokens of chosen and rejected, prompt
+included), seconds per step (median after warm-up), peak RSS (a child process per path runs the
+same steps alone, since a process's peak cannot be split between interleaved paths), and MFU:
+model FLOPs per second (8 N per token with a live reference: policy forward + backward 6 N,
+reference forward 2 N; 6 N with a cached one) over the fp32 matmul rate measured at the start.
+The first step's losses of the two paths must agree, or the benchmark fails: it must not be
+fast because it computes something else.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from harness import data as hdata
+from harness.bench.cases import (
+    BF16_LOGP_TOLERANCE,
+    BF16_LOSS_TOLERANCE,
+    CASES,
+    LOSS_TOLERANCE,
+    Case,
+    available,
+    load,
+    load_items,
+)
+from harness.bench.paths import bf16_logp_difference, make_path
+
+
+def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
+    """fp32 matmul FLOP/s of this machine now (median of `repeats`)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        times.append((time.perf_counter() - t0) / 4)
+    return 2 * n**3 / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def peak_rss_child(case: Case, path: str, steps: int) -> float:
+    """Peak RSS (bytes) of a fresh process that loads the case and runs `steps` steps of one path."""
+    cmd = [sys.executable, "-m", "harness.bench", "--child", json.dumps(asdict(case)), path,
+           str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child for {case.name}/{path} failed:\n{out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
+
+
+def child_main(case_json: str, path: str, steps: int) -> None:
+    case = Case(**json.loads(case_json))
+    model, bats, cfg, _ = load(case, 8 * steps)
+    runner = make_path(path, model, cfg, bats)
+    del model  # each path holds its own copies, as in a real run
+    gc.collect()
+    load_peak = peak_rss()
+    reset = reset_peak_rss()  # from here the high-water mark is the training's own
+    for idx, batch in bats[:steps]:
+        runner.step(idx, batch)
+    print(json.dumps({"peak_rss": peak_rss(), "load_peak_rss": load_peak, "reset": reset}))
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading and converting the
+    model, which both paths share, does not hide what a training step needs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (bytes). VmHWM, which starts afresh at exec; ru_maxrss
+    (the fallback off Linux) would also count the parent's peak at fork time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -> dict:
+    model, bats, cfg, n_params = load(case, 8 * (steps + warmup))
+    if len(bats) < steps + warmup:
+        raise RuntimeError(f"{case.name}: only {len(bats)} batches of seed data")
+    bf16_logp_diff = bf16_logp_difference(model, bats[0][1], cfg) if case.bf16 else None
+    paths = [make_path("naive", model, cfg, bats), make_path("harness", model, cfg, bats)]
+    losses: dict[str, list[float]] = {p.name: [] for p in paths}
+    times: dict[str, list[float]] = {p.name: [] for p in paths}
+    tokens: list[int] = []
+    first: dict[str, float] = {}
+    for i, (idx, batch) in enumerate(bats[: steps + warmup]):
+        for p in paths if i % 2 == 0 else paths[::-1]:  # alternate who goes first
+            t0 = time.perf_counter()
+            loss = p.step(idx, batch)
+            dt = time.perf_counter() - t0
+            losses[p.name].append(loss)
+            if i == 0:
+                first[p.name] = loss
+            if i >= warmup:
+                times[p.name].append(dt)
+        if i >= warmup:
+            tokens.append(int(batch["attention_mask"].sum()))
+    tol = 2e-2 if case.bf16 else LOSS_TOLERANCE
+    diff = abs(first["naive"] - first["harness"])
+    if diff > tol:
+        raise RuntimeError(f"{case.name}: first-step losses differ by {diff:.2e} > {tol:g} "
+                           f"(naive {first['naive']:.6f}, harness {first['harness']:.6f})")
+    flops_per_token = (8 if case.reference == "model" else 6) * n_params
+    result = {"case": asdict(case), "n_params": n_params, "steps": steps, "warmup": warmup,
+              "tokens_per_step": statistics.mean(tokens), "first_loss": first,
+              "first_loss_abs_diff": diff, "cache_build_s": paths[1].cache_s, "paths": {},
+              "losses": losses,
+              "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses["naive"], losses["harness"],
+                                                                  strict=True))}
+    if case.bf16:
+        result["bf16_logp_max_abs_diff"] = bf16_logp_diff
+        result["bf16_within_tolerance"] = (bf16_logp_diff <= BF16_LOGP_TOLERANCE
+                                           and result["loss_max_abs_diff"] <= BF16_LOSS_TOLERANCE)
+    naive_flops_per_token = 8 * n_params  # the notebook always runs the reference
+    for p in paths:
+        step_s = statistics.median(times[p.name])
+        tps = sum(tokens) / sum(times[p.name])
+        fpt = naive_flops_per_token if p.name == "naive" else flops_per_token
+        result["paths"][p.name] = {
+            "step_s": step_s, "tokens_per_s": tps, "mfu": tps * fpt / rate,
+            "roofline_tokens_per_s": rate / fpt,
+        }
+    if memory:
+        for name in ("naive", "harness"):
+            result["paths"][name]["peak_rss_gb"] = peak_rss_child(case, name, 2) / 1e9
+    h, n = result["paths"]["harness"], result["paths"]["naive"]
+    result["speedup"] = h["tokens_per_s"] / n["tokens_per_s"]
+    result["roofline_fraction"] = h["tokens_per_s"] / h["roofline_tokens_per_s"]
+    if memory:
+        result["rss_ratio"] = h["peak_rss_gb"] / n["peak_rss_gb"]
+    return result
+
+
+def profile_case(case: Case, rows: int = 15) -> str:
+    """torch.profiler table (top ops by self CPU time) of one harness step after a warm-up step,
+    and the same for the naive path: where the time of each goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, bats, cfg, _ = load(case, 16)
+    out = []
+    for name in ("harness", "naive"):
+        runner = make_path(name, model, cfg, bats)
+        runner.step(*bats[0])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner.step(*bats[1])
+        out.append(f"== {case.name} / {name}: one step, top {rows} ops by self CPU time ==")
+        out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        del runner
+    return "\n".join(out)
+
+
+def padding_report(n_pairs: int = 928, batch_size: int = 8) -> dict:
+    """Padded width of the seed data's batches (SmolLM2 tokenizer when available, else the
+    byte-level tokenizer the tiny models use): file order vs length-grouped batches."""
+    case = CASES["smollm2-live-mean"] if available(CASES["smollm2-live-mean"]) is None \
+        else CASES["tiny-live-mean"]
+    _, _, items = load_items(case, n_pairs)
+
+    def widths(order):
+        real = padded = 0
+        for s in range(0, len(order) - batch_size + 1, batch_size):
+            lens = [n for i in order[s:s + batch_size]
+                    for n in (len(items[i].prompt_ids) + len(items[i].chosen_ids),
+                              len(items[i].prompt_ids) + len(items[i].rejected_ids))]
+            real += sum(lens)
+            padded += max(lens) * len(lens)
+        return real, padded
+
+    by_len = sorted(range(len(items)), key=lambda i: hdata.pair_length(items[i]))
+    out = {"tokenizer": case.model}
+    for name, order in (("file_order", list(range(len(items)))), ("length_grouped", by_len)):
+        real, padded = widths(order)
+        out[name] = {"real_tokens": real, "padded_tokens": padded, "padding_fraction": 1 - real / padded}
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+

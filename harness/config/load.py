@@ -1,0 +1,183 @@
+"""The one reader of experiment files: YAML → dotted overrides → typed, validated config, and for a
+study its cells. Every problem is a `ConfigError` naming the file and the field, raised before
+anything is trained."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from harness import metrics
+from harness.config.run import MASKINGS, RunConfig
+from harness.config.sweep import SweepSpec
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file and field that caused it."""
+
+
+def format_error(err: ValidationError, where: str) -> str:
+    lines = [f"{where}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """An experiment file's top-level mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such experiment file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw.pop("labels", None)  # a run's config.json: labels are written by the harness, not read
+    return raw
+
+
+def parse_value(text: str) -> Any:
+    """A `--set` value: YAML scalars and lists (`1e-5`, `true`, `[1, 2]`), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (`dpo.beta`) in a nested dict, creating sections as needed."""
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for key, value in overrides.items():
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def build_config(raw: dict[str, Any], where: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, where)) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read an experiment YAML, apply dotted overrides, validate.
+
+    Relative data paths in the file are resolved against the file's directory, so an
+    experiment can be run from anywhere.
+    """
+    raw = apply_overrides(read_yaml(path), overrides or {})
+    return resolve_paths(build_config(raw, where=str(path)), Path(path).parent)
+
+
+def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
+    """Make relative local data paths absolute against `base` (the experiment's folder)."""
+    d = cfg.data
+    for field in ("source", "validation_source", "test_source"):
+        value = getattr(d, field)
+        if value and _looks_like_relative_path(value):
+            candidate = (base / value).resolve()
+            if candidate.exists():
+                setattr(d, field, str(candidate))
+    return cfg
+
+
+def _looks_like_relative_path(value: str) -> bool:
+    return not value.startswith(("http://", "https://", "/", "~")) and (
+        value.startswith(".") or "/" in value or Path(value).suffix != ""
+    )
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+@dataclass(frozen=True)
+class Cell:
+    values: tuple[tuple[str, Any], ...]  # (axis, value) in grid order
+
+    @property
+    def id(self) -> str:
+        parts = [f"{axis.split('.')[-1]}={value}" for axis, value in self.values]
+        return ",".join(parts).replace("/", "-") or "all"
+
+    def overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for axis, value in self.values:
+            out.update(MASKINGS[value] if axis == "masking" else {axis: value})
+        return out
+
+
+@dataclass
+class Experiment:
+    path: Path
+    raw: dict[str, Any]  # the run config sections, without `sweep`
+    base: RunConfig  # the experiment's own run config (no cell applied)
+    spec: SweepSpec
+    cells: list[Cell]
+
+    @property
+    def study(self) -> str:
+        return self.spec.study or self.base.name
+
+    def run_config(self, cell: Cell, params: dict[str, Any], seed_offset: int, run_name: str,
+                   tags: list[str]) -> RunConfig:
+        """The run config of one trial: the cell's and Optuna's values over the experiment's."""
+        raw = apply_overrides(self.raw, {**cell.overrides(), **params})
+        cfg = build_config(raw, where=str(self.path))
+        cfg.name = run_name
+        cfg.train.seed += seed_offset
+        cfg.tracking.group = self.study
+        cfg.tracking.tags = [*cfg.tracking.tags, *tags]
+        cfg.tracking.progress = False
+        return resolve_paths(cfg, self.path.parent)
+
+
+def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
+    """Read and validate a study before anything runs: the sweep section, every grid value and
+    search extreme applied to the run config, and an objective that every cell's runs log."""
+    path = Path(path)
+    raw = read_yaml(path)
+    base = build_config(raw, where=str(path))
+    if base.sweep is None:
+        raise ConfigError(f"{path}: a sweep experiment needs a `sweep:` section")
+    spec = base.sweep
+    raw.pop("sweep")
+    if study:
+        spec.study = study
+    for axis, values in spec.grid.items():
+        for i, value in enumerate(values):
+            if axis == "masking" and value not in MASKINGS:
+                raise ConfigError(f"{path}: sweep.grid.masking[{i}]: {value!r} is not one of "
+                                  f"{', '.join(MASKINGS)}")
+            if axis != "masking":
+                build_config(apply_overrides(raw, {axis: value}), where=f"{path}: sweep.grid.{axis}[{i}]")
+    for name, p in spec.search.items():
+        for value in p.extremes():
+            build_config(apply_overrides(raw, {name: value}), where=f"{path}: sweep.search.{name}")
+    axes = list(spec.grid.items())
+    cells = [Cell(tuple(zip([a for a, _ in axes], combo, strict=True)))
+             for combo in itertools.product(*[v for _, v in axes])]
+    for cell in cells:
+        logged = metrics.enabled(build_config(apply_overrides(raw, cell.overrides()), str(path)))
+        if spec.objective.metric not in logged:
+            raise ConfigError(
+                f"{path}: sweep.objective.metric: no run of this experiment logs "
+                f"{spec.objective.metric!r} (cell {cell.id}); it logs: "
+                f"{', '.join(sorted(m for m in logged if m.startswith(('eval/', 'gen/'))))}")
+    return Experiment(path=path, raw=raw, base=base, spec=spec, cells=cells)

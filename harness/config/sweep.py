@@ -1,0 +1,82 @@
+"""The `sweep:` section of an experiment: grid cells, Optuna's search space inside each cell,
+seed reruns, the objective, pruner and sampler. Validated with the rest of the experiment by
+harness.config.load (one reader, one error format)."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ParamSpec(_Strict):
+    type: Literal["float", "log_float", "int", "log_int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None  # int/float grid step; null = continuous
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> ParamSpec:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs `choices`")
+            return self
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ValueError("needs low <= high")
+        if self.type.startswith("log") and self.low <= 0:
+            raise ValueError("a log scale needs low > 0")
+        return self
+
+    def extremes(self) -> list[Any]:
+        if self.type == "categorical":
+            return list(self.choices or [])
+        cast = int if "int" in self.type else float
+        return [cast(self.low), cast(self.high)]
+
+
+class ObjectiveSpec(_Strict):
+    metric: str = "eval/rewards/accuracies"  # any metric a run logs at eval steps
+    direction: Literal["maximize", "minimize"] = "maximize"
+    # Controlled task: gen/reward counts only at gen/kl <= kl_budget (nats); above it the trial
+    # scores gen/reward minus kl_penalty per nat over budget.
+    kl_budget: float | None = None
+    kl_penalty: float = 1.0
+
+    @field_validator("kl_budget", "kl_penalty")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
+
+
+class PrunerSpec(_Strict):
+    type: Literal["none", "median", "halving"] = "median"
+    n_startup_trials: int = 2  # trials per cell before the median pruner acts
+    n_warmup_steps: int = 0  # steps before a trial can be pruned
+
+
+class SweepSpec(_Strict):
+    study: str | None = None  # default: the experiment's `name`
+    # Grid axes: dotted config fields (dpo.beta, model.name, ...) or `masking`, each a list.
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    seeds: int = 1  # each cell's best parameters run with train.seed + 0..seeds-1
+    search: dict[str, ParamSpec] = Field(default_factory=dict)  # Optuna space inside each cell
+    trials: int = 1  # Optuna trials per cell (the first seed)
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: int = 0
+
+    @field_validator("seeds", "trials")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v

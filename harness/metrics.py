@@ -1,0 +1,114 @@
+"""The metric registry: every metric a run can log, its split and group, its label in figures, and
+the settings that enable it. Plain data, no torch: the loop, generation metrics, the sweep's
+objective check, tracking (wandb step metrics), the CLI's final print and analysis/ all read it.
+
+Names are `{split}/{group}/{name}` (or `{split}/{name}`): `train/loss`, `eval/rewards/margins`,
+`gen/kl`, `perf/tokens_per_s`. A name not in `METRICS` cannot be logged (`check` raises), so a
+renamed metric fails at the first log of a run, not when a figure or an objective looks for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# `always`: every run; `task`: a task with a ground-truth reward (harness/tasks); `gen`: generation
+# metrics on (gen_eval.enabled; default: on exactly for a task); `reward`: both.
+Needs = Literal["always", "task", "gen", "reward"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # full name, e.g. eval/rewards/margins
+    label: str  # axis label in figures
+    needs: Needs = "always"
+    headline: bool = False  # printed by `harness train` at the end of a run
+
+    @property
+    def split(self) -> str:
+        return self.name.split("/", 1)[0]
+
+
+# Per-pair metrics of one micro-batch, keyed without their split (harness.dpo.pair_metrics); the
+# loop averages them over pairs and logs them under each split below.
+PAIR_METRICS: dict[str, str] = {
+    "loss": "DPO loss",
+    "rewards/chosen": "implicit reward, chosen (β·log-ratio)",
+    "rewards/rejected": "implicit reward, rejected (β·log-ratio)",
+    "rewards/margins": "reward margin β·h (nats)",
+    "rewards/accuracies": "reward accuracy",
+    "logratios/margins": "log-ratio margin h (nats)",
+    "logps/chosen": "policy log-prob, chosen",
+    "logps/rejected": "policy log-prob, rejected",
+}
+PAIR_SPLITS: dict[str, str] = {"train": "train", "eval": "validation", "test": "test"}
+
+_OTHERS = [
+    Metric("train/grad_norm", "gradient norm (before clipping)"),
+    Metric("train/lr", "learning rate"),
+    Metric("perf/tokens_per_s", "tokens per second (non-padding)"),
+    Metric("perf/step_s", "seconds per optimizer step"),
+    Metric("gen/kl", "KL(π ‖ π_ref) per sample (nats)", "gen"),
+    Metric("gen/kl_se", "standard error of gen/kl (nats)", "gen"),
+    Metric("gen/length", "sample length (tokens)", "gen"),
+    Metric("gen/reward", "ground-truth reward of samples", "reward"),
+    Metric("gen/reward_se", "standard error of gen/reward", "reward"),
+    Metric("gen/ref_reward", "ground-truth reward of reference samples", "reward"),
+    Metric("gen/win_rate", "win rate against the reference", "reward"),
+    Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task"),
+]
+_HEADLINE = {"train/loss", "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies",
+             "test/loss", "gen/reward", "gen/kl"}
+
+
+def _registry() -> dict[str, Metric]:
+    out: dict[str, Metric] = {}
+    for split, split_label in PAIR_SPLITS.items():
+        for name, label in PAIR_METRICS.items():
+            full = f"{split}/{name}"
+            out[full] = Metric(full, f"{label} ({split_label})", headline=full in _HEADLINE)
+    for m in _OTHERS:
+        out[m.name] = Metric(m.name, m.label, m.needs, headline=m.name in _HEADLINE)
+    return out
+
+
+METRICS: dict[str, Metric] = _registry()
+# Prefixes that wandb plots against `examples_seen` (runs with different batch sizes line up).
+SPLITS: tuple[str, ...] = tuple(sorted({m.split for m in METRICS.values()}))
+
+
+class UnknownMetric(KeyError):
+    """A producer logged a name the registry lacks."""
+
+
+def check(names: Iterable[str]) -> None:
+    """Raise UnknownMetric naming every name that is not registered."""
+    unknown = sorted(n for n in names if n not in METRICS)
+    if unknown:
+        raise UnknownMetric(f"metric(s) {', '.join(unknown)} not in harness.metrics.METRICS; "
+                            "register a new metric there (name, label, what enables it)")
+
+
+def gen_enabled(cfg: Any) -> bool:
+    """Generation metrics: `gen_eval.enabled`, or by default on exactly when a task has a reward."""
+    g = cfg.gen_eval.enabled
+    return cfg.task.name != "none" if g is None else g
+
+
+def enabled(cfg: Any) -> set[str]:
+    """Every metric name a run of this config logs."""
+    gen, task = gen_enabled(cfg), cfg.task.name != "none"
+    on = {"always": True, "task": task, "gen": gen, "reward": gen and task}
+    return {m.name for m in METRICS.values() if on[m.needs]}
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few values `harness train` prints at the end, in registry order."""
+    return {name: summary[name] for name, m in METRICS.items() if m.headline and name in summary}
+
+
+def label(name: str) -> str:
+    """A figure label for a metric name (the name itself when unknown)."""
+    m = METRICS.get(name)
+    return m.label if m else name

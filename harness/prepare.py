@@ -1,0 +1,145 @@
+"""Everything a run needs before its first step, behind one small task interface.
+
+    prepared = prepare(cfg, device, say)
+
+A task turns the config into a tokenizer, pairs per split, and what else it knows: the SFT
+checkpoint the run starts from (also its reference), true rewards of the pairs, a reward function
+and prompts for generation metrics. Two tasks exist:
+
+- `FileData` (task.name: none): pairs from data.source; the tokenizer is trained on them for a
+  tiny model; optional SFT on a record field; chat `messages` rendered with the tokenizer.
+- `Controlled` (task.name: controlled): the synthetic review language (harness/tasks); SFT on
+  unlabelled reviews; pairs sampled from the SFT model and labelled by the true reward.
+
+The order "tokenizer needs texts → messages need the tokenizer → the controlled task needs SFT
+before it has pairs" lives inside each task; the loop sees only `Prepared`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from harness import cache, metrics
+from harness import data as hdata
+from harness import models as hmodels
+from harness.config import RunConfig
+from harness.sft import load_checkpoint, sft_checkpoint
+from harness.tasks import controlled
+
+Say = Callable[..., None]
+
+
+@dataclass
+class Prepared:
+    tokenizer: object
+    raw_splits: dict[str, list[hdata.Pair]]  # train / validation / test
+    special_tokens: bool  # prompts take the tokenizer's special tokens (file data, not chat)
+    init_path: Path | None = None  # SFT checkpoint: the starting policy and the reference
+    true_rewards: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    reward_fn: Callable[[str, str], float] | None = None  # r(prompt, continuation), if known
+    eval_prompts: list[str] = field(default_factory=list)  # prompts for generation metrics
+    info: dict = field(default_factory=dict)  # tokenizer, SFT and pair-set sources for summary.json
+    splits: dict[str, list[hdata.TokenizedPair]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # data/<split>/<what> pair counts
+
+
+class Task(Protocol):
+    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared: ...
+
+
+def _tokenizer(cfg: RunConfig, texts: Callable[[], Iterable[str]]) -> tuple[object, dict]:
+    tokenizer, info = hmodels.load_tokenizer(cfg.model, texts)
+    return tokenizer, {"tokenizer_source": info["tokenizer_source"]}
+
+
+def _sft(cfg: RunConfig, tokenizer, corpus: list[str], device, say: Say) -> tuple[Path, dict]:
+    path, stats, reused = sft_checkpoint(cfg, tokenizer, corpus, device)
+    say(f"sft: {'reused' if reused else 'trained'} checkpoint {path}")
+    return path, {**stats, "sft/checkpoint": str(path), "sft/reused": reused}
+
+
+class FileData:
+    """Pairs from data.source (file, URL, `datasets` directory or hub)."""
+
+    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared:
+        messages = cfg.data.format == "messages"  # rendering needs the tokenizer first
+        raw = None if messages else hdata.load_pairs(cfg.data)
+        tokenizer, info = _tokenizer(cfg, lambda: hdata.iter_texts(raw["train"]) if raw else iter(()))
+        out = Prepared(tokenizer, raw or hdata.load_pairs(cfg.data, tokenizer),
+                       special_tokens=not messages, info=info)
+        if cfg.sft.enabled:
+            corpus = hdata.sft_texts(cfg.data, cfg.sft.field, tokenizer)
+            out.init_path, sft_info = _sft(cfg, tokenizer, corpus, device, say)
+            out.info.update(sft_info)
+        if metrics.gen_enabled(cfg):
+            out.eval_prompts = [p.prompt for p in out.raw_splits["validation"][: cfg.gen_eval.n_prompts]]
+            say("gen eval: no ground-truth reward exists for this data; reporting KL and samples only")
+        return out
+
+
+class Controlled:
+    """The controlled task: reviews with an exact reward (harness/tasks/controlled.py)."""
+
+    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared:
+        tc = cfg.task
+        corpus = [r.prompt + r.continuation for r in controlled.generate_reviews(tc.n_sft_texts, tc.seed)]
+        tokenizer, info = _tokenizer(cfg, lambda: iter(corpus))
+        init_path, sft_info = _sft(cfg, tokenizer, corpus, device, say)
+        n_pair_prompts = tc.n_train_prompts + tc.n_val_prompts
+        prompts = [r.prompt for r in controlled.generate_reviews(n_pair_prompts + tc.n_eval_prompts,
+                                                                 tc.seed + 1)]
+        pairs, path, reused = self.pair_set(cfg, init_path, tokenizer, prompts[:n_pair_prompts],
+                                            device, say)
+        raw = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs[name]]
+               for name in ("train", "validation")}
+        rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in pairs[name]]
+                   for name in ("train", "validation")}
+        return Prepared(tokenizer, {**raw, "test": []}, special_tokens=False, init_path=init_path,
+                        true_rewards=rewards, reward_fn=controlled.reward,
+                        eval_prompts=prompts[n_pair_prompts:],
+                        info={**info, **sft_info, "pairs/cache": str(path), "pairs/reused": reused})
+
+    @staticmethod
+    def pair_set(cfg: RunConfig, init_path: Path, tokenizer, prompts: list[str], device,
+                 say: Say) -> tuple[dict, Path, bool]:
+        """Train/validation pairs from the SFT model's own samples, cached by a hash of the SFT
+        checkpoint and the task settings; made once under a lock when workers race."""
+        tc = cfg.task
+        path = cache.entry("pairs", cache.Key(str(init_path), tc.model_dump(mode="json")), ".json")
+        with cache.file_lock(path.with_suffix(".lock")):
+            if path.exists():
+                say(f"pairs: reused {path}")
+                return json.loads(path.read_text()), path, True
+            t0 = time.time()
+            model = load_checkpoint(init_path).to(device)
+            pairs = {}
+            for split, ps, seed in (("train", prompts[: tc.n_train_prompts], tc.seed),
+                                    ("validation", prompts[tc.n_train_prompts:], tc.seed + 10_000)):
+                pairs[split] = controlled.build_pairs(model, tokenizer, ps, tc.samples_per_prompt,
+                                                      tc.bt_temperature, tc.max_new_tokens, seed, device)
+            cache.atomic_write(path, json.dumps(pairs))
+        say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
+        return pairs, path, False
+
+
+TASKS: dict[str, Task] = {"none": FileData(), "controlled": Controlled()}
+
+
+def prepare(cfg: RunConfig, device, say: Say) -> Prepared:
+    """The task's tokenizer, pairs and extras, then token ids per split with their counts."""
+    out = TASKS[cfg.task.name].prepare(cfg, device, say)
+    for name, pairs in out.raw_splits.items():
+        out.splits[name], c = hdata.tokenize_pairs(
+            pairs, out.tokenizer, cfg.data.max_length, cfg.data.too_long, cfg.data.add_eos,
+            prompt_special_tokens=out.special_tokens,
+        )
+        out.counts.update({f"data/{name}/{k.split('/')[-1]}": v for k, v in c.items()})
+    if not out.splits["train"]:
+        raise ValueError(f"data.source {cfg.data.source}: no training pairs left after filtering: "
+                         f"{out.counts}")
+    return out

@@ -1,0 +1,56 @@
+"""Reference log-probs: from the frozen reference model at every step, or computed once per
+distinct (weights, tokens, masking, reduction, precision) and shared on disk by every run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from harness import cache
+from harness import models as hmodels
+from harness.data import TokenizedPair, batches
+from harness.step import StepSettings, concatenated_logps, to_device
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer: the identity of the reference model."""
+    key = cache.Key()
+    for name, tensor in sorted(model.state_dict().items()):
+        key.add(name, tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return key.hex(64)
+
+
+@torch.no_grad()
+def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: int, device,
+                  desc: str, progress: bool = True) -> torch.Tensor:
+    """Reference log-probs of every pair of a split: [n, 2] (chosen, rejected), float32."""
+    out = torch.zeros(len(items), 2)
+    it = batches(items, list(range(len(items))), s.batch_size, pad_id, s.mask_prompt)
+    with hmodels.eval_mode(model):
+        for idx, batch in tqdm(it, total=math.ceil(len(items) / s.batch_size), desc=desc,
+                               leave=False, disable=not progress):
+            with hmodels.autocast(device, s.precision):
+                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.reduction)
+            out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
+    return out
+
+
+def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings, pad_id: int,
+                 device, root: str | None = None, progress: bool = True
+                 ) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """Reference log-probs of all splits from the shared cache, computed under a lock by the first
+    run that needs them. Returns (log-probs per split, cache file, was it reused)."""
+    key = cache.Key(weights_digest(model), [s.mask_prompt, s.reduction, s.precision])
+    for name in sorted(splits):
+        key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
+    path = cache.entry("reference", key.hex(32), ".pt", root=root)
+    with cache.file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            return torch.load(path), path, True
+        logps = {name: compute_logps(model, items, s, pad_id, device, f"reference {name}", progress)
+                 for name, items in splits.items()}
+        cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
+    return logps, path, False

@@ -1,0 +1,40 @@
+"""Optuna storage: SQLite under the results directory by default, any SQLAlchemy URL
+(postgresql://... to share a study between machines), or a journal file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HEARTBEAT_S = 10  # a trial's heartbeat; one silent for GRACE_S is failed and re-queued
+GRACE_S = 30
+
+
+def default_storage(results_dir: Path, study: str) -> str:
+    db = Path(results_dir) / study / "optuna.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db.resolve()}"
+
+
+def is_journal(url: str) -> bool:
+    return url.endswith(".log") or url.startswith("journal:")
+
+
+def open_storage(url: str, heartbeat: bool = True):
+    """The storage behind `url`. With `heartbeat`, running trials send heartbeats and a trial
+    silent for GRACE_S (a killed worker's) is failed and retried; readers pass heartbeat=False."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if is_journal(url):
+        # A journal file: multi-process safe on one machine without SQLite's locking.
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    if not heartbeat:
+        return RDBStorage(url, engine_kwargs=engine_kwargs)
+    return RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+    )
