@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import metrics
 from harness.config import load_config
 from harness.generate import continuation_logps, kl_estimate, sample
 from harness.tasks import controlled
@@ -208,7 +209,8 @@ def test_controlled_run_raises_true_reward_and_reuses_caches(tmp_path):
 
 
 def test_step_zero_generation_metrics_are_exact(tmp_path):
-    """Before any update the policy is the reference: KL 0, win rate 1/2, pref accuracy 1/2."""
+    """Before any update the policy is the reference: KL 0, win rate 1/2, pref accuracy 1/2. The
+    run logs exactly the names the metric registry enables for a task with a reward."""
     cfg = controlled_config(
         tmp_path,
         **{
@@ -223,7 +225,9 @@ def test_step_zero_generation_metrics_are_exact(tmp_path):
         },
     )
     train(cfg, run_dir=tmp_path / "r")
-    first = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert set().union(*rows) - {"step", "examples_seen"} == metrics.enabled(cfg)
+    first = rows[0]
     assert first["step"] == 0
     assert first["gen/kl"] == pytest.approx(0.0, abs=1e-5)
     assert first["gen/win_rate"] == 0.5

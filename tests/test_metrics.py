@@ -1,0 +1,85 @@
+"""The metric registry (harness/metrics.py) is the one list of metric names: every producer logs
+only registered names, a run logs exactly the names the registry says its config enables, and an
+unregistered name is refused at the first log."""
+
+import json
+
+import pytest
+import torch
+
+from harness import metrics
+from harness.dpo import dpo_loss, pair_metrics
+from harness.tracking import METRICS, RunFiles, Tracker
+from tests.test_train import quick_config
+
+
+def test_pair_metrics_are_the_registry_pair_metrics():
+    """dpo.pair_metrics produces exactly the registry's per-pair names, and each is registered
+    under every split the loop logs it in."""
+    pc, pr, rc, rr = (torch.randn(5) for _ in range(4))
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    produced = set(pair_metrics(losses, cr, rj, pc, pr, 0.1))
+    assert produced == set(metrics.PAIR_METRICS)
+    for split in metrics.PAIR_SPLITS:
+        assert {f"{split}/{k}" for k in produced} <= set(metrics.METRICS)
+
+
+def test_gen_eval_produces_registered_names():
+    """Generation metrics with and without a true reward are registered as needing `reward` and
+    `gen` respectively."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from harness.generate import gen_eval
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (ord(c) % 20) for c in text]}
+
+        def decode(self, ids):
+            return "".join(chr(97 + i % 26) for i in ids)
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    cpu = torch.device("cpu")
+    without, _, _ = gen_eval(model, model, Tok(), ["ab", "cde"], None, 4, 0, cpu)
+    with_reward, _, _ = gen_eval(model, model, Tok(), ["ab", "cde"], lambda x, y: len(y), 4, 0, cpu)
+    needs = {name: m.needs for name, m in metrics.METRICS.items()}
+    assert {needs[k] for k in without} == {"gen"}
+    assert {needs[k] for k in with_reward} == {"gen", "reward"}
+    assert set(with_reward) == {n for n, m in metrics.METRICS.items() if m.needs in ("gen", "reward")}
+
+
+def test_tracker_refuses_an_unregistered_name(tmp_path):
+    """Logging a name the registry lacks raises before anything is written."""
+    tracker = Tracker([RunFiles(tmp_path, {"name": "x"})])
+    with pytest.raises(metrics.UnknownMetric, match="eval/bleu"):
+        tracker.log({"eval/loss": 0.5, "eval/bleu": 1.0}, step=0, examples_seen=0)
+    tracker.log({"eval/loss": 0.5}, step=1, examples_seen=8)
+    tracker.close()
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert rows == [{"step": 1, "examples_seen": 8, "eval/loss": 0.5}]
+
+
+@pytest.mark.slow
+def test_a_run_logs_exactly_the_enabled_names(seed_data, tmp_path):
+    """A file-data run (no generation metrics) logs every name metrics.enabled() lists and no
+    other, so a sweep objective checked against enabled() is one the run really logs."""
+    cfg = quick_config(seed_data, tmp_path)
+    train_dir = tmp_path / "r"
+    from harness.train import train
+
+    train(cfg, run_dir=train_dir)
+    logged = set()
+    for line in (train_dir / METRICS).read_text().splitlines():
+        logged |= set(json.loads(line)) - {"step", "examples_seen"}
+    assert logged == metrics.enabled(cfg)
+
+
+def test_headline_and_labels_read_the_registry():
+    """The CLI's final print and figure labels come from the registry."""
+    summary = {"train/loss": 0.6, "eval/loss": 0.5, "train/lr": 1e-3, "status": "finished"}
+    assert metrics.headline(summary) == {"train/loss": 0.6, "eval/loss": 0.5}
+    assert metrics.label("eval/rewards/margins").startswith("reward margin")
+    assert metrics.label("not/a/metric") == "not/a/metric"
