@@ -1,20 +1,5 @@
-"""`harness bench`: the harness's DPO step against the seed notebook's naive path.
-
-Both paths train their own copy of the same model on the same batches of the seed data (batch 8
-pairs, the notebook's order), interleaved step by step in one process so that machine drift hits
-both. The naive path is the notebook's: four forward passes (policy and reference, chosen and
-rejected, each padded to the batch's common width), a full log-softmax over the vocabulary, then
-gather. The harness path is `harness.train.dpo_batch`: one concatenated forward per model, the LM
-head only on counted positions, chunked logsumexp; the reference live or from the cache.
-
-Reported per case and path: tokens/s (all non-padding tokens of chosen and rejected, prompt
-included), seconds per step (median after warm-up), peak RSS (a child process per path runs the
-same steps alone, since a process's peak cannot be split between interleaved paths), and MFU:
-model FLOPs per second (8 N per token with a live reference: policy forward + backward 6 N,
-reference forward 2 N; 6 N with a cached one) over the fp32 matmul rate measured at the start.
-The first step's losses of the two paths must agree, or the benchmark fails: it must not be
-fast because it computes something else.
-"""
+"""Measuring one case: both paths step by step on the same batches (tokens/s, MFU against the
+fp32 matmul rate measured in the run), peak RSS in a child process per path, and the profiler."""
 
 from __future__ import annotations
 

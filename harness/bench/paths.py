@@ -71,12 +71,10 @@ class HarnessPath:
             t0 = time.perf_counter()
             n = sum(len(idx) for idx, _ in bats)
             self.cache = torch.zeros(n, 2)
-            self.policy.eval()
-            with torch.no_grad():
+            with torch.no_grad(), hmodels.eval_mode(self.policy):
                 for idx, batch in bats:
                     c, r = concatenated_logps(self.policy, batch, cfg.dpo.reduction)
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
-            self.policy.train()
             self.cache_s = time.perf_counter() - t0
         if cfg.train.gradient_checkpointing:
             hmodels.enable_checkpointing(self.policy)
@@ -99,11 +97,10 @@ def bf16_logp_difference(model, batch, cfg) -> float:
     """max |log-prob| difference (per sequence, in the run's reduction) between fp32 and CPU
     bf16 autocast on one batch."""
     args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cfg.dpo.reduction)
-    model.eval()
-    fp32 = model_logps(model, *args)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16 = model_logps(model, *args)
-    model.train()
+    with hmodels.eval_mode(model):
+        fp32 = model_logps(model, *args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model_logps(model, *args)
     return float((fp32 - bf16.float()).abs().max())
 
 
