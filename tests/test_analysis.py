@@ -25,11 +25,14 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seeds, its Optuna studies in a
-    journal file (about 30 s)."""
+    journal file (about 15 s). One torch thread (tiny models on a busy machine run several times
+    slower with more) and no wandb (analysis reads the run files; load_wandb has its own test)."""
     from tests.conftest import SEED_DATA
 
     if not SEED_DATA.exists():
         pytest.skip("seed data not found")
+    import torch
+
     from harness.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("analysis")
@@ -38,7 +41,7 @@ def results(tmp_path_factory):
         "data": {"source": str(SEED_DATA), "limit": 100, "max_length": 128},
         "model": {"name": "tiny-xs"},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 8, "eval_batches": 1,
-                  "save_model": False, "lr": 1e-3},
+                  "save_model": False, "lr": 1e-3, "num_threads": 1},
         "tracking": {"results_dir": str(root / "results"), "progress": False},
         "sweep": {"grid": {"dpo.beta": [0.1, 0.5], "masking": ["masked-mean", "full-sum"]},
                   "trials": 2, "seeds": 2,
@@ -46,7 +49,13 @@ def results(tmp_path_factory):
     }
     (root / "exp.yaml").write_text(yaml.safe_dump(raw))
     (root / "results" / "a").mkdir(parents=True)
-    run_sweep(root / "exp.yaml", storage=str(root / "results" / "a" / "journal.log"))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WANDB_MODE", "disabled")
+            run_sweep(root / "exp.yaml", storage=str(root / "results" / "a" / "journal.log"))
+    finally:
+        torch.set_num_threads(threads)  # the runs set it for the whole test process
     return root / "results"
 
 
@@ -131,14 +140,23 @@ def test_labels_are_the_run_files_labels(results):
     assert set(finals["storage"]) == {str(results / "a" / "journal.log")}
 
 
-def test_runs_without_labels_warn_once(results, tmp_path, capsys):
-    """A run written without labels (an older harness) loads with None labels and its config
-    columns intact; each load prints one warning with the count, the labelled runs are unchanged."""
+def test_labels_come_only_from_the_labels_block(results, tmp_path, capsys):
+    """The labels are read, never derived: a run whose labels disagree with its name, directory
+    and dpo settings loads with its labels; a run without labels (an older harness) loads with None
+    labels and its config columns intact, and each load prints one warning with the count."""
     old, new = _runs(results)[:2]
     for src, name in ((old, "old"), (new, "new")):
         (tmp_path / name).mkdir()
         for f in ("config.json", "metrics.jsonl", "summary.json"):
             shutil.copy(src / f, tmp_path / name / f)
+    config = json.loads((new / "config.json").read_text())
+    odd = {"study": "elsewhere", "cell": "c", "trial": 99, "role": "seeds", "seed": 7,
+           "masking": "full-mean" if config["labels"]["masking"] != "full-mean" else "masked-sum",
+           "storage": "postgresql://host/db"}
+    for f in ("config.json", "summary.json"):
+        data = json.loads((tmp_path / "new" / f).read_text())
+        data.update({"labels": odd} if f == "config.json" else odd)
+        (tmp_path / "new" / f).write_text(json.dumps(data))
     config = json.loads((tmp_path / "old" / "config.json").read_text())
     del config["labels"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
@@ -149,12 +167,12 @@ def test_runs_without_labels_warn_once(results, tmp_path, capsys):
     finals = load_finals(tmp_path).set_index("run")
     warnings = [line for line in capsys.readouterr().out.splitlines() if "no labels" in line]
     assert len(warnings) == 1 and "1 of 2 runs" in warnings[0]
+    assert all(_same(finals.loc["new", k], odd[k]) for k in LABELS)
     assert all(_same(finals.loc["old", k], None) for k in LABELS)
-    assert finals.loc["old", "dpo.beta"] == json.loads((old / "config.json").read_text())["dpo"]["beta"]
-    labels = json.loads((new / "config.json").read_text())["labels"]
-    assert all(_same(finals.loc["new", k], labels[k]) for k in LABELS)
-    load_curves(tmp_path)
+    assert finals.loc["old", "dpo.beta"] == config["dpo"]["beta"]
+    curves = load_curves(tmp_path)
     assert sum("no labels" in line for line in capsys.readouterr().out.splitlines()) == 1
+    assert all(_same(v, odd[k]) for k in LABELS for v in curves[curves["run"] == "new"][k])
 
 
 def test_every_figure_is_drawn(drawn, results):
@@ -198,22 +216,60 @@ def test_optuna_figures_from_the_journal_storage(results, tmp_path, monkeypatch)
         assert [y for _, y in drawn_points] == pytest.approx([y for _, y in expected]), cell
 
 
-def test_optuna_storage_of_moved_results(results, tmp_path):
-    """Results copied elsewhere: a file storage missing at its recorded path is found by name
-    under results/<study>/; if it is nowhere, the message says so and no empty storage is created."""
+def test_optuna_storage_from_the_labels(results, tmp_path, monkeypatch, capsys):
+    """Which storage is opened: a server URL (PostgreSQL) as the labels give it, without heartbeat
+    and with its password kept out of messages; results copied elsewhere, whose journal is missing
+    at its recorded path, use the one under results/<study>/ of the same name; a storage found
+    nowhere is said to be missing and nothing is created in its place."""
+    from harness.sweep import storage as hstorage
+
     moved = tmp_path / "moved"
     shutil.copytree(results, moved, ignore=shutil.ignore_patterns("wandb"))
+
+    def relabel(url: str) -> None:
+        for config in moved.rglob("config.json"):
+            data = json.loads(config.read_text())
+            data["labels"]["storage"] = url
+            config.write_text(json.dumps(data))
+
+    server = "postgresql://user:secret@db.example/optuna"
+    relabel(server)
+    opened, real_open = [], hstorage.open_storage
+
+    def fake_open(url, heartbeat=True):  # the server holds the sweep's studies
+        opened.append((url, heartbeat))
+        return real_open(str(results / "a" / "journal.log"), heartbeat=False)
+
+    monkeypatch.setattr(hstorage, "open_storage", fake_open)
+    paths = fig_optuna.draw(moved, tmp_path / "figs")
+    assert opened == [(server, False)]
+    assert sum(p.name.startswith("optuna_history_a_") for p in paths) == 2 * 4  # PNG + PDF per cell
+    assert fig_optuna.shown(server) == "postgresql://user:***@db.example/optuna"
+    monkeypatch.undo()
+
     gone = tmp_path / "elsewhere" / "a" / "journal.log"
-    for config in moved.rglob("config.json"):
-        data = json.loads(config.read_text())
-        data["labels"]["storage"] = str(gone)
-        config.write_text(json.dumps(data))
+    relabel(str(gone))
     found, missing = fig_optuna.storages(moved)
     assert found == {str((moved / "a" / "journal.log").resolve()): {"a"}} and not missing
     (moved / "a" / "journal.log").unlink()
     with pytest.raises(MissingData, match="not found"):
         fig_optuna.draw(moved, tmp_path / "figs")
     assert not gone.exists() and not (moved / "a" / "journal.log").exists()
+
+
+def test_optuna_db_of_studies_without_labels(tmp_path):
+    """Results of an older harness (no labels): results/<study>/optuna.db is read, only for the
+    studies named by its folder."""
+    import optuna
+
+    db = tmp_path / "old" / "optuna.db"
+    db.parent.mkdir()
+    for name in ("old/beta=0.1", "other/beta=0.1"):
+        study = optuna.create_study(study_name=name, storage=f"sqlite:///{db}")
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert fig_optuna.storages(tmp_path) == ({f"sqlite:///{db.resolve()}": {"old"}}, [])
+    names = {p.name for p in fig_optuna.draw(tmp_path, tmp_path / "figs")}
+    assert names == {"optuna_history_old_beta=0.1.png", "optuna_history_old_beta=0.1.pdf"}
 
 
 def test_results_table_by_hand(results):

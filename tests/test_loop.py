@@ -4,8 +4,6 @@ length grouping feeds the loop batches of similar-length pairs (and every pair o
 
 import contextlib
 import inspect
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,29 +11,8 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2MLP, GPT2Model
 
 from harness import data as hdata
 from harness import models as hmodels
-from harness.config import load_config
 from harness.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
-
-
-def quick_config(seed_data, tmp_path, **overrides):
-    """smoke.yaml made smaller still: unit-test speed, same code path."""
-    base = {
-        "data.source": str(seed_data), "data.limit": 120, "data.max_length": 160,
-        "model.name": "tiny-xs", "train.max_steps": 6, "train.batch_size": 4,
-        "train.eval_every": 12, "train.eval_batches": 2, "train.lr": 1e-3,
-        "tracking.results_dir": str(tmp_path / "results"), "tracking.progress": False,
-    }
-    base.update(overrides)
-    return load_config(SMOKE, base)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
-
+from tests.runs import quick_config, read_metrics, without_perf
 
 # ----------------------------------------------------------------------------- checkpointing
 
@@ -121,7 +98,7 @@ def test_gradient_checkpointing_recomputes_every_block_in_backward(seed_data, tm
     # Every block of the policy given to enable_checkpointing, once per micro-batch, in backward.
     assert on.recomputed == dict.fromkeys(policy_mlps, steps)
 
-    a, b = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    a, b = without_perf(read_metrics(tmp_path / "off")), without_perf(read_metrics(tmp_path / "on"))
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
@@ -218,7 +195,8 @@ def test_group_by_length_batches_similar_lengths(seed_data, tmp_path, monkeypatc
     grouped_width = mean_padded_width(grouped[0]["out"], grouped[0]["items"], B)
 
     # The same run without grouping: no length_grouped call, and wider batches.
-    grouped.clear(), drawn.clear()
+    grouped.clear()
+    drawn.clear()
     plain = train(quick_config(seed_data, tmp_path, **fast, **{"train.max_steps": 1}),
                   run_dir=tmp_path / "plain")
     assert grouped == []

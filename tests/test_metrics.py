@@ -10,7 +10,7 @@ import torch
 from harness import metrics
 from harness.dpo import dpo_loss, pair_metrics
 from harness.tracking import METRICS, RunFiles, Tracker
-from tests.test_train import quick_config
+from tests.runs import quick_config
 
 
 def test_pair_metrics_are_the_registry_pair_metrics():

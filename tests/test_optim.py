@@ -2,31 +2,14 @@
 built from them, the fused AdamW, and gradient accumulation that scales the loss so that
 `batch_size` x `grad_accum` pairs give the gradient of one batch of that many pairs."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from harness import optim
-from harness.config import load_config
 from harness.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
-
-
-def quick_config(seed_data, tmp_path, **overrides):
-    """smoke.yaml made smaller still: unit-test speed, same code path."""
-    base = {
-        "data.source": str(seed_data), "data.limit": 120, "data.max_length": 160,
-        "model.name": "tiny-xs", "train.max_steps": 6, "train.batch_size": 4,
-        "train.eval_every": 12, "train.eval_batches": 2, "train.lr": 1e-3,
-        "tracking.results_dir": str(tmp_path / "results"), "tracking.progress": False,
-    }
-    base.update(overrides)
-    return load_config(SMOKE, base)
+from tests.runs import quick_config, read_metrics
 
 
 def factors(schedule, warmup, total, steps, decay_in_warmup=False):
@@ -132,10 +115,6 @@ def test_adamw_is_fused_on_cpu_with_the_given_settings():
 # ----------------------------------------------------------------------------- gradient accumulation
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def by_step(rows: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in rows if key in r}
 
@@ -148,8 +127,9 @@ def test_grad_accum_matches_one_big_batch(seed_data, tmp_path):
     The gradient norm is what a wrong accumulation changes: without dividing each micro-batch's
     loss by grad_accum the accumulated gradient is the sum of two half-batch means, twice the
     batch mean, so its norm would be twice the single-batch norm."""
+    # Eval passes over whole splits: the same pairs for both batch sizes.
     common = {"train.shuffle": False, "train.max_steps": 4, "train.eval_every": 16,
-              "train.eval_batches": None}  # eval passes over whole splits: the same pairs for both
+              "train.eval_batches": None, "train.save_model": False}
     one = train(quick_config(seed_data, tmp_path, **common, **{"train.batch_size": 8}),
                 run_dir=tmp_path / "one")
     two = train(quick_config(seed_data, tmp_path, **common,

@@ -86,7 +86,7 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
         lrs = [t.params["train.lr"] for t in _count(
             f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}", f"t/{cell}", tuple(TrialState))]
         assert len(lrs) == 3 and len(set(lrs)) == 3, lrs
-    storage = make_storage(f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}")
+    storage = open_storage(f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     assert len(names) == 8  # a search study and a seeds study per cell
     runs = list((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))

@@ -9,24 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.config import load_config
 from harness.metrics import METRICS
 from harness.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
-
-
-def quick_config(seed_data, tmp_path, **overrides):
-    """smoke.yaml made smaller still: unit-test speed, same code path."""
-    base = {
-        "data.source": str(seed_data), "data.limit": 120, "data.max_length": 160,
-        "model.name": "tiny-xs", "train.max_steps": 6, "train.batch_size": 4,
-        "train.eval_every": 12, "train.eval_batches": 2, "train.lr": 1e-3,
-        "tracking.results_dir": str(tmp_path / "results"), "tracking.progress": False,
-    }
-    base.update(overrides)
-    return load_config(SMOKE, base)
+from tests.runs import quick_config
 
 
 def wandb_summary(wandb_dir: str) -> dict:

@@ -5,38 +5,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from harness.config import load_config
 from harness.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "experiments" / "smoke.yaml"
+from tests.runs import ROOT, SMOKE, quick_config, read_metrics, without_perf
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected"]
-
-
-def quick_config(seed_data, tmp_path, **overrides):
-    """smoke.yaml made smaller still: unit-test speed, same code path."""
-    base = {
-        "data.source": str(seed_data), "data.limit": 120, "data.max_length": 160,
-        "model.name": "tiny-xs", "train.max_steps": 6, "train.batch_size": 4,
-        "train.eval_every": 12, "train.eval_batches": 2, "train.lr": 1e-3,
-        "tracking.results_dir": str(tmp_path / "results"), "tracking.progress": False,
-    }
-    base.update(overrides)
-    return load_config(SMOKE, base)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_perf(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
 
 
 @pytest.mark.slow
@@ -102,22 +79,6 @@ def test_reference_cache_gives_same_losses_and_is_reused(seed_data, tmp_path):
     assert s2["reference_cache"] == s1["reference_cache"]
 
 
-def test_wandb_offline_run_reads_back(seed_data, tmp_path):
-    """The offline wandb run holds the same metrics as summary.json (read with `wandb leet`)."""
-    run_dir = tmp_path / "w"
-    summary = train(quick_config(seed_data, tmp_path), run_dir=run_dir)
-    assert summary["wandb_mode"] == "offline"
-    wandb_bin = Path(sys.executable).parent / "wandb"
-    out = subprocess.run([str(wandb_bin), "leet", "inspect", "--summary", "--json",
-                          summary["wandb_dir"]], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    found = json.loads(out.stdout)
-    text = json.dumps(found)
-    for key in ("train/loss", "eval/rewards/margins", "test/rewards/accuracies"):
-        assert key in text, key
-    assert f"{summary['train/loss']:.6f}"[:6] in text
-
-
 def test_wandb_failure_never_stops_training(seed_data, tmp_path, monkeypatch):
     """If wandb.init raises, the run still finishes and writes its files."""
     import wandb
@@ -176,8 +137,7 @@ def test_length_grouped_order_keeps_every_pair_and_cuts_padding():
 
     import torch
 
-    from harness.data import TokenizedPair
-    from harness.data import length_grouped
+    from harness.data import TokenizedPair, length_grouped
 
     rng = random.Random(0)
     items = [TokenizedPair([1] * rng.randint(5, 60), [2] * rng.randint(1, 80), [3] * rng.randint(1, 80))
@@ -200,54 +160,3 @@ def test_length_grouped_order_keeps_every_pair_and_cuts_padding():
         return total
 
     assert padded(grouped) < 0.5 * padded(order)
-
-
-def test_gradient_checkpointing_is_applied_and_changes_no_number(seed_data, tmp_path, monkeypatch):
-    """train.gradient_checkpointing: the policy recomputes activations in backward, and the run's
-    metrics are those of the run without it (fp32, no dropout: the recompute is exact)."""
-    import harness.train
-
-    applied = []
-    real = harness.train.enable_checkpointing
-
-    def spy(model):
-        real(model)
-        applied.append(model.is_gradient_checkpointing)
-
-    monkeypatch.setattr(harness.train, "enable_checkpointing", spy)
-    plain = train(quick_config(seed_data, tmp_path), run_dir=tmp_path / "a")
-    assert applied == []
-    ckpt = train(quick_config(seed_data, tmp_path, **{"train.gradient_checkpointing": True}),
-                 run_dir=tmp_path / "b")
-    assert applied == [True]
-    for key in ("train/loss", "eval/loss", "eval/rewards/margins"):
-        assert ckpt[key] == pytest.approx(plain[key], abs=1e-5), key
-
-
-def test_optimizer_is_fused_adamw_on_cpu():
-    """The DPO optimizer is torch's fused AdamW on CPU, with the given lr and betas."""
-    import torch
-
-    from harness.optim import adamw
-
-    opt = adamw(torch.nn.Linear(4, 4), torch.device("cpu"), 1e-3, 0.01, (0.8, 0.9))
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
-    assert opt.defaults["lr"] == 1e-3 and opt.defaults["betas"] == (0.8, 0.9)
-
-
-def test_group_by_length_orders_the_training_batches(seed_data, tmp_path, monkeypatch):
-    """train.group_by_length: each epoch's order goes through length_grouped, and the run trains."""
-    import harness.train
-
-    calls = []
-    real = harness.train.length_grouped
-
-    def spy(order, items, batch_size, generator, *args):
-        out = real(order, items, batch_size, generator, *args)
-        calls.append((sorted(order) == sorted(out), batch_size))
-        return out
-
-    monkeypatch.setattr(harness.train, "length_grouped", spy)
-    s = train(quick_config(seed_data, tmp_path, **{"train.group_by_length": True}),
-              run_dir=tmp_path / "r")
-    assert s["status"] == "finished" and calls and all(c == (True, 4) for c in calls)
