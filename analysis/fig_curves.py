@@ -13,8 +13,6 @@ from analysis.common import best_runs, beta_label, curves_or_fail
 from analysis.style import COLUMN_IN, label, save, setup
 
 METRICS = ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"]
-SHORT = {"eval/loss": "loss (nats)", "eval/rewards/margins": "margin β·h (nats)",
-         "eval/rewards/accuracies": "reward accuracy"}
 
 
 def draw(results: Path, out: Path) -> list[Path]:
@@ -23,7 +21,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     curves = curves.dropna(subset=["eval/loss"])
     paths = []
     for model, frame in curves.groupby("model.name", sort=True):
-        maskings = sorted(frame["masking"].unique())
+        maskings = sorted(frame["masking"].dropna().unique())
         fig, axes = plt.subplots(len(METRICS), len(maskings), squeeze=False, sharex=True,
                                  sharey="row", layout="constrained", figsize=(max(COLUMN_IN, 1.9 * len(maskings)), 5.2))
         hue_order = sorted(frame["β"].unique(), key=float)
@@ -35,7 +33,8 @@ def draw(results: Path, out: Path) -> list[Path]:
                              errorbar="sd", ax=ax, legend=(i == 0 and j == len(maskings) - 1),
                              palette="viridis")
                 ax.set(xlabel=label("examples_seen") if i == len(METRICS) - 1 else "",
-                       ylabel=SHORT[metric] if j == 0 else "")
+                       # the title says validation: the split-free label
+                       ylabel=label(metric.removeprefix("eval/")) if j == 0 else "")
                 if i == 0:
                     ax.set_title(f"masking: {masking}")
         fig.suptitle(f"{model}: validation curves by β (band = sd over seeds)", fontsize=9)

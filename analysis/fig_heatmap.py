@@ -29,7 +29,7 @@ def draw(results: Path, out: Path) -> list[Path]:
         sns.heatmap(mean, annot=annot, fmt="", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax,
                     cbar=ax is axes[0][-1], cbar_kws={"label": label(metric)},
                     annot_kws={"fontsize": 6})
-        ax.set(title=f"{model}", xlabel="masking", ylabel="β")
+        ax.set(title=f"{model}", xlabel=label("masking"), ylabel=label("dpo.beta"))
     n = int(stats["count"].max())
     fig.suptitle(f"{label(metric)}: mean ± sd over up to {n} seed(s)", fontsize=9)
     return save(fig, out, "heatmap_beta_masking")

@@ -39,8 +39,7 @@ def draw(results: Path, out: Path) -> list[Path]:
             data = tidy(frame, metric)
             sns.lineplot(data=data, x="examples_seen", y="value", hue="split", errorbar="sd", ax=ax,
                          hue_order=["train", "validation"])
-            ax.set(title=title, xlabel=label("examples_seen"),
-                   ylabel="loss (nats)" if metric == "loss" else "log-ratio margin h (nats)")
+            ax.set(title=title, xlabel=label("examples_seen"), ylabel=label(metric))
         n = frame["run"].nunique()
         fig.suptitle(f"{group} ({n} run{'s' if n > 1 else ''}{', band = sd' if n > 1 else ''})", fontsize=9)
         safe = str(group).replace("/", "_")

@@ -20,7 +20,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     if runs["n_params"].nunique() < 2:
         raise MissingData("the model-size figure needs runs of at least two model sizes")
     runs = beta_label(runs)
-    maskings = sorted(runs["masking"].unique())
+    maskings = sorted(runs["masking"].dropna().unique())
     fig, axes = plt.subplots(1, len(maskings), squeeze=False, sharey=True,
                              layout="constrained", figsize=(max(COLUMN_IN, 2.4 * len(maskings)), 2.6))
     for j, (ax, masking) in enumerate(zip(axes[0], maskings, strict=True)):

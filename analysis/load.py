@@ -5,9 +5,13 @@
     cells  = load_study_summaries("results")  # the sweeps' summary.csv tables
 
 Every config field becomes a column named by its dotted path (`dpo.beta`, `model.name`, ...), plus
-derived columns: `run` (the run directory relative to the results directory), `masking`
-(`masked-mean`, `full-sum`, ...: the sweep's masking axis), `study` and `cell` for sweep runs, and
-`seed`. Only the run files are read (config.json, metrics.jsonl, summary.json), never logs.
+`run` (the run directory relative to the results directory) and the run's labels, copied as written
+by the harness in config.json's `labels` block: `study`, `cell`, `trial`, `role` (`search` or
+`seeds`; None with `study`, `cell` and `trial` for a run outside a sweep), `masking` (`masked-sum`,
+`full-mean`, ...), `seed` and `storage` (the Optuna storage the sweep used). Nothing is derived from
+run names or other config fields: a run written without labels (by an older harness) gets None for
+all of them, and each load prints one warning saying how many such runs it read. Only the run files
+are read (config.json, metrics.jsonl, summary.json), never logs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+# The label keys of config.json's `labels` block (and of summary.json's top level), in column order.
+LABELS = ("study", "cell", "trial", "role", "masking", "seed", "storage")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,29 +45,49 @@ def run_dirs(results: str | Path) -> list[Path]:
     return sorted(p.parent for p in results.rglob("metrics.jsonl") if (p.parent / "config.json").exists())
 
 
+def _info(config: dict[str, Any], run: str) -> tuple[dict[str, Any], bool]:
+    """Config columns and labels of one run's config, and whether it had a labels block."""
+    labels = config.get("labels")
+    info = flatten({k: v for k, v in config.items() if k not in ("sweep", "labels")})
+    info["run"] = run
+    info.update({k: labels.get(k) if isinstance(labels, dict) else None for k in LABELS})
+    return info, isinstance(labels, dict)
+
+
 def run_info(run_dir: Path, results: Path) -> dict[str, Any]:
-    """Config columns and derived labels of one run."""
-    config = json.loads((run_dir / "config.json").read_text())
-    info = flatten({k: v for k, v in config.items() if k != "sweep"})
-    info["run"] = str(run_dir.relative_to(results))
-    info["masking"] = f"{'masked' if info.get('dpo.mask_prompt', True) else 'full'}-{info.get('dpo.reduction')}"
-    info["seed"] = info.get("train.seed")
-    info["study"] = info.get("tracking.group")
-    name = str(info.get("name", ""))
-    info["cell"] = name.split("/")[0] if "/" in name else None
-    return info
+    """Config columns and labels of one run (labels None when its config.json has none)."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    return _info(config, str(Path(run_dir).relative_to(results)))[0]
+
+
+def _run_infos(results: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(run dir, run_info) of every run under `results`; one warning if some lack labels."""
+    out, unlabelled = [], 0
+    for rd in run_dirs(results):
+        info, labelled = _info(json.loads((rd / "config.json").read_text()), str(rd.relative_to(results)))
+        unlabelled += not labelled
+        out.append((rd, info))
+    _warn_unlabelled(unlabelled, len(out), str(results))
+    return out
+
+
+def _warn_unlabelled(n: int, total: int, where: str) -> None:
+    if n:
+        print(f"warning: {n} of {total} runs under {where} have no labels (written by an older "
+              f"harness): their {', '.join(LABELS)} are None, so sweep figures leave them out")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    lines = path.read_text().splitlines()
     rows = []
-    for i, line in enumerate(path.read_text().splitlines()):
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             # A run killed mid-write can leave half a last line: skip it, say so.
-            if i == len(path.read_text().splitlines()) - 1:
+            if i == len(lines) - 1:
                 print(f"warning: {path}: line {i + 1} is incomplete; skipped")
                 continue
             raise ValueError(f"{path}: line {i + 1} is not JSON: {err}") from None
@@ -68,15 +95,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def load_curves(results: str | Path) -> pd.DataFrame:
-    """One row per (run, logged step): step, examples_seen, the metrics logged then, config columns."""
+    """One row per (run, logged step): step, examples_seen, the metrics logged then, config columns
+    and labels."""
     results = Path(results)
     frames = []
-    for rd in run_dirs(results):
+    for rd, info in _run_infos(results):
         rows = read_jsonl(rd / "metrics.jsonl")
         if not rows:
             continue
         df = pd.DataFrame(rows)
-        for k, v in run_info(rd, results).items():
+        for k, v in info.items():
             df[k] = v
         frames.append(df)
     if not frames:
@@ -85,17 +113,18 @@ def load_curves(results: str | Path) -> pd.DataFrame:
 
 
 def load_finals(results: str | Path, finished_only: bool = True) -> pd.DataFrame:
-    """One row per run: summary.json values and config columns (unfinished runs left out unless asked)."""
+    """One row per run: summary.json values, config columns and labels (unfinished runs left out
+    unless asked). The labels come from config.json; summary.json repeats them."""
     results = Path(results)
     rows = []
-    for rd in run_dirs(results):
+    for rd, info in _run_infos(results):
         path = rd / "summary.json"
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
         if finished_only and summary.get("status") != "finished":
             continue
-        rows.append({**run_info(rd, results), **summary})
+        rows.append({**summary, **info})
     return pd.DataFrame(rows).sort_values("run", ignore_index=True) if rows else pd.DataFrame()
 
 
@@ -109,22 +138,30 @@ def load_study_summaries(results: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _wandb_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A wandb run's config with its labels as one `labels` block, whether wandb kept the block
+    nested (`labels: {study: ...}`) or flattened it into `labels.study`, ... keys."""
+    config = dict(config)
+    flat = {k.removeprefix("labels."): config.pop(k) for k in list(config) if k.startswith("labels.")}
+    if flat:
+        config["labels"] = {**(config.get("labels") or {}), **flat}
+    return config
+
+
 def load_wandb(project: str, entity: str | None = None, group: str | None = None,
                api: Any = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(curves, finals) for runs synced to wandb, in the same shape as the run-file frames."""
+    """(curves, finals) for runs synced to wandb, in the same shape as the run-file frames: config
+    columns, `run` (the wandb run name) and the labels from the run config's `labels` block."""
     if api is None:
         import wandb
 
         api = wandb.Api()
     path = f"{entity}/{project}" if entity else project
     filters = {"group": group} if group else None
-    curves, finals = [], []
+    curves, finals, unlabelled = [], [], 0
     for run in api.runs(path, filters=filters):
-        info = flatten({k: v for k, v in dict(run.config).items() if k != "sweep"})
-        info["run"] = run.name
-        info["masking"] = f"{'masked' if info.get('dpo.mask_prompt', True) else 'full'}-{info.get('dpo.reduction')}"
-        info["seed"] = info.get("train.seed")
-        info["study"] = run.group
+        info, labelled = _info(_wandb_config(dict(run.config)), run.name)
+        unlabelled += not labelled
         history = pd.DataFrame(list(run.scan_history()))
         if not history.empty:
             history = history.rename(columns={"_step": "step"})
@@ -132,6 +169,8 @@ def load_wandb(project: str, entity: str | None = None, group: str | None = None
             for k, v in info.items():
                 history[k] = v
             curves.append(history)
-        finals.append({**info, **{k: v for k, v in dict(run.summary).items() if not k.startswith("_")}})
+        summary = {k: v for k, v in dict(run.summary).items() if not k.startswith("_")}
+        finals.append({**summary, **info})
+    _warn_unlabelled(unlabelled, len(finals), f"wandb project {path}")
     curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
     return curves_df, pd.DataFrame(finals)

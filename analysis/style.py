@@ -10,24 +10,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from harness import metrics  # noqa: E402
+
 COLUMN_IN = 3.4  # width of one paper column, inches
 FULL_IN = 7.0  # full text width
 
+# Axis labels of the columns that are not metrics; a metric's label comes from harness.metrics.
 LABELS = {
     "examples_seen": "examples seen (pairs)",
-    "train/loss": "DPO loss (train)",
-    "eval/loss": "DPO loss (validation)",
-    "eval/rewards/margins": "reward margin β·h (validation, nats)",
-    "eval/rewards/accuracies": "reward accuracy (validation)",
-    "eval/logratios/margins": "log-ratio margin h (validation, nats)",
-    "gen/reward": "ground-truth reward of samples",
-    "gen/kl": "KL(π ‖ π_ref) per sample (nats)",
     "n_params": "parameters (log scale)",
+    "dpo.beta": "β",
+    "masking": "masking",
+    "trial": "trial",
 }
 
 
-def label(metric: str) -> str:
-    return LABELS.get(metric, metric)
+def label(name: str) -> str:
+    """The axis label of a column: a metric's from the registry (harness.metrics), a split-free pair
+    metric's (`loss`, `logratios/margins`: train and validation on one axis) from its registry entry,
+    other columns' from LABELS, else the name itself."""
+    if name in LABELS:
+        return LABELS[name]
+    if name in metrics.METRICS:
+        return metrics.label(name)
+    return metrics.PAIR_METRICS.get(name, name)
 
 
 def setup() -> None:

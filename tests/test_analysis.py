@@ -111,10 +111,10 @@ def test_frames_match_the_run_files(results):
 
 
 def test_labels_are_the_run_files_labels(results):
-    """For every run, the frames' study, cell, trial, role, masking, seed and storage equal the
-    `labels` block of its config.json, which summary.json repeats: the loader takes them from
-    there, not from run names or other config fields. The sweep's labels are what it ran: study
-    `a`, the four cells of summary.csv, both roles, both maskings, the journal storage."""
+    """Every run's config.json has a labels block with all seven labels and summary.json repeats
+    them; for every run, the finals row and every curves row carry exactly those values. The
+    sweep's labels are what it ran: study `a`, the four cells of summary.csv, both roles, both
+    maskings, the journal storage."""
     curves, finals = load_curves(results), load_finals(results)
     runs = _runs(results)
     assert len(runs) == 12
@@ -185,7 +185,7 @@ def test_every_figure_is_drawn(drawn, results):
     for cell in pd.read_csv(results / "a" / "summary.csv")["cell"]:
         assert f"optuna_history_a_{cell}.png" in names, cell
     assert all((out / n).stat().st_size > 1000 for n in names if n.endswith(".png"))
-    assert "model size: skipped" in stdout and "FAILED" not in stdout
+    assert "model size: skipped" in stdout and "frontier: skipped" in stdout
 
 
 def test_optuna_figures_from_the_journal_storage(results, tmp_path, monkeypatch):
@@ -216,7 +216,7 @@ def test_optuna_figures_from_the_journal_storage(results, tmp_path, monkeypatch)
         assert [y for _, y in drawn_points] == pytest.approx([y for _, y in expected]), cell
 
 
-def test_optuna_storage_from_the_labels(results, tmp_path, monkeypatch, capsys):
+def test_optuna_storage_from_the_labels(results, tmp_path, monkeypatch):
     """Which storage is opened: a server URL (PostgreSQL) as the labels give it, without heartbeat
     and with its password kept out of messages; results copied elsewhere, whose journal is missing
     at its recorded path, use the one under results/<study>/ of the same name; a storage found
@@ -244,7 +244,14 @@ def test_optuna_storage_from_the_labels(results, tmp_path, monkeypatch, capsys):
     paths = fig_optuna.draw(moved, tmp_path / "figs")
     assert opened == [(server, False)]
     assert sum(p.name.startswith("optuna_history_a_") for p in paths) == 2 * 4  # PNG + PDF per cell
-    assert fig_optuna.shown(server) == "postgresql://user:***@db.example/optuna"
+
+    def server_down(url, heartbeat=True):
+        raise ConnectionError(f"cannot reach {url.split('@')[-1]}")
+
+    monkeypatch.setattr(hstorage, "open_storage", server_down)
+    with pytest.raises(RuntimeError, match="cannot reach") as err:
+        fig_optuna.draw(moved, tmp_path / "figs")
+    assert "user:***@db.example" in str(err.value) and "secret" not in str(err.value)
     monkeypatch.undo()
 
     gone = tmp_path / "elsewhere" / "a" / "journal.log"

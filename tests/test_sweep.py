@@ -104,6 +104,21 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     assert {"beta=0.1", "masking=masked-mean", "search", f"lr={c0['train']['lr']:.3g}"} <= set(
         c0["tracking"]["tags"])
     assert "seeds" in c1["tracking"]["tags"]
+    # Every run's files carry its labels explicitly (what analysis/ groups by), equal to the
+    # trial's own record in the Optuna storage.
+    url = f"sqlite:///{(tmp_path / 'results' / 't' / 'optuna.db').resolve()}"
+    for summary_path in runs:
+        run_dir = summary_path.parent
+        labels = json.loads((run_dir / "config.json").read_text())["labels"]
+        summary = json.loads(summary_path.read_text())
+        assert {k: summary[k] for k in labels} == labels
+        role = "search" if run_dir.name.startswith("trial-") else "seeds"
+        study = f"t/{run_dir.parent.name}" + ("/seeds" if role == "seeds" else "")
+        trial = next(t for t in _count(url, study, tuple(TrialState)) if t.number == labels["trial"])
+        assert trial.user_attrs["run_dir"] == str(run_dir)
+        assert labels == {"study": "t", "cell": run_dir.parent.name, "trial": trial.number,
+                          "role": role, "storage": url, "seed": summary["seed"],
+                          "masking": "masked-mean" if "masked-mean" in run_dir.parent.name else "full-sum"}
     # Running again finds nothing left to do: no new runs.
     run_sweep(path)
     assert len(list((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))) == 16
@@ -211,3 +226,17 @@ def test_k_betas_compute_reference_logps_once(tmp_path, seed_data, monkeypatch):
     reused = sorted(json.loads(r.read_text())["reference_cache_reused"] for r in runs)
     assert reused == [False, True, True]
     assert len(calls) == 3  # one pass per split (train, validation, test) for the first run only
+
+
+def test_recorded_storage_urls_open_anywhere_and_hold_no_password(tmp_path, monkeypatch):
+    """The storage URL written into run files is absolute (opens from any folder) and carries no
+    password (the driver reads PGPASSWORD or ~/.pgpass instead)."""
+    from harness.sweep.storage import absolute, without_password
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute("sqlite:///r/optuna.db") == f"sqlite:///{tmp_path / 'r' / 'optuna.db'}"
+    assert absolute("r/journal.log") == str(tmp_path / "r" / "journal.log")
+    assert absolute("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert without_password("postgresql://bob:s3cret@db.example:5432/dpo") == \
+        "postgresql://bob@db.example:5432/dpo"
+    assert without_password("postgresql:///dpo") == "postgresql:///dpo"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from harness.config import Cell, Experiment
-from harness.sweep.storage import open_storage
+from harness.sweep.storage import open_storage, without_password
 from harness.sweep.study import count, make_study, objective_value, suggest
 
 
@@ -51,7 +51,7 @@ class Sweep:
                      for k, v in params.items()]
             cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_name}", tags)
             labels = {"study": exp.study, "cell": cell.id, "trial": trial.number, "role": role,
-                      "storage": self.storage_url}
+                      "storage": without_password(self.storage_url)}
 
             def on_eval(step: int, values: dict[str, float]) -> None:
                 value = objective_value(exp.spec.objective, values)

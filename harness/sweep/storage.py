@@ -19,6 +19,26 @@ def is_journal(url: str) -> bool:
     return url.endswith(".log") or url.startswith("journal:")
 
 
+def absolute(url: str) -> str:
+    """The same storage with file paths made absolute, so that the URL recorded in run files
+    opens from any working directory."""
+    if is_journal(url):
+        return str(Path(url.removeprefix("journal:")).expanduser().resolve())
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return f"sqlite:///{Path(url.removeprefix('sqlite:///')).resolve()}"
+    return url
+
+
+def without_password(url: str) -> str:
+    """The URL as run files record it: any password dropped (the driver then reads PGPASSWORD
+    or ~/.pgpass), everything else kept."""
+    if is_journal(url) or "@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url)._replace(password=None).render_as_string(hide_password=False)
+
+
 def open_storage(url: str, heartbeat: bool = True):
     """The storage behind `url`. With `heartbeat`, running trials send heartbeats and a trial
     silent for GRACE_S (a killed worker's) is failed and retried; readers pass heartbeat=False."""

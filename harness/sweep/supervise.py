@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness.config import load_experiment
 from harness.sweep.schedule import Sweep
-from harness.sweep.storage import default_storage
+from harness.sweep.storage import absolute, default_storage
 from harness.sweep.summary import write_summary
 
 
@@ -62,7 +62,7 @@ def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
     """Run (or continue) a study; returns the path of its summary table."""
     exp = load_experiment(path, study)
     results = Path(results_dir or exp.base.tracking.results_dir)
-    storage_url = storage or default_storage(results, exp.study)
+    storage_url = absolute(storage) if storage else default_storage(results, exp.study)
     sweep = Sweep(exp, storage_url, results)
     n_runs = len(exp.cells) * (exp.spec.trials + exp.spec.seeds - 1)
     print(f"study {exp.study}: {len(exp.cells)} cells x ({exp.spec.trials} trials + "
