@@ -96,11 +96,25 @@ def gen_enabled(cfg: Any) -> bool:
     return cfg.task.name != "none" if g is None else g
 
 
+def _has_split(cfg: Any, split: str) -> bool:
+    """Whether a run of this config has pairs in `split` (validation or test) by construction."""
+    if cfg.task.name != "none":  # a task samples train and validation pairs, no test split
+        return split == "validation" and cfg.task.n_val_prompts > 0
+    d = cfg.data
+    if d.validation_source or d.test_source:  # given files replace the fractions
+        return bool(d.validation_source if split == "validation" else d.test_source)
+    return d.split[1 if split == "validation" else 2] > 0
+
+
 def enabled(cfg: Any) -> set[str]:
-    """Every metric name a run of this config logs."""
+    """Every metric name a run of this config logs: eval/ and gen/ need a validation split, test/
+    a test split and train.test_at_end, gen/ generation metrics on, and the rest as `needs` says."""
     gen, task = gen_enabled(cfg), cfg.task.name != "none"
     on = {"always": True, "task": task, "gen": gen, "reward": gen and task}
-    return {m.name for m in METRICS.values() if on[m.needs]}
+    split_on = {"train": True, "perf": True, "eval": _has_split(cfg, "validation"),
+                "gen": _has_split(cfg, "validation"),
+                "test": cfg.train.test_at_end and _has_split(cfg, "test")}
+    return {m.name for m in METRICS.values() if on[m.needs] and split_on[m.split]}
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:

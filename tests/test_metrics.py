@@ -83,3 +83,19 @@ def test_headline_and_labels_read_the_registry():
     assert metrics.headline(summary) == {"train/loss": 0.6, "eval/loss": 0.5}
     assert metrics.label("eval/rewards/margins").startswith("reward margin")
     assert metrics.label("not/a/metric") == "not/a/metric"
+
+
+def test_enabled_follows_the_splits_a_config_has():
+    """test/* needs a test split and test_at_end; eval/ and gen/ need a validation split; a task
+    has no test split."""
+    from harness.config import build_config
+
+    plain = metrics.enabled(build_config({}))
+    assert "test/loss" in plain and "eval/loss" in plain and "gen/kl" not in plain
+    assert "test/loss" not in metrics.enabled(build_config({"train": {"test_at_end": False}}))
+    no_val = metrics.enabled(build_config({"data": {"split": [0.9, 0.0, 0.1]}}))
+    assert "eval/loss" not in no_val and "test/loss" in no_val
+    given = metrics.enabled(build_config({"data": {"validation_source": "v.json"}}))
+    assert "eval/loss" in given and "test/loss" not in given
+    task = metrics.enabled(build_config({"task": {"name": "controlled"}}))
+    assert {"gen/reward", "eval/pref_accuracy", "eval/loss"} <= task and "test/loss" not in task

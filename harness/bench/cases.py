@@ -13,7 +13,7 @@ from harness import models as hmodels
 from harness.config import load_config
 from harness.prepare import prepare
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED_EXPERIMENT = ROOT / "experiments" / "seed_polite.yaml"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOSS_TOLERANCE = 1e-4  # |loss_naive - loss_harness| on the first step, fp32
