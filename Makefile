@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 EXPERIMENT ?= experiments/default.yaml
 ARGS ?=
 
-.PHONY: install models test lint sweep train smoke figures bench clean
+.PHONY: install models test lint sweep train smoke figures bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,12 @@ sweep: $(STAMP)
 # The DPO step against the seed notebook's path; a table, and JSON into results/bench/.
 bench: $(STAMP)
 	$(BIN)/harness bench $(ARGS)
+
+# The chaos test of the sweep: SIGKILLs at every crash point and at KILLS random moments, a killed
+# worker, a killed parent, divergence and a failing cell; prints what it tried and what held.
+KILLS ?= 20
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos --kills $(KILLS) $(ARGS)
 
 # Every figure and the results table from results/ into analysis/figures/.
 figures: $(STAMP)

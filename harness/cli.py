@@ -37,10 +37,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from harness.sweep import run_sweep
+    from harness.sweep import SweepIncomplete, run_sweep
 
-    run_sweep(args.experiment, workers=args.workers, storage=args.storage, study=args.study,
-              results_dir=args.results_dir)
+    try:
+        run_sweep(args.experiment, workers=args.workers, storage=args.storage, study=args.study,
+                  results_dir=args.results_dir)
+    except SweepIncomplete as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -58,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("experiment", help="experiment YAML with a `sweep:` section")
     p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
     p.add_argument("--storage", default=None,
-                   help="Optuna storage URL (default sqlite:///<results>/<study>/optuna.db); "
-                        "postgresql://... to share a study between machines")
+                   help="Optuna storage URL (default: $DPO_HARNESS_STORAGE, else "
+                        "sqlite:///<results>/<study>/optuna.db); postgresql://... to share a study "
+                        "between machines")
     p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
     p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
     p.set_defaults(func=cmd_sweep)

@@ -27,6 +27,7 @@ from typing import Protocol
 from harness import cache, metrics
 from harness import data as hdata
 from harness import models as hmodels
+from harness.chaos import crash_point
 from harness.config import RunConfig
 from harness.sft import load_checkpoint, sft_checkpoint
 from harness.tasks import controlled
@@ -122,6 +123,7 @@ class Controlled:
                                     ("validation", prompts[tc.n_train_prompts:], tc.seed + 10_000)):
                 pairs[split] = controlled.build_pairs(model, tokenizer, ps, tc.samples_per_prompt,
                                                       tc.bt_temperature, tc.max_new_tokens, seed, device)
+            crash_point("pairs")
             cache.atomic_write(path, json.dumps(pairs))
         say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
         return pairs, path, False

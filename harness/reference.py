@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from harness import cache
 from harness import models as hmodels
+from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
 from harness.step import StepSettings, concatenated_logps, to_device
 
@@ -52,5 +53,6 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
             return torch.load(path), path, True
         logps = {name: compute_logps(model, items, s, pad_id, device, f"reference {name}", progress)
                  for name, items in splits.items()}
+        crash_point("reference")
         cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
     return logps, path, False

@@ -175,6 +175,9 @@ def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
              for combo in itertools.product(*[v for _, v in axes])]
     for cell in cells:
         logged = metrics.enabled(build_config(apply_overrides(raw, cell.overrides()), str(path)))
+        if spec.objective.kl_budget is not None and "gen/kl" not in logged:
+            raise ConfigError(f"{path}: sweep.objective.kl_budget: runs of cell {cell.id} log no "
+                              "gen/kl (generation metrics are off)")
         if spec.objective.metric not in logged:
             raise ConfigError(
                 f"{path}: sweep.objective.metric: no run of this experiment logs "

@@ -7,6 +7,7 @@ which a single run ignores.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -16,6 +17,15 @@ from harness.config.sweep import SweepSpec
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        """nan and inf are never a setting (YAML reads `.nan` and `.inf` as floats)."""
+        values = v if isinstance(v, tuple | list) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ValueError(f"must be a finite number, got {v}")
+        return v
 
 
 # The sweep's `masking` axis: which tokens count in a sequence log-prob (the prompt or not) and
@@ -148,12 +158,24 @@ class TrainConfig(_Section):
     sample_validation: int = 0
     sample_test: int = 0
     sample_max_new_tokens: int = 128  # tokens per greedy answer
+    # Examples (pairs) seen between run checkpoints in <run dir>/checkpoint (weights, optimizer,
+    # RNG and data position; only the last is kept); 0 = none. Re-running a cut-off run on its
+    # directory resumes from it. Each costs a write of weights + 2x their size in Adam state.
+    checkpoint_every: int = 0
+    keep_checkpoint: bool = False  # keep the last checkpoint after the run finishes
 
     @field_validator("batch_size", "grad_accum", "log_every")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0 (0 = no checkpoints), got {v}")
         return v
 
 

@@ -73,8 +73,11 @@ class SweepSpec(_Strict):
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     sampler: Literal["tpe", "random"] = "tpe"
     sampler_seed: int = 0
+    # A cell whose trials fail this many times in a row (an error, not a kill) is marked failed
+    # and skipped; the sweep finishes the other cells and exits non-zero naming it.
+    max_failures: int = 2
 
-    @field_validator("seeds", "trials")
+    @field_validator("seeds", "trials", "max_failures")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

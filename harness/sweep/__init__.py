@@ -14,8 +14,9 @@ off by Ctrl-C is re-queued at once, a killed worker's trial is found stale by Op
 and re-queued, and running the same command again continues the study.
 
 Rooms: storage.py (which Optuna storage), study.py (Optuna glue: sampler, pruner, parameters,
-objective), schedule.py (what runs next, running one trial), summary.py (the results table),
-supervise.py (worker processes and signals). The `sweep:` schema is harness.config.sweep.
+objective), schedule.py (what runs next), faults.py (dead workers, failing cells, diverged runs,
+read-back of finished runs), summary.py (the results table), supervise.py (worker processes,
+signals, exit status). The `sweep:` schema is harness.config.sweep.
 """
 
 import warnings
@@ -25,12 +26,12 @@ from harness.sweep.schedule import Sweep
 from harness.sweep.storage import default_storage, open_storage
 from harness.sweep.study import objective_value
 from harness.sweep.summary import write_summary
-from harness.sweep.supervise import run_sweep
+from harness.sweep.supervise import SweepIncomplete, run_sweep
 
 # Heartbeats and stale-trial handling are marked experimental by Optuna; they are what makes a
 # killed worker's trial come back, so we rely on them knowingly.
 warnings.filterwarnings("ignore", category=Warning, module="optuna")
 warnings.filterwarnings("ignore", message=".*experimental.*")
 
-__all__ = ["Sweep", "default_storage", "load_experiment", "objective_value", "open_storage",
+__all__ = ["Sweep", "SweepIncomplete", "default_storage", "load_experiment", "objective_value", "open_storage",
            "run_sweep", "write_summary"]

@@ -1,133 +1,172 @@
 """Which trial runs next, and running it.
 
 Workers (processes, or machines sharing a storage) take work from the storage, so nothing runs
-twice: each cell's search study gets `trials` trials; once a cell's search is done its best
-parameters are queued once in `<study>/<cell>/seeds` for the remaining seeds.
+twice: each cell's search study fills `trials` slots; once a cell's search is over its best
+parameters are queued in `<study>/<cell>/seeds` for the remaining seeds.
+
+Every step is re-derivable from the storage and the run folders, so a sweep killed at any moment
+continues where it was: a slot's run folder and sampler seed come from (cell, slot), not from
+Optuna's trial counter; a trial whose worker died is failed and retried with the same parameters;
+a run that finished before its value reached the storage is read back, not trained again; missing
+seed reruns are queued again. A cell whose trials fail `max_failures` times in a row is marked
+failed and skipped; the sweep goes on with the other cells.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
+from harness.chaos import crash_point
 from harness.config import Cell, Experiment
-from harness.sweep.storage import open_storage, without_password
-from harness.sweep.study import count, make_study, objective_value, suggest
+from harness.sweep import faults
+from harness.sweep.storage import HEARTBEAT_S, open_storage, without_password
+from harness.sweep.study import count, make_study, objective_value, slot_seed, suggest
 
 
 class Sweep:
-    def __init__(self, exp: Experiment, storage_url: str, results_dir: Path, worker: int = 0):
+    def __init__(self, exp: Experiment, storage_url: str, results_dir: Path, worker: int = 0,
+                 workers: int = 1):
         self.exp = exp
-        self.worker = worker  # index of this worker process on this machine (sampler seeds)
+        self.worker = worker  # index of this worker process on this machine
+        # One worker on a local file storage draws exactly the same trials after any restart;
+        # several workers (or machines) also mix in who they are, so that they draw apart.
+        self.tag = "" if workers == 1 and not storage_url.startswith("postgresql") \
+            else f"{socket.gethostname()}:{os.getpid()}:{worker}"
         self.storage_url = storage_url
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
         self.study_dir = self.results_dir / exp.study
 
-    def search_study(self, cell: Cell, worker: int = 0):
-        return make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", worker)
+    def search_study(self, cell: Cell, seed: int | None = None):
+        return make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", seed)
+
+    def run_dir(self, cell: Cell, role: str, slot: int) -> Path:
+        name = f"trial-{slot:03d}" if role == "search" else f"seed{slot}"
+        return self.study_dir / "runs" / cell.id / name
 
     # -- one trial ------------------------------------------------------------------------
-    def _objective(self, cell: Cell, role: str):
+    def _objective(self, cell: Cell, role: str, slot: int):
         import optuna
-
-        from harness.train import RunPruned, train
 
         exp = self.exp
 
         def objective(trial: optuna.Trial) -> float:
-            # Seed reruns and retries are enqueued trials: suggest() returns their fixed values.
+            faults.claim(trial)
+            # Retries and seed reruns are enqueued trials that carry their slot and parameters.
+            s = faults.settle_slot(trial, slot, exp.spec.trials) if role == "search" \
+                else int(trial.user_attrs["seed_offset"])
             params = {k: suggest(trial, k, p) for k, p in exp.spec.search.items()}
-            seed_offset = int(trial.user_attrs.get("seed_offset", 0))
-            run_name = f"trial-{trial.number:03d}" if role == "search" else f"seed{seed_offset}-{trial.number:03d}"
-            run_dir = self.study_dir / "runs" / cell.id / run_name
+            run_dir = self.run_dir(cell, role, s)
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("cell", cell.id)
-            trial.set_user_attr("seed_offset", seed_offset)
+            seed_offset = s if role == "seeds" else 0
             tags = [f"{a.split('.')[-1]}={v}" for a, v in cell.values] + [role]
             tags += [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in params.items()]
-            cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_name}", tags)
+            cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_dir.name}", tags)
             labels = {"study": exp.study, "cell": cell.id, "trial": trial.number, "role": role,
                       "storage": without_password(self.storage_url)}
 
             def on_eval(step: int, values: dict[str, float]) -> None:
+                if step > 0:
+                    crash_point("eval")
                 value = objective_value(exp.spec.objective, values)
                 if value is None or role != "search":
                     return
                 trial.report(value, step)
                 if trial.should_prune():
+                    from harness.train import RunPruned
+
                     raise RunPruned(f"pruned at step {step}")
 
-            try:
-                summary = train(cfg, run_dir=run_dir, on_eval=on_eval, labels=labels)
-            except RunPruned:
-                raise optuna.TrialPruned() from None
-            except KeyboardInterrupt:
-                # Cut off by the user: queue the same parameters again before the trial fails.
-                trial.study.enqueue_trial(trial.params, user_attrs={
-                    "seed_offset": seed_offset, "retry_of": trial.number})
-                raise
+            summary = faults.run_trial(trial, cfg, run_dir, on_eval, labels, role)
             value = objective_value(exp.spec.objective, summary)
-            if value is None or not math.isfinite(value):
-                raise ValueError(f"{run_dir}: objective {exp.spec.objective.metric} missing or not finite")
+            if value is None:
+                err = f"{run_dir}: objective {exp.spec.objective.metric} missing or not finite"
+                trial.set_user_attr("error", err)
+                raise ValueError(err)
             return value
 
         return objective
 
     # -- what to do next --------------------------------------------------------------------
     def _seed_study(self, cell: Cell, search):
-        """The seeds study of a finished cell; whoever creates it queues the reruns (creation is
-        atomic in the storage, so the reruns are queued once)."""
+        """The seeds study of a finished cell, with a rerun queued for every seed that has none:
+        whoever gets here first after a kill queues what is missing (queuing is idempotent)."""
         import optuna
 
         name = f"{self.exp.study}/{cell.id}/seeds"
-        try:
-            seeds = optuna.create_study(study_name=name, storage=self.storage,
-                                        direction=self.exp.spec.objective.direction)
-        except optuna.exceptions.DuplicatedStudyError:
-            return optuna.load_study(study_name=name, storage=self.storage)
+        seeds = optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True,
+                                    direction=self.exp.spec.objective.direction)
         best = search.best_trial
+        crash_point("seeds")
+        if "best_trial" not in seeds.user_attrs:
+            seeds.set_user_attr("best_trial", best.number)
+            seeds.set_user_attr("best_params", best.params)
+        params = seeds.user_attrs["best_params"]
+        have = {int(t.user_attrs.get("seed_offset", -1)) for t in seeds.get_trials(deepcopy=False)
+                if t.state.name != "FAIL" or faults.real_failure(t)}
         for k in range(1, self.exp.spec.seeds):
-            seeds.enqueue_trial(best.params, user_attrs={"seed_offset": k, "best_trial": best.number})
+            if k not in have:
+                seeds.enqueue_trial(params, user_attrs={"seed_offset": k,
+                                                        "best_trial": seeds.user_attrs["best_trial"]})
         return seeds
 
     def next_work(self):
-        """(study, cell, role) of the next trial to run, or None when nothing is left for us."""
+        """(study, cell, role, slot) of the next trial to run, or None when nothing is left."""
         spec = self.exp.spec
         for cell in self.exp.cells:
-            search = self.search_study(cell, self.worker)
-            if count(search, "COMPLETE", "PRUNED", "RUNNING", "WAITING") < spec.trials:
-                return search, cell, "search"
+            search = self.search_study(cell)
+            if faults.cell_failure(search, spec.max_failures):
+                continue
+            slot = faults.waiting_slot(search)  # a retry runs (in its own slot) before new trials
+            slot = faults.free_slot(search, spec.trials) if slot is None else slot
+            if slot is not None:
+                study = self.search_study(cell, slot_seed(spec.sampler_seed, cell.id, slot, self.tag))
+                return study, cell, "search", slot
         if spec.seeds < 2:
             return None
         for cell in self.exp.cells:
             search = self.search_study(cell)
-            if count(search, "COMPLETE", "PRUNED") < spec.trials:
-                continue  # another worker is still searching this cell
+            if count(search, "RUNNING", "WAITING") or count(search, "COMPLETE", "PRUNED") < spec.trials:
+                continue  # the search is still going: its best trial is not final yet
             if not count(search, "COMPLETE"):
                 continue  # every trial pruned or failed: no best parameters to repeat
             seeds = self._seed_study(cell, search)
             if count(seeds, "WAITING"):
-                return seeds, cell, "seeds"
+                return seeds, cell, "seeds", 0
         return None
 
+    def pending(self) -> int:
+        """Trials still running in some worker (each will finish, or be found stale and retried)."""
+        import optuna
+
+        return sum(count(optuna.load_study(study_name=n, storage=self.storage), "RUNNING")
+                   for n in self.study_names())
+
     def work(self) -> int:
-        """Run trials until nothing is left; returns how many this worker ran."""
+        """Run trials until nothing is left and no other worker still runs one; returns how many
+        this worker ran."""
         import optuna
 
         ran = 0
         while True:
             for name in self.study_names():
-                optuna.storages.fail_stale_trials(optuna.load_study(study_name=name, storage=self.storage))
+                faults.reap_stale(optuna.load_study(study_name=name, storage=self.storage))
             job = self.next_work()
             if job is None:
-                return ran
-            study, cell, role = job
-            print(f"[{os.getpid()}] {role} {cell.id}", file=sys.stderr, flush=True)
-            study.optimize(self._objective(cell, role), n_trials=1, catch=(ValueError, RuntimeError))
+                if not self.pending():
+                    return ran
+                time.sleep(HEARTBEAT_S)  # another worker's trial may still finish or fail
+                continue
+            study, cell, role, slot = job
+            print(f"[{os.getpid()}] {role} {cell.id}" + (f" slot {slot}" if role == "search" else ""),
+                  file=sys.stderr, flush=True)
+            study.optimize(self._objective(cell, role, slot), n_trials=1, catch=(Exception,))
             ran += 1
 
     def study_names(self) -> list[str]:
@@ -136,3 +175,4 @@ class Sweep:
         prefix = f"{self.exp.study}/"
         return [s.study_name for s in optuna.get_all_study_summaries(self.storage)
                 if s.study_name.startswith(prefix)]
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STORAGE_ENV = "DPO_HARNESS_STORAGE"  # the storage URL when --storage is not given
 HEARTBEAT_S = 10  # a trial's heartbeat; one silent for GRACE_S is failed and re-queued
 GRACE_S = 30
 
@@ -37,6 +38,15 @@ def without_password(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url)._replace(password=None).render_as_string(hide_password=False)
+
+
+def masked(url: str) -> str:
+    """The URL fit for printing: any password replaced by ***."""
+    if is_journal(url) or "@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def open_storage(url: str, heartbeat: bool = True):

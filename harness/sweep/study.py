@@ -3,21 +3,31 @@ space, and the objective value of a run's metrics."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from typing import Any
 
 from harness.config import Experiment, ObjectiveSpec, ParamSpec
 
 
-def make_study(exp: Experiment, storage, name: str, worker: int = 0):
+def slot_seed(sampler_seed: int, cell: str, slot: int, tag: str = "") -> int:
+    """The sampler seed of one slot of a cell. Every trial is asked from a freshly loaded study,
+    so a fixed seed would draw the same start-up point every time; a seed counted from the trials
+    in the study would shift after a failed or retried trial. (cell, slot) gives the same draws
+    after any restart; `tag` (host, process, worker) sets parallel workers apart."""
+    digest = hashlib.sha256(json.dumps([sampler_seed, cell, slot, tag]).encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def make_study(exp: Experiment, storage, name: str, seed: int | None = None):
+    """The Optuna study `name` with the experiment's sampler (seeded with `seed`) and pruner."""
     import optuna
 
     spec = exp.spec
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                 direction=spec.objective.direction)
-    # Every trial is asked from a freshly loaded study, so a fixed sampler seed would draw the
-    # same start-up point every time: the seed moves with the trials already in the study (and
-    # the worker), which keeps a one-worker study reproducible and parallel workers apart.
-    seed = spec.sampler_seed + 1000 * len(study.get_trials(deepcopy=False)) + worker
+    seed = spec.sampler_seed if seed is None else seed
     if spec.sampler == "tpe":
         # Few trials per cell: start modelling after 2 random trials, and constant_liar keeps
         # parallel workers from sampling the same point.
@@ -48,10 +58,13 @@ def suggest(trial, name: str, p: ParamSpec) -> Any:
 def objective_value(spec: ObjectiveSpec, values: dict[str, float]) -> float | None:
     """The metric, minus `kl_penalty` per nat of gen/kl above `kl_budget` (when set)."""
     value = values.get(spec.metric)
-    if value is None:
+    if value is None or not math.isfinite(value):
         return None
-    if spec.kl_budget is not None and values.get("gen/kl") is not None:
-        over = max(0.0, values["gen/kl"] - spec.kl_budget)
+    if spec.kl_budget is not None:
+        kl = values.get("gen/kl")
+        if kl is None or not math.isfinite(kl):  # a KL budget cannot be checked: no score
+            return None
+        over = max(0.0, kl - spec.kl_budget)
         sign = 1 if spec.direction == "maximize" else -1
         value -= sign * spec.kl_penalty * over
     return value

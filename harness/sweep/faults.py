@@ -1,0 +1,197 @@
+"""What a sweep does when things go wrong: dead workers, failing cells, diverging runs, kills
+between a run's end and its record in the storage.
+
+- A RUNNING trial whose worker is gone is failed and queued again with its parameters and slot:
+  at once when the worker ran on this machine (its process no longer exists), after Optuna's
+  heartbeat grace period otherwise, and after the grace period for a trial killed before it had
+  a worker or heartbeat.
+- A trial that fails records its error (`error` user attribute); `max_failures` such failures in
+  a row mark the cell failed (the search study's `failed` user attribute) and it is skipped.
+- A run that diverged (non-finite loss or gradient) is pruned in a search and recorded as
+  diverged in a seed rerun; it is never retried and never averaged.
+- A run whose summary.json says `finished` with the same config is read back, not trained again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from harness.chaos import crash_point
+from harness.sweep import storage as hstorage
+
+_ME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim(trial) -> None:
+    """Mark the trial as run by this process (how a dead worker's trial is recognised)."""
+    trial.set_user_attr("worker", _ME)
+
+
+def _slots(trials, states: tuple[str, ...], skip: int | None = None) -> set[int]:
+    return {int(t.user_attrs["slot"]) for t in trials
+            if t.state.name in states and "slot" in t.user_attrs and t.number != skip}
+
+
+def free_slot(study, budget: int) -> int | None:
+    """The lowest search slot with no finished, running or queued trial; None when the budget
+    is taken."""
+    trials = study.get_trials(deepcopy=False)
+    busy = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+    if sum(t.state.name in busy for t in trials) >= budget:
+        return None
+    free = sorted(set(range(budget)) - _slots(trials, busy))
+    return free[0] if free else None
+
+
+def waiting_slot(study) -> int | None:
+    """The slot of the queued trial Optuna runs next (the oldest WAITING one), if any: a retry
+    keeps its slot; one cut off before it had a slot takes the lowest free one."""
+    waiting = sorted(study.get_trials(deepcopy=False, states=None), key=lambda t: t.number)
+    waiting = [t for t in waiting if t.state.name == "WAITING"]
+    if not waiting:
+        return None
+    if "slot" in waiting[0].user_attrs:
+        return int(waiting[0].user_attrs["slot"])
+    trials = study.get_trials(deepcopy=False)
+    taken = _slots(trials, ("COMPLETE", "PRUNED", "RUNNING", "WAITING"))
+    return min(set(range(len(trials) + 1)) - taken)
+
+
+def settle_slot(trial, slot: int, budget: int) -> int:
+    """The slot this trial fills: its own when it is a retry, else `slot` unless another worker
+    took it meanwhile (then the lowest free one, or one past the budget)."""
+    s = int(trial.user_attrs.get("slot", slot))
+    taken = _slots(trial.study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "RUNNING", "WAITING"),
+                   skip=trial.number)
+    if s in taken:
+        free = sorted(set(range(budget)) - taken)
+        s = free[0] if free else budget + trial.number
+    trial.set_user_attr("slot", s)
+    return s
+
+
+def real_failure(trial) -> bool:
+    """A trial that failed with an error of its own (not one cut off by a kill or Ctrl-C)."""
+    return trial.state.name == "FAIL" and "error" in trial.user_attrs
+
+
+def cell_failure(study, max_failures: int) -> str | None:
+    """The error of a cell given up on: `max_failures` real failures in a row (killed and
+    interrupted trials do not count). Recorded on the study so that every worker skips it."""
+    if "failed" in study.user_attrs:
+        return study.user_attrs["failed"]
+    done = [t for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+            if t.state.name in ("COMPLETE", "PRUNED") or real_failure(t)]
+    streak = 0
+    for t in reversed(done):
+        if not real_failure(t):
+            break
+        streak += 1
+    if streak < max_failures:
+        return None
+    error = f"{streak} trials in a row failed; last: {done[-1].user_attrs['error']}"
+    study.set_user_attr("failed", error)
+    return error
+
+
+# ----------------------------------------------------------------------------- dead workers
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead(trial, grace_s: float) -> bool:
+    worker = trial.user_attrs.get("worker")
+    if worker is None:  # killed between Optuna's ask and claim(): no worker, maybe no heartbeat
+        start = trial.datetime_start or dt.datetime.now()
+        return (dt.datetime.now() - start).total_seconds() > grace_s
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid != str(os.getpid()) and not _alive(int(pid))
+
+
+def reap_stale(study) -> int:
+    """Fail the RUNNING trials whose worker is gone and queue each again (same parameters and
+    user attributes: its slot or seed); returns how many."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
+
+    optuna.storages.fail_stale_trials(study)  # heartbeat-based: machines that went away
+    reaped = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not _dead(t, hstorage.GRACE_S):
+            continue
+        try:
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue  # another worker reaped it first
+        attrs = {k: v for k, v in t.user_attrs.items() if k != "worker"}
+        study.add_trial(optuna.create_trial(state=TrialState.WAITING, params=t.params,
+                                            distributions=t.distributions, user_attrs=attrs,
+                                            system_attrs={"failed_trial": t.number}))
+        reaped += 1
+    return reaped
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+def finished_summary(run_dir: Path, cfg) -> dict[str, Any] | None:
+    """The summary of a run that already finished in `run_dir` with this config (a worker killed
+    after the run, before the storage heard of it), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    config.pop("labels", None)
+    if summary.get("status") != "finished" or config != cfg.to_dict():
+        return None
+    return summary
+
+
+def run_trial(trial, cfg, run_dir: Path, on_eval, labels: dict, role: str) -> dict[str, Any]:
+    """Train one trial's run (or read back its finished run) and sort its ending out for Optuna:
+    pruned and diverged-in-search end PRUNED; a diverged seed rerun, an error and a Ctrl-C end
+    FAIL (a Ctrl-C'd trial is queued again at once)."""
+    import optuna
+
+    from harness.train import RunDiverged, RunPruned, train
+
+    done = finished_summary(run_dir, cfg)
+    if done is not None:
+        trial.set_user_attr("read_back", True)
+        return done
+    try:
+        summary = train(cfg, run_dir=run_dir, on_eval=on_eval, labels=labels)
+        crash_point("summary")
+        return summary
+    except RunPruned:
+        trial.set_user_attr("outcome", "pruned")
+        raise optuna.TrialPruned() from None
+    except RunDiverged as err:
+        trial.set_user_attr("outcome", "diverged")
+        if role == "search":  # a learning rate that diverges is a bad point, not a broken cell
+            raise optuna.TrialPruned(str(err)) from None
+        trial.set_user_attr("error", f"diverged: {err}")
+        raise
+    except KeyboardInterrupt:
+        attrs = {k: v for k, v in trial.user_attrs.items() if k != "worker"}
+        trial.study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        raise
+    except Exception as err:
+        trial.set_user_attr("outcome", "failed")
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:1000])
+        raise
