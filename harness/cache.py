@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,10 +99,43 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+STALE_TMP_S = 3600  # a temporary older than this was left by a writer that died
+
+
+def clean_stale(folder: Path, max_age_s: float = STALE_TMP_S) -> int:
+    """Remove temporaries (`.<name>.*.tmp`) that dead writers left in `folder`; returns how many.
+    Fresh ones belong to writers still at work and are left alone."""
+    removed = 0
+    now = time.time()
+    for tmp in Path(folder).glob(".*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+                removed += 1
+        except OSError:
+            continue  # another process cleaned it first
+    return removed
+
+
+def read_or_rebuild(path: Path, read: Callable[[Path], Any], rebuild: Callable[[], Any]) -> tuple[Any, bool]:
+    """(entry, reused): `read(path)` when the entry is there and whole; when it is missing, or
+    unreadable (torn by a crash, emptied by a disk fault), it is removed, with a warning in the
+    second case, and `rebuild()` makes it again."""
+    if Path(path).exists():
+        try:
+            return read(path), True
+        except Exception as err:  # noqa: BLE001 - any unreadable entry is rebuilt, never trusted
+            print(f"warning: cache entry {path} is unreadable ({type(err).__name__}: {err}); "
+                  "computing it again", file=sys.stderr)
+            shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+    return rebuild(), False
+
+
 def atomic_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp)` on a unique temporary sibling of `path`, fsync it, rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(path.parent)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -137,6 +172,7 @@ def atomic_dir(target: Path, save: Callable[[Path], None]) -> Path:
     process got there first its (identical) copy is kept."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target.parent)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         save(tmp)

@@ -112,10 +112,8 @@ class Controlled:
         checkpoint and the task settings; made once under a lock when workers race."""
         tc = cfg.task
         path = cache.entry("pairs", cache.Key(str(init_path), tc.model_dump(mode="json")), ".json")
-        with cache.file_lock(path.with_suffix(".lock")):
-            if path.exists():
-                say(f"pairs: reused {path}")
-                return json.loads(path.read_text()), path, True
+
+        def sample() -> dict:
             t0 = time.time()
             model = load_checkpoint(init_path).to(device)
             pairs = {}
@@ -125,8 +123,14 @@ class Controlled:
                                                       tc.bt_temperature, tc.max_new_tokens, seed, device)
             crash_point("pairs")
             cache.atomic_write(path, json.dumps(pairs))
-        say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
-        return pairs, path, False
+            say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
+            return pairs
+
+        with cache.file_lock(path.with_suffix(".lock")):
+            pairs, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), sample)
+        if reused:
+            say(f"pairs: reused {path}")
+        return pairs, path, reused
 
 
 TASKS: dict[str, Task] = {"none": FileData(), "controlled": Controlled()}

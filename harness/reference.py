@@ -48,11 +48,19 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
     path = cache.entry("reference", key.hex(32), ".pt", root=root)
-    with cache.file_lock(path.with_suffix(".lock")):
-        if path.exists():
-            return torch.load(path), path, True
+    def read(p: Path) -> dict[str, torch.Tensor]:
+        logps = torch.load(p)
+        if set(logps) != set(splits) or any(len(logps[n]) != len(splits[n]) for n in splits):
+            raise ValueError("splits or pair counts differ from the key's")
+        return logps
+
+    def rebuild() -> dict[str, torch.Tensor]:
         logps = {name: compute_logps(model, items, s, pad_id, device, f"reference {name}", progress)
                  for name, items in splits.items()}
         crash_point("reference")
         cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
-    return logps, path, False
+        return logps
+
+    with cache.file_lock(path.with_suffix(".lock")):
+        logps, reused = cache.read_or_rebuild(path, read, rebuild)
+    return logps, path, reused

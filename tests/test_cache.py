@@ -71,3 +71,35 @@ def test_file_lock_serialises_processes(tmp_path):
     lines = log.read_text().split()
     assert len(lines) == 4
     assert lines[0][0] == lines[1][0] and lines[2][0] == lines[3][0]  # never interleaved
+
+
+def test_an_unreadable_entry_is_rebuilt_with_a_warning(tmp_path, capsys):
+    """A zero-length or torn entry (a crash, a disk fault) is not trusted: it is removed and made
+    again; a whole one is read."""
+    path = tmp_path / "e.json"
+    path.write_text("")  # what a power loss can leave
+    built = []
+
+    def rebuild():
+        built.append(1)
+        cache.atomic_write(path, '{"ok": 1}')
+        return {"ok": 1}
+
+    import json
+
+    value, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), rebuild)
+    assert value == {"ok": 1} and reused is False and built == [1]
+    assert "unreadable" in capsys.readouterr().err
+    value, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), rebuild)
+    assert reused is True and built == [1]
+
+
+def test_stale_temporaries_are_cleaned_and_fresh_ones_kept(tmp_path):
+    import os
+
+    old, fresh = tmp_path / ".a.json.x1.tmp", tmp_path / ".b.json.x2.tmp"
+    old.write_text("left by a dead writer")
+    fresh.write_text("a writer at work")
+    os.utime(old, (time.time() - 2 * cache.STALE_TMP_S,) * 2)
+    cache.atomic_write(tmp_path / "c.json", "{}")
+    assert not old.exists() and fresh.exists()
