@@ -27,9 +27,17 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, _overrides(args.set))
-    from harness.train import train  # torch import only when needed
+    from harness.train import RunDiverged, train  # torch import only when needed
 
-    summary = train(cfg, run_dir=args.run_dir)
+    try:
+        summary = train(cfg, run_dir=args.run_dir)
+    except FileExistsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RunDiverged as err:
+        print(f"error: the run diverged ({err}); its files say status `diverged`. Lower train.lr "
+              "or raise dpo.beta", file=sys.stderr)
+        return 1
     final = {"status": summary["status"], "steps": summary["steps"], **metrics.headline(summary),
              "wall_s": summary["wall_s"]}
     print(json.dumps(final, indent=2))

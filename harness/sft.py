@@ -3,7 +3,8 @@ whose checkpoint is both the DPO starting point and the reference.
 
 Checkpoints are cached under <cache root>/sft/<key>, the key a hash of everything that determines
 them (base model, tokenizer, texts, SFT settings, seed), so every trial of a sweep that shares a
-model size reuses one.
+model size reuses one. A stage whose loss, gradient norm or weights stop being finite raises
+ValueError (naming sft.lr and the step) and caches nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from harness import cache, optim
 from harness import models as hmodels
+from harness.chaos import crash_point
 
 
 def sft_key(model_name: str, tokenizer, texts: list[str], settings: dict, seed: int) -> cache.Key:
@@ -35,7 +37,9 @@ def lm_loss(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
 
 
 def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progress: bool) -> dict:
-    """Train `model` in place on `texts` for sft.steps AdamW steps; returns a few statistics."""
+    """Train `model` in place on `texts` for sft.steps AdamW steps; returns a few statistics.
+    Raises ValueError when the loss or the gradient norm of a step is not finite (before the
+    optimizer steps on it), or the weights are not finite at the end."""
     gen = torch.Generator().manual_seed(seed)
     eos = tokenizer.eos_token_id
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][: sft.max_length - 1] + [eos]
@@ -44,7 +48,8 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
     sched = optim.scheduler(opt, "cosine", sft.warmup_steps, sft.steps, decay_in_warmup=True)
     model.train()
     losses = []
-    for _ in tqdm(range(sft.steps), desc="sft", unit="step", disable=not progress, leave=False):
+    for step in tqdm(range(1, sft.steps + 1), desc="sft", unit="step", disable=not progress,
+                     leave=False):
         idx = torch.randint(len(encoded), (sft.batch_size,), generator=gen).tolist()
         rows = [encoded[i] for i in idx]
         T = max(len(r) for r in rows)
@@ -54,14 +59,27 @@ def train_sft(model, tokenizer, texts: list[str], sft, seed: int, device, progre
             ids[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
         loss = lm_loss(model, ids.to(device), attn.to(device))
+        _check_finite(sft, step, "loss", loss)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        _check_finite(sft, step, "gradient norm", torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if step == sft.steps // 2:
+            crash_point("sft")
+    bad = [n for n, w in model.named_parameters() if not bool(torch.isfinite(w).all())]
+    if bad:
+        raise ValueError(f"sft diverged: weights not finite after step {sft.steps} ({bad[0]}, ...); "
+                         f"lower sft.lr (now {sft.lr})")
     k = max(1, len(losses) // 10)
     return {"sft/loss_first": sum(losses[:k]) / k, "sft/loss_last": sum(losses[-k:]) / k}
+
+
+def _check_finite(sft, step: int, what: str, value: torch.Tensor) -> None:
+    if not torch.isfinite(value):
+        raise ValueError(f"sft diverged at step {step}: {what} is {value.item()}; lower sft.lr "
+                         f"(now {sft.lr})")
 
 
 def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict, bool]:

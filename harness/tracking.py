@@ -2,7 +2,8 @@
 
 - `RunFiles`, the run directory (the source of truth, and the one owner of its layout):
   `config.json` (the resolved config and the run's `labels`), `metrics.jsonl` (one JSON object
-  per logged step), `<table>.json` per table, `summary.json` (written once, at the end);
+  per logged step), `<table>.json` per table, `summary.json` (written once, at the end),
+  `checkpoint/` while a run with train.checkpoint_every is under way (harness.checkpoint);
 - `Wandb`, online when logged in, offline otherwise (`WANDB_MODE` wins). A wandb failure prints
   one warning and disables wandb for the run: it never stops training.
 
@@ -15,6 +16,7 @@ import json
 import math
 import netrc
 import os
+import shutil
 import sys
 import warnings
 from datetime import datetime
@@ -25,20 +27,57 @@ from harness import cache, metrics
 
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
+CHECKPOINT = "checkpoint"  # the last run checkpoint (harness.checkpoint), removed at the end
+FINISHED = "finished"  # the summary status of a complete run
 
 
 def new_run_dir(results_dir: str | Path, name: str, run_dir: str | Path | None) -> Path:
     """`run_dir` as given, else results_dir/runs/<name>-<time>. A finished run is never
-    overwritten; an earlier attempt that was cut off starts over."""
+    overwritten; an earlier attempt that was cut off (no summary, or a status other than
+    finished) may be resumed or started over (harness.checkpoint.resume_point)."""
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = Path(results_dir) / "runs" / f"{name}-{stamp}"
     run_dir = Path(run_dir)
-    if (run_dir / SUMMARY).exists():
+    if run_status(run_dir) == FINISHED:
         raise FileExistsError(f"{run_dir} already holds a finished run ({SUMMARY}); pick another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS).unlink(missing_ok=True)
     return run_dir
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The status in run_dir's summary.json; None when there is none (or it cannot be read)."""
+    try:
+        return json.loads((Path(run_dir) / SUMMARY).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def earlier_attempt(run_dir: Path) -> bool:
+    """Whether run_dir holds metrics, a summary or a checkpoint of an earlier attempt."""
+    return any((Path(run_dir) / name).exists() for name in (METRICS, SUMMARY, CHECKPOINT))
+
+
+def start_over(run_dir: Path) -> None:
+    """Remove what an earlier attempt left that a new one would append to or be confused by:
+    metrics.jsonl, summary.json and the checkpoint."""
+    run_dir = Path(run_dir)
+    (run_dir / METRICS).unlink(missing_ok=True)
+    (run_dir / SUMMARY).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+
+
+def resume_files(run_dir: Path, lines: int) -> bool:
+    """Ready run_dir to continue an earlier attempt: metrics.jsonl cut to its first `lines` rows
+    (the rows a checkpoint had counted), summary.json removed. False, and nothing changed, when
+    metrics.jsonl holds fewer complete rows."""
+    path = Path(run_dir) / METRICS
+    rows = (path.read_text(encoding="utf-8") if path.exists() else "").split("\n")[:-1]
+    if len(rows) < lines:  # rows[:-1]: what follows the last newline is no complete row
+        return False
+    cache.atomic_write(path, "".join(f"{r}\n" for r in rows[:lines]))
+    (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
+    return True
 
 
 def run_labels(cfg: Any, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -74,12 +113,20 @@ class RunFiles:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         cache.atomic_json(self.run_dir / CONFIG, config)
-        self._metrics = open(self.run_dir / METRICS, "a", buffering=1)  # noqa: SIM115
+        path = self.run_dir / METRICS
+        self.lines = path.read_text(encoding="utf-8").count("\n") if path.exists() else 0  # rows
+        self._metrics = open(path, "a", buffering=1)  # noqa: SIM115
 
     def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
         row = {"step": step, "examples_seen": examples_seen}
         row.update({k: _clean(float(v)) for k, v in values.items()})
         self._metrics.write(json.dumps(row) + "\n")
+        self.lines += 1
+
+    def sync(self) -> None:
+        """metrics.jsonl on disk up to its last row (before a checkpoint counts its rows)."""
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
 
     def table(self, key: str, columns: list[str], rows: list[list]) -> None:
         path = self.run_dir / f"{key.replace('/', '_')}.json"
@@ -195,6 +242,14 @@ class Tracker:
     @property
     def wandb(self) -> Wandb | None:
         return next((b for b in self.backends if isinstance(b, Wandb)), None)
+
+    def metrics_lines(self) -> int:
+        """Rows in metrics.jsonl, synced to disk (0 without run files)."""
+        files = next((b for b in self.backends if isinstance(b, RunFiles)), None)
+        if files is None:
+            return 0
+        files.sync()
+        return files.lines
 
     def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
         metrics.check(values)

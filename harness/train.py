@@ -1,29 +1,34 @@
 """One DPO run, end to end: `train(cfg)` reads top to bottom.
 
     prepare (tokenizer, pairs, SFT start)  →  models (policy, reference or cached log-probs)
-    →  optimizer and schedule  →  steps, with evals every `train.eval_every` pairs
-    →  final eval, test split, samples  →  save
+    →  optimizer and schedule  (→ the checkpoint's state, when resuming a cut-off run)
+    →  steps, with evals every `train.eval_every` pairs and checkpoints every
+       `train.checkpoint_every` pairs  →  final eval, test split, samples  →  save
 
-The parts are the library's (prepare, step, reference, optim, tracking); only the loop lives here.
+A non-finite training loss or gradient norm ends the run (`RunDiverged`, status `diverged`)
+before the optimizer steps on it.
+
+The parts are the library's (prepare, step, reference, optim, checkpoint, tracking); only the
+loop lives here.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import platform
 import random
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, metrics, optim
+from harness import cache, checkpoint, metrics, optim
 from harness import data as hdata
 from harness import models as hmodels
 from harness.config import RunConfig
@@ -41,6 +46,21 @@ class RunPruned(Exception):
     """Raised by an eval hook to stop a run early (a sweep's pruner); the run ends as `pruned`."""
 
 
+class RunDiverged(Exception):
+    """A non-finite training loss (of a micro-batch) or gradient norm at optimizer step `step`:
+    the run ends as `diverged`, and the optimizer never stepped on it."""
+
+    def __init__(self, step: int, quantity: str, value: float):
+        super().__init__(f"step {step}: {quantity} is {value}")
+        self.step, self.quantity, self.value = step, quantity, value
+
+    def __reduce__(self):  # picklable across processes despite the custom signature
+        return type(self), (self.step, self.quantity, self.value)
+
+
+CUT_OFF = {KeyboardInterrupt: "interrupted", RunPruned: "pruned", RunDiverged: "diverged"}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -52,26 +72,37 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
 
     `on_eval(step, metrics)` is called after every validation pass; it may raise RunPruned.
     `labels` (study, cell, trial, role, storage) are set by a sweep and written into the run files.
+    A run_dir holding a cut-off run (no summary, or a status other than finished) resumes from
+    its checkpoint when that was saved under the same config, else starts over; a finished run
+    is refused (FileExistsError). RunDiverged, RunPruned and KeyboardInterrupt propagate after
+    the summary is written.
     """
     run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
+    resume = checkpoint.resume_point(run_dir, cfg.to_dict())
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = hmodels.pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     labels = run_labels(cfg, labels)
     tracker = Tracker.for_run(run_dir, cfg, labels)
+    if resume is not None:
+        tracker.last.update(resume.state["tracker_last"])
     say = (lambda *a: print(*a, file=sys.stderr)) if cfg.tracking.progress else (lambda *a: None)
     started = time.time()
+    ends = {"resumed_from_step": resume.step if resume else None, "diverged_at_step": None}
     try:
-        summary = _run(cfg, run_dir, device, tracker, say, on_eval)
+        summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume)
     except BaseException as err:
-        status = {KeyboardInterrupt: "interrupted", RunPruned: "pruned"}.get(type(err), "failed")
-        tracker.summary({"status": status, "error": repr(err), "wall_s": time.time() - started,
-                         **labels, **tracker.last})
+        if isinstance(err, RunDiverged):
+            ends["diverged_at_step"] = err.step
+        tracker.summary({"status": CUT_OFF.get(type(err), "failed"), "error": repr(err),
+                         "wall_s": time.time() - started, **ends, **labels, **tracker.last})
         tracker.close(exit_code=1)
         raise
-    summary = tracker.summary({**summary, **labels, "wall_s": time.time() - started})
+    summary = tracker.summary({**summary, **labels, **ends, "wall_s": time.time() - started})
     tracker.close()
+    if not cfg.train.keep_checkpoint:
+        checkpoint.remove(run_dir)
     say(f"run directory: {run_dir}")
     return summary
 
@@ -177,15 +208,20 @@ def total_steps(cfg: RunConfig, n_train: int) -> int:
 
 @dataclass
 class Progress:
-    """Where the loop stands: what the final summary reports."""
+    """Where the loop stands: what the final summary reports and what a checkpoint restores."""
 
+    step: int = 0  # optimizer steps done
     seen: int = 0  # pairs trained on
     tokens: int = 0  # non-padding tokens trained on
+    micro_batches: int = 0  # drawn from the train stream: the data position
     last_train: dict[str, float] = field(default_factory=dict)  # the last logged train metrics
     last_eval: dict[str, float] = field(default_factory=dict)  # the last validation pass
+    window: dict[str, float] = field(default_factory=dict)  # per-pair metric sums since last log
+    window_pairs: int = 0  # pairs in `window`
 
 
-def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
+         resume: checkpoint.Checkpoint | None) -> dict:
     t, s = cfg.train, StepSettings.from_config(cfg)
     prep = prepare(cfg, device, say)
     splits = prep.splits
@@ -199,59 +235,96 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval) 
         f"pairs train/validation/test: {len(splits['train'])}/{len(splits['validation'])}/"
         f"{len(splits['test'])} | {t.batch_size * t.grad_accum} pairs per step ({t.batch_size} x "
         f"{t.grad_accum} accum) | {steps} steps | run dir: {run_dir}")
+    p = Progress()
+    if resume is not None:
+        checkpoint.restore(resume, m.policy, optimizer, scheduler)
+        p = Progress(**resume.state["progress"])
+
+    def save(p: Progress) -> None:
+        checkpoint.save(run_dir, cfg.to_dict(), asdict(p), tracker, m.policy, optimizer, scheduler)
+
     evaluate_now = Evaluator(cfg, prep, m, s, device, tracker, on_eval)
-    p = _loop(cfg, prep, m, s, optimizer, scheduler, steps, evaluate_now, tracker, device)
+    p = _loop(cfg, prep, m, s, optimizer, scheduler, steps, evaluate_now, tracker, device, p, save)
     return _finish(cfg, run_dir, prep, m, s, steps, p, evaluate_now, tracker, device)
 
 
+def _crossed(seen: int, pairs_per_step: int, every: int) -> bool:
+    """Whether the last step's pairs crossed a multiple of `every` pairs."""
+    return seen // every > (seen - pairs_per_step) // every
+
+
 def _loop(cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, optimizer, scheduler,
-          steps: int, evaluate_now: Evaluator, tracker: Tracker, device) -> Progress:
-    """The optimizer steps, with train metrics every `log_every` steps and a validation pass
-    every `eval_every` pairs (and at step 0)."""
-    t, p = cfg.train, Progress()
+          steps: int, evaluate_now: Evaluator, tracker: Tracker, device, p: Progress,
+          save: Callable[[Progress], None]) -> Progress:
+    """The optimizer steps after p.step (0, or a checkpoint's step), with train metrics every
+    `log_every` steps, a validation pass every `eval_every` pairs (and at step 0) and a
+    checkpoint every `checkpoint_every` pairs (never at the last step: the run saves its end)."""
+    t = cfg.train
     validate, pairs_per_step = bool(prep.splits["validation"]), t.batch_size * t.grad_accum
-    p.last_eval = evaluate_now(0, 0) if validate and t.eval_every else {}
+    if p.step == 0 and validate and t.eval_every:
+        p.last_eval = evaluate_now(0, 0)
     stream = micro_batches(cfg, prep.splits["train"], prep.tokenizer.pad_token_id)
-    window: dict[str, float] = defaultdict(float)
-    window_pairs = 0
-    bar = tqdm(total=steps, desc="dpo", unit="step", disable=not cfg.tracking.progress)
-    for step in range(1, steps + 1):
+    stream = itertools.islice(stream, p.micro_batches, None)  # a resumed run's data position
+    bar = tqdm(total=steps, initial=p.step, desc="dpo", unit="step", disable=not cfg.tracking.progress)
+    for step in range(p.step + 1, steps + 1):
         t0 = time.perf_counter()
-        tokens = 0
-        for _ in range(t.grad_accum):
-            idx, batch = next(stream)
-            losses, pair = dpo_batch(m.policy, m.step_reference, m.ref_logps.get("train"), idx, batch,
-                                     s, device)
-            (losses.mean() / t.grad_accum).backward()
-            tokens += int(batch["attention_mask"].sum())
-            for k, v in pair.items():
-                window[k] += v.sum().item()
-            window_pairs += len(idx)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            m.policy.parameters(), t.max_grad_norm if t.max_grad_norm else float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr, tokens = _optimizer_step(cfg, m, s, optimizer, scheduler, stream, p, step,
+                                                device)
         step_s = time.perf_counter() - t0
-        p.seen += pairs_per_step
-        p.tokens += tokens
+        p.step, p.seen, p.tokens = step, p.seen + pairs_per_step, p.tokens + tokens
         if step % t.log_every == 0 or step == steps:
-            p.last_train = {f"train/{k}": v / window_pairs for k, v in window.items()}
-            p.last_train.update({"train/grad_norm": float(grad_norm), "train/lr": lr,
-                                 "perf/tokens_per_s": tokens / step_s, "perf/step_s": step_s})
-            tracker.log(p.last_train, step, p.seen)
-            window.clear()
-            window_pairs = 0
+            _log_train(p, tracker, {"train/grad_norm": grad_norm, "train/lr": lr,
+                                    "perf/tokens_per_s": tokens / step_s, "perf/step_s": step_s})
             bar.set_postfix(loss=f"{p.last_train['train/loss']:.4f}",
                             margin=f"{p.last_train['train/rewards/margins']:.3f}")
-        if t.eval_every and validate and p.seen // t.eval_every > (p.seen - pairs_per_step) // t.eval_every:
+        if t.eval_every and validate and _crossed(p.seen, pairs_per_step, t.eval_every):
             p.last_eval = evaluate_now(step, p.seen)
+        if t.checkpoint_every and step < steps and _crossed(p.seen, pairs_per_step, t.checkpoint_every):
+            save(p)
         bar.update(1)
     bar.close()
     if validate and (not t.eval_every or p.seen % t.eval_every):
         p.last_eval = evaluate_now(steps, p.seen)
     return p
+
+
+def _optimizer_step(cfg: RunConfig, m: Models, s: StepSettings, optimizer, scheduler,
+                    stream: Iterator, p: Progress, step: int, device) -> tuple[float, float, int]:
+    """One optimizer step over `grad_accum` micro-batches, their pair metrics summed into
+    p.window: (gradient norm before clipping, learning rate, tokens). Raises RunDiverged on a
+    non-finite micro-batch loss or gradient norm, before the optimizer steps."""
+    t, tokens = cfg.train, 0
+    for _ in range(t.grad_accum):
+        idx, batch = next(stream)
+        p.micro_batches += 1
+        losses, pair = dpo_batch(m.policy, m.step_reference, m.ref_logps.get("train"), idx, batch,
+                                 s, device)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise RunDiverged(step, "the train loss", loss.item())
+        (loss / t.grad_accum).backward()
+        tokens += int(batch["attention_mask"].sum())
+        for k, v in pair.items():
+            p.window[k] = p.window.get(k, 0.0) + v.sum().item()
+        p.window_pairs += len(idx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        m.policy.parameters(), t.max_grad_norm if t.max_grad_norm else float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise RunDiverged(step, "the gradient norm", float(grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm), lr, tokens
+
+
+def _log_train(p: Progress, tracker: Tracker, extra: dict[str, float]) -> None:
+    """Log the window's mean pair metrics (and `extra`) as p.last_train; empty the window."""
+    p.last_train = {f"train/{k}": v / p.window_pairs for k, v in p.window.items()}
+    p.last_train.update(extra)
+    tracker.log(p.last_train, p.step, p.seen)
+    p.window.clear()
+    p.window_pairs = 0
 
 
 def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSettings, steps: int,

@@ -1,0 +1,136 @@
+"""Run checkpoints and resuming: a run cut off after a checkpoint and re-run on its directory
+writes exactly the metrics of an uninterrupted run; a finished directory is refused, a changed
+config starts over, and the checkpoint is removed at the end unless kept."""
+
+import json
+
+import pytest
+
+from harness.train import train
+from tests.conftest import SEED_DATA
+from tests.runs import quick_config, read_metrics, without_perf
+
+# 6 steps of 4 pairs: train rows at steps 3 and 6 (so the train-metric window is part-full at a
+# checkpoint), validation with generation metrics at steps 0, 3 and 6 (every 12 pairs),
+# checkpoints every 8 pairs: steps 2 and 4 (never the last step).
+RESUMABLE = {"train.log_every": 3, "train.checkpoint_every": 8, "train.save_model": False,
+             "gen_eval.enabled": True, "gen_eval.n_prompts": 2, "gen_eval.max_new_tokens": 6}
+
+
+class Hook:
+    """An eval hook that records the steps it is called at and raises KeyboardInterrupt (a
+    user's Ctrl-C) at validation of step `stop`."""
+
+    def __init__(self, stop: int | None = None):
+        self.stop, self.steps = stop, []
+
+    def __call__(self, step: int, values: dict) -> None:
+        self.steps.append(step)
+        if step == self.stop:
+            raise KeyboardInterrupt
+
+
+def summary_of(run_dir) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One uninterrupted run with checkpoints on (the reference the resumed run must equal)."""
+    if not SEED_DATA.exists():
+        pytest.skip(f"seed data not found at {SEED_DATA}")
+    tmp = tmp_path_factory.mktemp("finished")
+    run_dir = tmp / "a"
+    summary = train(quick_config(SEED_DATA, tmp, **RESUMABLE), run_dir=run_dir)
+    return run_dir, summary
+
+
+def test_resumed_run_writes_the_uninterrupted_metrics_exactly(finished, seed_data, tmp_path, capsys):
+    """Cut off by KeyboardInterrupt at step 6 (after the step-4 checkpoint, and after rows of steps
+    5-6 were written) and re-run on its directory with only tracking.tags changed, a run resumes
+    from step 4: its metrics.jsonl equals the uninterrupted run's row for row and bit for bit
+    (perf/* aside), generation metrics included; the eval hook is called again, only for steps
+    after the checkpoint; the summary records resumed_from_step; the checkpoint (one, step 4,
+    holding the loop's counters, window and data position) is kept with keep_checkpoint, while
+    the uninterrupted run's checkpoint was deleted at its end by default."""
+    ref_dir, ref = finished
+    assert not (ref_dir / "checkpoint").exists()
+    assert ref["resumed_from_step"] is None
+
+    run_dir = tmp_path / "b"
+    cfg = quick_config(seed_data, tmp_path, **RESUMABLE, **{"train.keep_checkpoint": True})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir=run_dir, on_eval=Hook(stop=6))
+    assert summary_of(run_dir)["status"] == "interrupted"
+    assert [p.name for p in (run_dir / "checkpoint").iterdir()] == ["step-00000004"]
+    state = json.loads((run_dir / "checkpoint" / "step-00000004" / "state.json").read_text())
+    progress = state["progress"]
+    assert (progress["step"], progress["seen"], progress["micro_batches"]) == (4, 16, 4)
+    assert progress["window_pairs"] == 4 and progress["window"]  # step 4's pairs, not yet logged
+    assert state["metrics_lines"] == 3  # validation 0, train 3, validation 3
+    assert len(read_metrics(run_dir)) > 3
+
+    capsys.readouterr()
+    hook = Hook()
+    again = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"tags": ["again"]})})
+    summary = train(again, run_dir=run_dir, on_eval=hook)
+    assert "resuming from the checkpoint at step 4" in capsys.readouterr().err
+    assert summary["status"] == "finished" and summary["resumed_from_step"] == 4
+    assert hook.steps == [6]
+
+    rows, ref_rows = without_perf(read_metrics(run_dir)), without_perf(read_metrics(ref_dir))
+    assert rows == ref_rows
+    assert [list(r) for r in rows] == [list(r) for r in ref_rows]  # the same key order too
+    assert any("gen/kl" in r and r["step"] == 6 for r in rows)
+    for key in ("train/loss", "eval/loss", "test/loss", "gen/kl", "examples_seen", "tokens_seen"):
+        assert summary[key] == ref[key], key
+    assert [p.name for p in (run_dir / "checkpoint").iterdir()] == ["step-00000004"]
+
+
+def test_finished_run_dir_is_refused(finished):
+    """A directory whose summary.json says `finished` refuses another run and is left as it was."""
+    run_dir, _ = finished
+    before = (run_dir / "metrics.jsonl").read_text()
+    cfg = quick_config(SEED_DATA, run_dir.parent, **RESUMABLE)
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        train(cfg, run_dir=run_dir)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert summary_of(run_dir)["status"] == "finished"
+
+
+def test_changed_config_starts_over(finished, seed_data, tmp_path, capsys):
+    """A cut-off run re-run on its directory with another config (dpo.beta) does not resume from
+    the stale checkpoint: it says so, starts at step 0 with fresh metrics (the same rows as a
+    whole run, no leftovers), records no resume, and leaves no checkpoint behind."""
+    ref_dir, _ = finished
+    run_dir = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        train(quick_config(seed_data, tmp_path, **RESUMABLE), run_dir=run_dir, on_eval=Hook(stop=3))
+    assert (run_dir / "checkpoint" / "step-00000002").exists()
+
+    capsys.readouterr()
+    cfg = quick_config(seed_data, tmp_path, **RESUMABLE, **{"dpo.beta": 0.2})
+    summary = train(cfg, run_dir=run_dir)
+    assert "starting over (the checkpoint was saved under another config)" in capsys.readouterr().err
+    assert summary["status"] == "finished" and summary["resumed_from_step"] is None
+    rows, ref_rows = read_metrics(run_dir), read_metrics(ref_dir)
+    assert [(r["step"], sorted(r)) for r in rows] == [(r["step"], sorted(r)) for r in ref_rows]
+    assert rows[1]["train/loss"] != ref_rows[1]["train/loss"]  # beta 0.2's own numbers
+    assert not (run_dir / "checkpoint").exists()
+
+
+def test_metrics_are_cut_back_to_the_rows_a_checkpoint_counted(tmp_path):
+    """Resuming keeps the first N complete rows of metrics.jsonl and drops the stale summary;
+    a file with fewer complete rows than the checkpoint counted (a half-written last row does
+    not count) is left alone and the run cannot resume from it."""
+    from harness.tracking import resume_files
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')
+    (tmp_path / "summary.json").write_text('{"status": "interrupted"}')
+    assert not resume_files(tmp_path, 4)
+    assert path.read_text().endswith('{"st') and (tmp_path / "summary.json").exists()
+    assert resume_files(tmp_path, 2)
+    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
+    assert not (tmp_path / "summary.json").exists()
+    assert resume_files(tmp_path, 0) and path.read_text() == ""
