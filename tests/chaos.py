@@ -5,7 +5,8 @@ controlled task: SFT, pair sampling and cached reference log-probs all on) runs 
 interruption. Then the same study, in a fresh results folder and cache, is SIGKILLed again and
 again, first at each named crash point (harness/chaos.py: inside SFT, pair sampling, reference
 caching, at an eval step, between a run's summary.json and Optuna's record, inside seed queuing),
-then at random moments, and restarted each time until it ends. It holds when the final summary
+then at random moments, and restarted each time until it ends (runs checkpoint every 32 pairs, so
+a retried trial resumes its run). It holds when the final summary
 tables are equal (statuses, trial counts, parameters, objective values, run folder names).
 
 The full test also kills one of two workers, kills the parent of two workers (the workers must
@@ -46,7 +47,7 @@ STUDY = {
     "model": {"name": "tiny-xs", "tokenizer_vocab_size": 512},
     "dpo": {"reference": "cache", "reduction": "sum"},
     "train": {"batch_size": 16, "epochs": 1, "eval_every": 48, "eval_batches": 2, "seed": 0,
-              "save_model": False, "num_threads": 1},
+              "save_model": False, "num_threads": 1, "checkpoint_every": 32},
     "gen_eval": {"max_new_tokens": 16},
     "tracking": {"wandb": "disabled", "progress": False},
     "sweep": {"grid": {"dpo.beta": [0.1, 0.5]}, "trials": 2, "seeds": 2,
