@@ -9,8 +9,8 @@ then at random moments, and restarted each time until it ends (runs checkpoint e
 a retried trial resumes its run). It holds when the final summary
 tables are equal (statuses, trial counts, parameters, objective values, run folder names).
 
-The full test also kills one of two workers, kills the parent of two workers (the workers must
-stop), injects a diverging learning rate (counted, not averaged) and a cell that always fails
+The full test also kills one of two workers, interrupts two workers with Ctrl-C, kills the
+parent of two workers (the workers must stop), injects a diverging learning rate (counted, not averaged) and a cell that always fails
 (the sweep must end under a time limit, non-zero, naming it). It prints a table of what it tried
 and what held, and exits non-zero if anything did not hold.
 
@@ -101,13 +101,15 @@ def table(results: Path) -> pd.DataFrame:
 
 
 def children(pid: int) -> list[int]:
+    """The sweep workers (spawned processes, not multiprocessing's resource tracker) of `pid`."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(fields[1]) == pid:
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
             out.append(int(stat.parent.name))
     return out
 
@@ -171,10 +173,29 @@ def worker_killed(root: Path, report: list) -> None:
     held = rc == 1  # the parent reports the dead worker
     rc2 = finish(start(study, results, workers=2), 1200)
     df = table(results)
-    held = held and rc2 == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all()
+    held = bool(held and rc2 == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all())
     report.append(("one of two workers SIGKILLed, then the command run again",
                    f"first exit {rc} (dead worker reported), rerun exit {rc2}, "
                    f"budgets {'met' if held else 'NOT met'}", held))
+
+
+def interrupted(root: Path, report: list) -> None:
+    """Ctrl-C (SIGINT to the process group) of two workers: exit 130, the cut-off trials queued
+    again, and the same command finishes the study."""
+    results, study = root / "ctrl-c", write_study(root / "c")
+    results.mkdir(parents=True)
+    proc = start(study, results, workers=2)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(children(proc.pid)) < 2:
+        time.sleep(0.5)
+    time.sleep(8)
+    os.killpg(proc.pid, signal.SIGINT)
+    rc = finish(proc, 300)
+    rc2 = finish(start(study, results, workers=2), 1200)
+    df = table(results)
+    held = bool(rc == 130 and rc2 == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all())
+    report.append(("Ctrl-C of two workers, then the command run again",
+                   f"first exit {rc}, rerun exit {rc2}, budgets {'met' if held else 'NOT met'}", held))
 
 
 def parent_killed(root: Path, report: list) -> None:
@@ -229,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     killed_again_and_again(root, reference, args.kills, rng, points, report)
     if not args.short:
         worker_killed(root, report)
+        interrupted(root, report)
         parent_killed(root, report)
         diverging_and_failing(root, report)
     width = max(len(r[0]) for r in report)
