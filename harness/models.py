@@ -156,11 +156,13 @@ def load_tokenizer(cfg, texts: Callable[[], Iterable[str]]):
         if not corpus:
             raise ValueError("model.tokenizer: a tiny model needs texts to train its tokenizer on")
         path = cache.entry("tokenizers", tokenizer_key(corpus, cfg.tokenizer_vocab_size))
-        reused = path.exists()
-        if not reused:
-            trained = train_tokenizer(corpus, cfg.tokenizer_vocab_size)
-            cache.atomic_dir(path, trained.save_pretrained)
-        tok = AutoTokenizer.from_pretrained(path)
+
+        def rebuild():
+            cache.atomic_dir(path, train_tokenizer(corpus, cfg.tokenizer_vocab_size).save_pretrained)
+            return AutoTokenizer.from_pretrained(path)
+
+        with cache.file_lock(path.with_name(f"{path.name}.lock")):  # workers train it once
+            tok, reused = cache.read_or_rebuild(path, AutoTokenizer.from_pretrained, rebuild)
         verb = "reused" if reused else "trained"
         info = {"tokenizer_source": f"byte-level BPE ({len(tok)} tokens) {verb}: {path}",
                 "trained": True}

@@ -16,6 +16,7 @@ import json
 import math
 import netrc
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -163,6 +164,12 @@ def resolve_wandb_mode(configured: str) -> str:
     return configured
 
 
+def _password_in_argv() -> bool:
+    """A command line holding a URL with a password (`--storage postgresql://u:pw@h/db`): wandb
+    must not record the command line as run metadata then."""
+    return any(re.search(r"://[^/@\s]*:[^/@\s]*@", a) for a in sys.argv)
+
+
 class Wandb:
     """A wandb run; every call is guarded so that a wandb fault only disables wandb."""
 
@@ -178,7 +185,8 @@ class Wandb:
                 project=tracking.project, entity=tracking.entity, group=tracking.group,
                 tags=list(tracking.tags) or None, name=name, config=config, dir=str(run_dir),
                 mode=self.mode, reinit="finish_previous",
-                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                        x_disable_meta=_password_in_argv()),
             )
             # Curves from runs with different batch sizes line up on examples seen.
             self.run.define_metric("examples_seen")
