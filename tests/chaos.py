@@ -158,55 +158,51 @@ def killed_again_and_again(root: Path, reference: pd.DataFrame, kills: int, rng:
         print(table(results).compare(reference), file=sys.stderr)
 
 
-def worker_killed(root: Path, report: list) -> None:
-    results, study = root / "worker", write_study(root / "w")
+def two_workers_at_work(root: Path, name: str, settle_s: float):
+    """A two-worker study started in root/name, `settle_s` after both workers exist."""
+    results, study = root / name, write_study(root / f"{name}-study")
     results.mkdir(parents=True)
     proc = start(study, results, workers=2)
     deadline = time.time() + 60
     while time.time() < deadline and len(children(proc.pid)) < 2:
         time.sleep(0.5)
-    time.sleep(8)
-    kids = children(proc.pid)
+    time.sleep(settle_s)
+    return results, study, proc, children(proc.pid)
+
+
+def finished_with_budgets(study: Path, results: Path) -> tuple[int, bool]:
+    """Run the same command again: (its exit code, every cell done with its full budget)."""
+    rc = finish(start(study, results, workers=2), 1200)
+    df = table(results)
+    return rc, bool(rc == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all())
+
+
+def worker_killed(root: Path, report: list) -> None:
+    results, study, proc, kids = two_workers_at_work(root, "worker", 8)
     if kids:
         os.kill(kids[0], signal.SIGKILL)
     rc = finish(proc, 1200)
-    held = rc == 1  # the parent reports the dead worker
-    rc2 = finish(start(study, results, workers=2), 1200)
-    df = table(results)
-    held = bool(held and rc2 == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all())
+    rc2, done = finished_with_budgets(study, results)
+    held = rc == 1 and done  # the parent reports the dead worker
     report.append(("one of two workers SIGKILLed, then the command run again",
                    f"first exit {rc} (dead worker reported), rerun exit {rc2}, "
-                   f"budgets {'met' if held else 'NOT met'}", held))
+                   f"budgets {'met' if done else 'NOT met'}", held))
 
 
 def interrupted(root: Path, report: list) -> None:
     """Ctrl-C (SIGINT to the process group) of two workers: exit 130, the cut-off trials queued
     again, and the same command finishes the study."""
-    results, study = root / "ctrl-c", write_study(root / "c")
-    results.mkdir(parents=True)
-    proc = start(study, results, workers=2)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(children(proc.pid)) < 2:
-        time.sleep(0.5)
-    time.sleep(8)
+    results, study, proc, _ = two_workers_at_work(root, "ctrl-c", 8)
     os.killpg(proc.pid, signal.SIGINT)
     rc = finish(proc, 300)
-    rc2 = finish(start(study, results, workers=2), 1200)
-    df = table(results)
-    held = bool(rc == 130 and rc2 == 0 and (df["status"] == "done").all() and (df["trials"] == 2).all())
+    rc2, done = finished_with_budgets(study, results)
     report.append(("Ctrl-C of two workers, then the command run again",
-                   f"first exit {rc}, rerun exit {rc2}, budgets {'met' if held else 'NOT met'}", held))
+                   f"first exit {rc}, rerun exit {rc2}, budgets {'met' if done else 'NOT met'}",
+                   rc == 130 and done))
 
 
 def parent_killed(root: Path, report: list) -> None:
-    results, study = root / "parent", write_study(root / "p")
-    results.mkdir(parents=True)
-    proc = start(study, results, workers=2)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(children(proc.pid)) < 2:
-        time.sleep(0.5)
-    time.sleep(5)
-    kids = children(proc.pid)
+    _, _, proc, kids = two_workers_at_work(root, "parent", 5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
