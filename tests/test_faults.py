@@ -2,7 +2,6 @@
 on and named, objectives never take a non-finite value, and a study SIGKILLed at chosen moments
 ends with the same table as an uninterrupted one (the short variant of `make chaos`)."""
 
-import json
 import math
 import multiprocessing as mp
 import os
@@ -113,28 +112,43 @@ def test_storage_urls_are_printed_without_password():
 
 
 def test_a_failing_cell_is_named_and_the_others_finish(tmp_path, seed_data, monkeypatch):
-    """A cell whose batch size exceeds its pairs fails twice and is given up on; the other cell
-    finishes; the sweep ends with an error naming the failed cell, and the storage URL comes
-    from DPO_HARNESS_STORAGE."""
+    """A cell whose batch size exceeds its pairs is failed by the checks before any training (no
+    run folder); a cell that fails at run time (here: every run raises) is given up after
+    max_failures trials; the good cell finishes; the sweep ends with an error naming both, and
+    the storage URL comes from DPO_HARNESS_STORAGE."""
+    import harness.train
+
+    real = harness.train.train
+
+    def flaky(cfg, **kw):
+        if cfg.train.warmup_steps == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(cfg, **kw)
+
+    monkeypatch.setattr(harness.train, "train", flaky)
     raw = {"name": "f", "data": {"source": str(seed_data), "limit": 60, "max_length": 128},
            "model": {"name": "tiny-xs"},
            "train": {"max_steps": 2, "eval_every": 4, "eval_batches": 1, "save_model": False,
                      "test_at_end": False},
            "tracking": {"results_dir": str(tmp_path / "results"), "progress": False,
                         "wandb": "disabled"},
-           "sweep": {"grid": {"train.batch_size": [4, 500]}, "trials": 2, "pruner": {"type": "none"}}}
+           "sweep": {"grid": {"train.batch_size": [4, 500], "train.warmup_steps": [0, 1]},
+                     "trials": 2, "pruner": {"type": "none"}}}
     (tmp_path / "f.yaml").write_text(yaml.safe_dump(raw))
     journal = tmp_path / "elsewhere" / "j.log"
     journal.parent.mkdir()
     monkeypatch.setenv("DPO_HARNESS_STORAGE", str(journal))
-    with pytest.raises(SweepIncomplete, match=r"batch_size=500: failed .*larger than the"):
+    with pytest.raises(SweepIncomplete) as err:
         run_sweep(tmp_path / "f.yaml")
+    assert "batch_size=500,warmup_steps=0: failed (precheck: ValueError: train.batch_size 500" in str(err.value)
+    assert "batch_size=4,warmup_steps=1: failed (2 trials in a row failed; last: RuntimeError: CUDA" in str(err.value)
     df = pd.read_csv(tmp_path / "results" / "f" / "summary.csv").set_index("cell")
-    assert df.loc["batch_size=4", "status"] == "done" and df.loc["batch_size=4", "trials"] == 2
-    assert df.loc["batch_size=500", "status"] == "failed" and df.loc["batch_size=500", "failed"] == 2
-    # Both attempts ran in the cell's first slot: one folder, its summary says failed.
-    (slot,) = (tmp_path / "results" / "f" / "runs" / "batch_size=500").iterdir()
-    assert json.loads((slot / "summary.json").read_text())["status"] == "failed"
+    assert df.loc["batch_size=4,warmup_steps=0", "status"] == "done"
+    assert df.loc["batch_size=4,warmup_steps=0", "trials"] == 2
+    assert df.loc["batch_size=4,warmup_steps=1", "failed"] == 2
+    assert df.loc["batch_size=500,warmup_steps=1", "status"] == "failed"
+    runs = tmp_path / "results" / "f" / "runs"
+    assert not (runs / "batch_size=500,warmup_steps=0").exists()  # failed before training
     assert journal.exists() and not (tmp_path / "results" / "f" / "optuna.db").exists()
 
 

@@ -99,6 +99,38 @@ def cell_failure(study, max_failures: int) -> str | None:
     return error
 
 
+def precheck(exp, study_of) -> dict[str, str]:
+    """Cheap checks of every cell before any training: its device exists, its data loads (file
+    data, read once per distinct data config) and holds a full training batch. A cell that fails
+    is marked failed at once (`study_of(cell)` gives its search study); returns {cell: error}."""
+    from harness import data as hdata
+    from harness.models import pick_device
+
+    loaded: dict[str, Any] = {}
+    failed = {}
+    for cell in exp.cells:
+        cfg = exp.run_config(cell, {}, 0, "precheck", [])
+        try:
+            pick_device(cfg.train.device)
+            if cfg.task.name == "none" and cfg.data.format != "messages":
+                key = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+                if key not in loaded:
+                    try:
+                        loaded[key] = len(hdata.load_pairs(cfg.data)["train"])
+                    except Exception as err:  # noqa: BLE001 - reported as the cell's error
+                        loaded[key] = err
+                n = loaded[key]
+                if isinstance(n, Exception):
+                    raise n
+                if cfg.train.drop_last and n < cfg.train.batch_size:
+                    raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than the "
+                                     f"{n} train records")
+        except Exception as err:  # noqa: BLE001
+            failed[cell.id] = f"precheck: {type(err).__name__}: {err}"
+            study_of(cell).set_user_attr("failed", failed[cell.id])
+    return failed
+
+
 # ----------------------------------------------------------------------------- dead workers
 
 

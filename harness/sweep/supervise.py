@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from harness.config import load_experiment
+from harness.sweep import faults
 from harness.sweep.schedule import Sweep
 from harness.sweep.storage import STORAGE_ENV, absolute, default_storage, masked
 from harness.sweep.summary import write_summary
@@ -97,6 +98,8 @@ def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
           f"{exp.spec.seeds - 1} seed reruns) = up to {n_runs} runs | storage {shown} | "
           f"{workers} worker(s)", file=sys.stderr)
     started = time.time()
+    for cell, error in faults.precheck(exp, sweep.search_study).items():
+        print(f"cell {cell} fails before training: {error}", file=sys.stderr)
     died = None
     if workers <= 1:
         sweep.work()
