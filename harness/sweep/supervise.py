@@ -46,7 +46,10 @@ def _worker(path: str, study: str | None, storage_url: str, results_dir: str, th
     signal.signal(signal.SIGINT, signal.default_int_handler)
     _stop_with_parent()
     exp = load_experiment(path, study)
-    return Sweep(exp, storage_url, Path(results_dir), worker, workers).work()
+    try:
+        return Sweep(exp, storage_url, Path(results_dir), worker, workers).work()
+    except KeyboardInterrupt:  # its trial is queued again; the parent reports the interruption
+        sys.exit(130)
 
 
 def _run_workers(path: str | Path, study: str | None, storage_url: str, results: Path,
