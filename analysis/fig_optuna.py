@@ -8,7 +8,6 @@ not their seed reruns (`<study>/<cell>/seeds`)."""
 
 from __future__ import annotations
 
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -34,17 +33,14 @@ def _with_file(url: str, path: Path) -> str:
     return f"journal:{path}" if url.startswith("journal:") else str(path)
 
 
-def shown(url: str) -> str:
-    """A storage URL fit for a message: any password replaced."""
-    return re.sub(r"://([^:/@]*):[^@/]*@", r"://\1:***@", url)
-
-
 def storages(results: Path) -> tuple[dict[str, set[str]], list[str]]:
     """{storage URL: studies that used it} for the studies under `results`, and what could not be
     found. A file-based storage missing at its recorded path (results copied from elsewhere) is
     looked for under results/<study>/ by file name; it is never opened where it does not exist,
     since opening would create an empty one. A study whose runs name no storage (written by an
     older harness) is looked for in results/<study>/optuna.db, the default storage."""
+    from harness.sweep.storage import masked
+
     results = Path(results)
     used: dict[str, set[str]] = {}
     for rd in run_dirs(results):
@@ -58,7 +54,7 @@ def storages(results: Path) -> tuple[dict[str, set[str]], list[str]]:
         if file is not None and not Path(file).exists():
             here = sorted(p for s in studies if (p := results / s / Path(file).name).exists())
             if not here:
-                missing.append(f"storage {shown(url)} of study {', '.join(sorted(studies))} not found")
+                missing.append(f"storage {masked(url)} of study {', '.join(sorted(studies))} not found")
                 continue
             url = _with_file(url, here[0].resolve())
         out.setdefault(url, set()).update(studies)
@@ -73,7 +69,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
-    from harness.sweep.storage import open_storage
+    from harness.sweep.storage import masked, open_storage
 
     setup()
     found, missing = storages(results)
@@ -92,7 +88,7 @@ def draw(results: Path, out: Path) -> list[Path]:
                            if s.n_trials > 0 and not s.study_name.endswith("/seeds")
                            and any(s.study_name.startswith(f"{study}/") for study in studies))
         except Exception as err:  # noqa: BLE001 - draw the other storages' studies, then fail
-            failed.append(f"{shown(url)}: {err!r}")
+            failed.append(f"{masked(url)}: {err!r}")
             continue
         for name in names:
             study = optuna.load_study(study_name=name, storage=storage)

@@ -7,25 +7,16 @@ which a single run ignores.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from harness.config.base import Strict
 from harness.config.sweep import SweepSpec
 
 
-class _Section(BaseModel):
+class _Section(Strict):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _finite(cls, v: Any) -> Any:
-        """nan and inf are never a setting (YAML reads `.nan` and `.inf` as floats)."""
-        values = v if isinstance(v, tuple | list) else (v,)
-        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
-            raise ValueError(f"must be a finite number, got {v}")
-        return v
 
 
 # The sweep's `masking` axis: which tokens count in a sequence log-prob (the prompt or not) and

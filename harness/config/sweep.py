@@ -4,17 +4,14 @@ harness.config.load (one reader, one error format)."""
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from harness.config.base import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ParamSpec(_Strict):
+class ParamSpec(Strict):
     type: Literal["float", "log_float", "int", "log_int", "categorical"]
     low: float | None = None
     high: float | None = None
@@ -40,7 +37,7 @@ class ParamSpec(_Strict):
         return [cast(self.low), cast(self.high)]
 
 
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(Strict):
     metric: str = "eval/rewards/accuracies"  # any metric a run logs at eval steps
     direction: Literal["maximize", "minimize"] = "maximize"
     # Controlled task: gen/reward counts only at gen/kl <= kl_budget (nats); above it the trial
@@ -48,21 +45,14 @@ class ObjectiveSpec(_Strict):
     kl_budget: float | None = None
     kl_penalty: float = 1.0
 
-    @field_validator("kl_budget", "kl_penalty")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError(f"must be a finite number, got {v}")
-        return v
 
-
-class PrunerSpec(_Strict):
+class PrunerSpec(Strict):
     type: Literal["none", "median", "halving"] = "median"
     n_startup_trials: int = 2  # trials per cell before the median pruner acts
     n_warmup_steps: int = 0  # steps before a trial can be pruned
 
 
-class SweepSpec(_Strict):
+class SweepSpec(Strict):
     study: str | None = None  # default: the experiment's `name`
     # Grid axes: dotted config fields (dpo.beta, model.name, ...) or `masking`, each a list.
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)

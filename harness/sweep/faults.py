@@ -51,8 +51,10 @@ def free_slot(study, budget: int) -> int | None:
 def waiting_slot(study) -> int | None:
     """The slot of the queued trial Optuna runs next (the oldest WAITING one), if any: a retry
     keeps its slot; one cut off before it had a slot takes the lowest free one."""
-    waiting = sorted(study.get_trials(deepcopy=False, states=None), key=lambda t: t.number)
-    waiting = [t for t in waiting if t.state.name == "WAITING"]
+    from optuna.trial import TrialState
+
+    waiting = sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
+                     key=lambda t: t.number)
     if not waiting:
         return None
     if "slot" in waiting[0].user_attrs:
@@ -182,14 +184,18 @@ def reap_stale(study) -> int:
 
 def finished_summary(run_dir: Path, cfg) -> dict[str, Any] | None:
     """The summary of a run that already finished in `run_dir` with this config (a worker killed
-    after the run, before the storage heard of it), else None."""
+    after the run, before the storage heard of it), else None. "This config" is the resume rule's
+    (harness.checkpoint.same_config): the same run whatever tracking.progress and tags say."""
+    from harness.checkpoint import same_config
+    from harness.tracking import CONFIG, FINISHED, SUMMARY
+
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        config = json.loads((run_dir / "config.json").read_text())
+        summary = json.loads((run_dir / SUMMARY).read_text())
+        config = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
         return None
     config.pop("labels", None)
-    if summary.get("status") != "finished" or config != cfg.to_dict():
+    if summary.get("status") != FINISHED or not same_config(config, cfg.to_dict()):
         return None
     return summary
 

@@ -50,7 +50,7 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
     seeds = _seeds(sweep, search)
     recorded = seeds.user_attrs.get("best_trial") if seeds is not None else None
     best = search.best_trial if recorded is None else next(t for t in trials if t.number == recorded)
-    reruns = [t for t in seeds.get_trials(deepcopy=False)] if seeds is not None else []
+    reruns = seeds.get_trials(deepcopy=False) if seeds is not None else []
     done = [t for t in reruns if t.state.name == "COMPLETE"]
     chosen = [best, *done]
     values = [t.value for t in chosen]
