@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from harness import metrics
@@ -27,6 +28,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, _overrides(args.set))
+    from harness import distributed
     from harness.train import RunDiverged, train  # torch import only when needed
 
     try:
@@ -38,6 +40,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: the run diverged ({err}); its files say status `diverged`. Lower train.lr "
               "or raise dpo.beta", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
+    if summary.get("world_size", 1) > 1 and os.environ.get("RANK", "0") != "0":
+        return 0  # rank 0 reports a data-parallel run
     final = {"status": summary["status"], "steps": summary["steps"], **metrics.headline(summary),
              "wall_s": summary["wall_s"]}
     print(json.dumps(final, indent=2))
@@ -45,7 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.distributed import launched
     from harness.sweep import SweepIncomplete, run_sweep
+
+    if launched():
+        raise ConfigError("harness sweep runs its own worker processes: start it without "
+                          "torchrun (--workers/--devices give each worker a device)")
 
     try:
         run_sweep(args.experiment, workers=args.workers, storage=args.storage, study=args.study,

@@ -3,6 +3,7 @@ distinct (weights, tokens, masking, reduction, precision) and shared on disk by 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from harness import cache
 from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
+from harness.distributed import World
 from harness.step import StepSettings, concatenated_logps, to_device
 
 
@@ -40,10 +42,11 @@ def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: in
 
 
 def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings, pad_id: int,
-                 device, root: str | None = None, progress: bool = True
+                 device, root: str | None = None, progress: bool = True, world: World = World()
                  ) -> tuple[dict[str, torch.Tensor], Path, bool]:
     """Reference log-probs of all splits from the shared cache, computed under a lock by the first
-    run that needs them. Returns (log-probs per split, cache file, was it reused)."""
+    run that needs them (by every rank of a data-parallel run, each its share, gathered; rank 0
+    writes). Returns (log-probs per split, cache file, was it reused)."""
     key = cache.Key(weights_digest(model), [s.mask_prompt, s.reduction, s.precision])
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
@@ -54,13 +57,42 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
             raise ValueError("splits or pair counts differ from the key's")
         return logps
 
+    def compute() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, items in splits.items():
+            idx = list(world.slice(range(len(items))))
+            mine = compute_logps(model, [items[i] for i in idx], s, pad_id, device,
+                                 f"reference {name}", progress and world.main)
+            out[name] = world.gather_rows(len(items), idx, mine)
+        return out
+
     def rebuild() -> dict[str, torch.Tensor]:
-        logps = {name: compute_logps(model, items, s, pad_id, device, f"reference {name}", progress)
-                 for name, items in splits.items()}
+        logps = compute()
         crash_point("reference")
-        cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
+        if world.main:
+            cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
         return logps
 
-    with cache.file_lock(path.with_suffix(".lock")):
-        logps, reused = cache.read_or_rebuild(path, read, rebuild)
+    lock = path.with_suffix(".lock")
+    if not world.active:
+        with cache.file_lock(lock):
+            logps, reused = cache.read_or_rebuild(path, read, rebuild)
+        return logps, path, reused
+    # Every rank must take part in computing: rank 0 decides, under the lock, whether to.
+    reused = world.broadcast(_readable(path, read, lock) if world.main else None)
+    if reused:
+        logps = read(path)
+    else:
+        with cache.file_lock(lock) if world.main else contextlib.nullcontext():
+            logps = rebuild()
+    world.barrier()
     return logps, path, reused
+
+
+def _readable(path: Path, read, lock: Path) -> bool:
+    with cache.file_lock(lock):
+        try:
+            read(path)
+        except Exception:  # noqa: BLE001 - missing or unreadable: computed again
+            return False
+    return True

@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
@@ -41,9 +42,9 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over chosen and rejected rows ([2B, T]) → (chosen [B], rejected [B])."""
-    logps = model_logps(
-        model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], reduction
-    )
+    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], reduction)
+    # A DDP-wrapped harness.distributed.Logps returns the log-probs from its own forward.
+    logps = model(*args) if isinstance(model, DistributedDataParallel) else model_logps(model, *args)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, checkpoint, metrics, optim
+from harness import cache, checkpoint, distributed, metrics, optim
 from harness import data as hdata
 from harness import models as hmodels
 from harness.config import RunConfig
@@ -77,21 +77,25 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     is refused (FileExistsError). RunDiverged, RunPruned and KeyboardInterrupt propagate after
     the summary is written.
     """
-    run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
-    resume = checkpoint.resume_point(run_dir, cfg.to_dict())
+    world, device = distributed.setup(cfg.train.device)
+    distributed.check_batch(world, cfg.train.batch_size)
+    if world.main:  # under torchrun, rank 0 alone touches the run files; all resume alike
+        run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
+        resume = checkpoint.resume_point(run_dir, cfg.to_dict())
+    run_dir, resume = world.broadcast((run_dir, resume) if world.main else None)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    device = hmodels.pick_device(cfg.train.device)
     seed_everything(cfg.train.seed)
     labels = run_labels(cfg, labels)
-    tracker = Tracker.for_run(run_dir, cfg, labels)
+    tracker = Tracker.for_run(run_dir, cfg, labels) if world.main else Tracker([])
     if resume is not None:
         tracker.last.update(resume.state["tracker_last"])
-    say = (lambda *a: print(*a, file=sys.stderr)) if cfg.tracking.progress else (lambda *a: None)
+    progress = cfg.tracking.progress and world.main
+    say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     started = time.time()
     ends = {"resumed_from_step": resume.step if resume else None, "diverged_at_step": None}
     try:
-        summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume)
+        summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume, world)
     except BaseException as err:
         if isinstance(err, RunDiverged):
             ends["diverged_at_step"] = err.step
@@ -101,7 +105,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
         raise
     summary = tracker.summary({**summary, **labels, **ends, "wall_s": time.time() - started})
     tracker.close()
-    if not cfg.train.keep_checkpoint:
+    if not cfg.train.keep_checkpoint and world.main:
         checkpoint.remove(run_dir)
     say(f"run directory: {run_dir}")
     return summary
@@ -113,13 +117,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
 @dataclass
 class Models:
     policy: torch.nn.Module
+    train_policy: torch.nn.Module  # what the step runs: the policy, or DDP around its log-probs
     reference: torch.nn.Module | None  # the frozen start: live reference and generation metrics
     step_reference: torch.nn.Module | None  # what the DPO step scores with (None: cached log-probs)
     ref_logps: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> [n, 2] when cached
     info: dict = field(default_factory=dict)
 
 
-def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device) -> Models:
+def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
+                 world: distributed.World = distributed.World()) -> Models:
     """The policy (the SFT checkpoint or the configured model), its frozen copy, and the cached
     reference log-probs when dpo.reference is `cache`."""
     seed_everything(cfg.train.seed)
@@ -136,14 +142,15 @@ def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device) -> Mod
     reference = None
     if live or metrics.gen_enabled(cfg):  # generation metrics need the model itself
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    m = Models(policy, reference, reference if live else None, info=info)
+    m = Models(policy, policy, reference, reference if live else None, info=info)
     if not live:
         m.ref_logps, path, reused = cached_logps(policy, prep.splits, s, prep.tokenizer.pad_token_id,
                                                  device, cfg.dpo.reference_cache_dir,
-                                                 cfg.tracking.progress)
+                                                 cfg.tracking.progress, world)
         m.info.update({"reference_cache": str(path), "reference_cache_reused": reused})
     if cfg.train.gradient_checkpointing:
         hmodels.enable_checkpointing(policy)
+    m.train_policy = distributed.wrap(world, policy, device)
     return m
 
 
@@ -155,13 +162,20 @@ class Evaluator:
     exist, generation metrics when on; logged, then handed to the eval hook."""
 
     def __init__(self, cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, device,
-                 tracker: Tracker, on_eval: EvalHook | None):
+                 tracker: Tracker, on_eval: EvalHook | None,
+                 world: distributed.World = distributed.World()):
         self.cfg, self.prep, self.m, self.s, self.device = cfg, prep, m, s, device
-        self.tracker, self.on_eval = tracker, on_eval
+        self.tracker, self.on_eval, self.world = tracker, on_eval, world
         self.ref_samples = None  # the reference's samples, drawn once
         self.rows: list = []  # the last pass's generation table
 
     def __call__(self, step: int, seen: int) -> dict[str, float]:
+        """The pass on rank 0 while any other ranks wait (they return {})."""
+        out = self._evaluate(step, seen) if self.world.main else {}
+        self.world.barrier()
+        return out
+
+    def _evaluate(self, step: int, seen: int) -> dict[str, float]:
         cfg, prep, m, s = self.cfg, self.prep, self.m, self.s
         pad, val, ref_val = prep.tokenizer.pad_token_id, prep.splits["validation"], m.ref_logps.get("validation")
         out = evaluate(m.policy, m.step_reference, ref_val, val, s, pad, self.device, cfg.train.eval_batches)
@@ -182,17 +196,20 @@ class Evaluator:
         return out
 
 
-def micro_batches(cfg: RunConfig, items: list[hdata.TokenizedPair], pad_id: int
-                  ) -> Iterator[tuple[torch.Tensor, hdata.Batch]]:
+def micro_batches(cfg: RunConfig, items: list[hdata.TokenizedPair], pad_id: int,
+                  world: distributed.World = distributed.World()
+                  ) -> Iterator[tuple[torch.Tensor, hdata.Batch, int]]:
     """Training micro-batches, epoch after epoch: reshuffled (seeded) and optionally grouped by
-    length each epoch."""
+    length each epoch, as (pair indices, batch, pairs in the global batch). Under torchrun each
+    rank gets its slice of the same global batch."""
     t = cfg.train
     gen = torch.Generator().manual_seed(t.seed)
     while True:
         order = torch.randperm(len(items), generator=gen).tolist() if t.shuffle else list(range(len(items)))
         if t.group_by_length:
             order = hdata.length_grouped(order, items, t.batch_size, gen)
-        yield from hdata.batches(items, order, t.batch_size, pad_id, cfg.dpo.mask_prompt, t.drop_last)
+        for idx, n in world.shards(order, t.batch_size, t.drop_last):
+            yield torch.tensor(idx), hdata.collate([items[i] for i in idx], pad_id, cfg.dpo.mask_prompt), n
 
 
 def total_steps(cfg: RunConfig, n_train: int) -> int:
@@ -221,11 +238,11 @@ class Progress:
 
 
 def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
-         resume: checkpoint.Checkpoint | None) -> dict:
+         resume: checkpoint.Checkpoint | None, world: distributed.World) -> dict:
     t, s = cfg.train, StepSettings.from_config(cfg)
     prep = prepare(cfg, device, say)
     splits = prep.splits
-    m = build_models(cfg, prep, s, device)
+    m = build_models(cfg, prep, s, device, world)
     steps = total_steps(cfg, len(splits["train"]))
     optimizer = optim.adamw(m.policy, device, t.lr, t.weight_decay, t.adam_betas)
     scheduler = optim.scheduler(optimizer, t.schedule, t.warmup_steps, steps)
@@ -234,18 +251,25 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
         f"wandb: {tracker.wandb.mode if tracker.wandb else 'disabled'}\n"
         f"pairs train/validation/test: {len(splits['train'])}/{len(splits['validation'])}/"
         f"{len(splits['test'])} | {t.batch_size * t.grad_accum} pairs per step ({t.batch_size} x "
-        f"{t.grad_accum} accum) | {steps} steps | run dir: {run_dir}")
+        f"{t.grad_accum} accum) | {steps} steps | run dir: {run_dir}"
+        + (f" | {world.size} processes ({world.backend})" if world.active else ""))
     p = Progress()
     if resume is not None:
         checkpoint.restore(resume, m.policy, optimizer, scheduler)
         p = Progress(**resume.state["progress"])
 
     def save(p: Progress) -> None:
-        checkpoint.save(run_dir, cfg.to_dict(), asdict(p), tracker, m.policy, optimizer, scheduler)
+        if world.main:
+            checkpoint.save(run_dir, cfg.to_dict(), asdict(p), tracker, m.policy, optimizer, scheduler)
+        world.barrier()
 
-    evaluate_now = Evaluator(cfg, prep, m, s, device, tracker, on_eval)
-    p = _loop(cfg, prep, m, s, optimizer, scheduler, steps, evaluate_now, tracker, device, p, save)
-    return _finish(cfg, run_dir, prep, m, s, steps, p, evaluate_now, tracker, device)
+    evaluate_now = Evaluator(cfg, prep, m, s, device, tracker, on_eval, world)
+    p = _loop(cfg, prep, m, s, optimizer, scheduler, steps, evaluate_now, tracker, device, p, save,
+              world)
+    summary = _finish(cfg, run_dir, prep, m, s, steps, p, evaluate_now, tracker, device) \
+        if world.main else {"status": "finished", "steps": steps}
+    world.barrier()
+    return {**summary, "world_size": world.size, "distributed_backend": world.backend}
 
 
 def _crossed(seen: int, pairs_per_step: int, every: int) -> bool:
@@ -255,7 +279,7 @@ def _crossed(seen: int, pairs_per_step: int, every: int) -> bool:
 
 def _loop(cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, optimizer, scheduler,
           steps: int, evaluate_now: Evaluator, tracker: Tracker, device, p: Progress,
-          save: Callable[[Progress], None]) -> Progress:
+          save: Callable[[Progress], None], world: distributed.World) -> Progress:
     """The optimizer steps after p.step (0, or a checkpoint's step), with train metrics every
     `log_every` steps, a validation pass every `eval_every` pairs (and at step 0) and a
     checkpoint every `checkpoint_every` pairs (never at the last step: the run saves its end)."""
@@ -263,17 +287,18 @@ def _loop(cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, optimizer,
     validate, pairs_per_step = bool(prep.splits["validation"]), t.batch_size * t.grad_accum
     if p.step == 0 and validate and t.eval_every:
         p.last_eval = evaluate_now(0, 0)
-    stream = micro_batches(cfg, prep.splits["train"], prep.tokenizer.pad_token_id)
+    stream = micro_batches(cfg, prep.splits["train"], prep.tokenizer.pad_token_id, world)
     stream = itertools.islice(stream, p.micro_batches, None)  # a resumed run's data position
-    bar = tqdm(total=steps, initial=p.step, desc="dpo", unit="step", disable=not cfg.tracking.progress)
+    bar = tqdm(total=steps, initial=p.step, desc="dpo", unit="step",
+               disable=not (cfg.tracking.progress and world.main))
     for step in range(p.step + 1, steps + 1):
         t0 = time.perf_counter()
         grad_norm, lr, tokens = _optimizer_step(cfg, m, s, optimizer, scheduler, stream, p, step,
-                                                device)
+                                                device, world)
         step_s = time.perf_counter() - t0
         p.step, p.seen, p.tokens = step, p.seen + pairs_per_step, p.tokens + tokens
         if step % t.log_every == 0 or step == steps:
-            _log_train(p, tracker, {"train/grad_norm": grad_norm, "train/lr": lr,
+            _log_train(p, tracker, world, {"train/grad_norm": grad_norm, "train/lr": lr,
                                     "perf/tokens_per_s": tokens / step_s, "perf/step_s": step_s})
             bar.set_postfix(loss=f"{p.last_train['train/loss']:.4f}",
                             margin=f"{p.last_train['train/rewards/margins']:.3f}")
@@ -289,20 +314,24 @@ def _loop(cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, optimizer,
 
 
 def _optimizer_step(cfg: RunConfig, m: Models, s: StepSettings, optimizer, scheduler,
-                    stream: Iterator, p: Progress, step: int, device) -> tuple[float, float, int]:
+                    stream: Iterator, p: Progress, step: int, device, world: distributed.World
+                    ) -> tuple[float, float, int]:
     """One optimizer step over `grad_accum` micro-batches, their pair metrics summed into
     p.window: (gradient norm before clipping, learning rate, tokens). Raises RunDiverged on a
-    non-finite micro-batch loss or gradient norm, before the optimizer steps."""
+    non-finite micro-batch loss (on any rank) or gradient norm, before the optimizer steps."""
     t, tokens = cfg.train, 0
-    for _ in range(t.grad_accum):
-        idx, batch = next(stream)
+    for i in range(t.grad_accum):
+        idx, batch, n = next(stream)
         p.micro_batches += 1
-        losses, pair = dpo_batch(m.policy, m.step_reference, m.ref_logps.get("train"), idx, batch,
-                                 s, device)
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise RunDiverged(step, "the train loss", loss.item())
-        (loss / t.grad_accum).backward()
+        with distributed.no_sync(m.train_policy, last=i == t.grad_accum - 1):
+            losses, pair = dpo_batch(m.train_policy, m.step_reference, m.ref_logps.get("train"),
+                                     idx, batch, s, device)
+            # A rank's share of the global batch's mean loss (DDP averages over the ranks).
+            loss = losses.sum() * (world.size / n) if world.active else losses.mean()
+            total = world.sum([losses.detach().sum().item()])[0]
+            if not math.isfinite(total):
+                raise RunDiverged(step, "the train loss", total / n)
+            (loss / t.grad_accum).backward()
         tokens += int(batch["attention_mask"].sum())
         for k, v in pair.items():
             p.window[k] = p.window.get(k, 0.0) + v.sum().item()
@@ -312,15 +341,20 @@ def _optimizer_step(cfg: RunConfig, m: Models, s: StepSettings, optimizer, sched
     if not torch.isfinite(grad_norm):
         raise RunDiverged(step, "the gradient norm", float(grad_norm))
     lr = scheduler.get_last_lr()[0]
+    tokens = int(world.sum([tokens])[0])
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return float(grad_norm), lr, tokens
 
 
-def _log_train(p: Progress, tracker: Tracker, extra: dict[str, float]) -> None:
-    """Log the window's mean pair metrics (and `extra`) as p.last_train; empty the window."""
-    p.last_train = {f"train/{k}": v / p.window_pairs for k, v in p.window.items()}
+def _log_train(p: Progress, tracker: Tracker, world: distributed.World,
+               extra: dict[str, float]) -> None:
+    """Log the window's mean pair metrics over all ranks (and `extra`) as p.last_train; empty
+    the window."""
+    keys = sorted(p.window)
+    *sums, pairs = world.sum([p.window[k] for k in keys] + [p.window_pairs])
+    p.last_train = {f"train/{k}": v / pairs for k, v in zip(keys, sums, strict=True)}
     p.last_train.update(extra)
     tracker.log(p.last_train, p.step, p.seen)
     p.window.clear()

@@ -1,0 +1,90 @@
+"""Data-parallel runs under torchrun: two CPU processes (gloo) train the same run as one process
+with the same global batch, within float tolerance, and only rank 0 writes the run's files."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import distributed
+from tests.runs import ROOT, SMOKE, read_metrics
+
+# Cached reference log-probs (computed sharded and gathered), two micro-batches per optimizer
+# step (DDP's no_sync on the first), a checkpoint saved mid-run, train metrics at every step.
+SETTINGS = {
+    "data.limit": 120, "data.max_length": 160, "model.name": "tiny-xs", "train.max_steps": 5,
+    "train.batch_size": 4, "train.grad_accum": 2, "train.eval_every": 24, "train.eval_batches": 2,
+    "train.lr": 1e-3, "train.log_every": 1, "train.checkpoint_every": 16,
+    "train.keep_checkpoint": True, "train.save_model": False, "dpo.reference": "cache",
+    "tracking.progress": False, "tracking.wandb": "disabled",
+}
+
+
+def run(seed_data, tmp_path, name: str, processes: int) -> subprocess.CompletedProcess:
+    sets = {**SETTINGS, "data.source": str(seed_data),
+            "tracking.results_dir": str(tmp_path / "results"),
+            "dpo.reference_cache_dir": str(tmp_path / f"cache-{name}")}
+    args = [str(SMOKE), "--run-dir", str(tmp_path / name)]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={v}"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*launcher, "-m", "harness", "train", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_the_single_process_run(seed_data, tmp_path):
+    one = run(seed_data, tmp_path, "one", 1)
+    two = run(seed_data, tmp_path, "two", 2)
+    single, ddp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    # One writer: as many rows as the single process, each step once.
+    assert [r["step"] for r in ddp] == [r["step"] for r in single]
+    compared = 0
+    for a, b in zip(single, ddp, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if k.startswith("perf/") or not isinstance(v, float):
+                continue
+            assert math.isclose(v, b[k], rel_tol=1e-4, abs_tol=1e-6), (a["step"], k, v, b[k])
+            compared += 1
+    assert compared > 50
+    losses = [r["train/loss"] for r in ddp if "train/loss" in r]
+    assert len(losses) == 5 and losses[-1] < losses[0]  # it trained
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["world_size"], summary["distributed_backend"]) == (2, "gloo")
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["world_size"] == 1
+    # Rank 0 saved the mid-run checkpoint; the final report is printed once.
+    assert list((tmp_path / "two" / "checkpoint").iterdir())
+    assert two.stdout.count('"status"') == 1 and one.stdout.count('"status"') == 1
+    # The sharded, gathered reference cache equals the one computed in one process.
+    import torch
+
+    a = torch.load(next((tmp_path / "cache-one").rglob("*.pt")))
+    b = torch.load(next((tmp_path / "cache-two").rglob("*.pt")))
+    for split in a:
+        torch.testing.assert_close(a[split], b[split], rtol=1e-5, atol=1e-5)
+
+
+def test_global_batch_must_split_over_the_processes():
+    distributed.check_batch(distributed.World(0, 2), 8)
+    with pytest.raises(ValueError, match="train.batch_size 6 does not split over 4"):
+        distributed.check_batch(distributed.World(0, 4), 6)
+
+
+def test_each_rank_takes_its_slice_of_every_global_batch():
+    order = list(range(10))
+    ranks = [list(distributed.World(r, 2).shards(order, 4, drop_last=False)) for r in range(2)]
+    assert ranks[0] == [([0, 1], 4), ([4, 5], 4), ([8], 2)]
+    assert ranks[1] == [([2, 3], 4), ([6, 7], 4), ([9], 2)]
+    # One process: whole batches, the last partial one kept unless drop_last.
+    assert [len(i) for i, _ in distributed.World().shards(order, 4, False)] == [4, 4, 2]
+    assert [len(i) for i, _ in distributed.World().shards(order, 4, True)] == [4, 4]
+    # A last global batch smaller than the world is dropped (a rank would get no pair).
+    assert list(distributed.World(2, 3).shards(list(range(5)), 3, False)) == [([2], 3)]
