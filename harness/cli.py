@@ -1,7 +1,9 @@
 """`harness` command line.
 
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
-    harness sweep EXPERIMENT.yaml [--workers N] [--storage URL] [--study NAME]
+    harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices 0,1] [--storage URL] [--study NAME]
+    harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
+    torchrun --nproc-per-node K -m harness train EXPERIMENT.yaml   (one run, data-parallel)
     harness bench [--cases a,b] [--steps N]   (harness bench --help)
 """
 
@@ -58,13 +60,68 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("harness sweep runs its own worker processes: start it without "
                           "torchrun (--workers/--devices give each worker a device)")
 
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     try:
-        run_sweep(args.experiment, workers=args.workers, storage=args.storage, study=args.study,
-                  results_dir=args.results_dir)
+        run_sweep(args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
+                  results_dir=args.results_dir, devices=devices)
     except SweepIncomplete as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _storage(args: argparse.Namespace) -> str | None:
+    """--storage, else the URL in the variable --storage-env names (None: the default)."""
+    if args.storage or not args.storage_env:
+        return args.storage
+    url = os.environ.get(args.storage_env)
+    if not url:
+        raise ConfigError(f"--storage-env {args.storage_env}: that environment variable is not set "
+                          "(export it with the study's storage URL)")
+    return url
+
+
+def _workers(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a number of workers or `auto`") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: at least one worker")
+    return n
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from harness.config import load_experiment
+    from harness.sweep.status import render, study_status
+    from harness.sweep.storage import masked, resolve
+
+    exp = load_experiment(args.experiment, args.study)
+    results = Path(args.results_dir or exp.base.tracking.results_dir)
+    url = resolve(_storage(args), results, exp.study)
+    rows = study_status(exp, url)
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+    else:
+        print(f"study {exp.study} | storage {masked(url)}")
+        print(render(rows, exp.spec.objective.direction))
+    return 0
+
+
+def _study_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL (default: $DPO_HARNESS_STORAGE, else "
+                        "sqlite:///<results>/<study>/optuna.db); postgresql://... to share a study "
+                        "between machines")
+    p.add_argument("--storage-env", default=None, metavar="VAR",
+                   help="read the storage URL from environment variable VAR (keeps a password "
+                        "out of the command line and shell history)")
+    p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
+    p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,14 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="a study: grid cells x Optuna trials x seeds")
     p.add_argument("experiment", help="experiment YAML with a `sweep:` section")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL (default: $DPO_HARNESS_STORAGE, else "
-                        "sqlite:///<results>/<study>/optuna.db); postgresql://... to share a study "
-                        "between machines")
-    p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
-    p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
+    p.add_argument("--workers", type=_workers, default=1,
+                   help="worker processes on this machine, or `auto`: one per --devices entry, "
+                        "else one per visible CUDA device, else one per CPU core")
+    p.add_argument("--devices", default=None, metavar="IDS",
+                   help="CUDA devices for the workers, e.g. 0,1,2,3: worker i sees only device i "
+                        "(round-robin when there are more workers than devices)")
+    _study_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("status", help="where a study stands, from its storage (any machine)")
+    p.add_argument("experiment", help="the study's experiment YAML")
+    p.add_argument("--json", action="store_true", help="the rows as JSON")
+    _study_options(p)
+    p.set_defaults(func=cmd_status)
 
     sub.add_parser("bench", help="the DPO step against the seed notebook's path (harness bench --help)",
                    add_help=False)

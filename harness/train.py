@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import os
 import platform
 import random
 import sys
@@ -383,7 +384,8 @@ def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSet
         "status": "finished", "steps": steps, "examples_seen": p.seen, "tokens_seen": p.tokens,
         **p.last_train, **p.last_eval, **test, **prep.counts, **prep.info, **m.info,
         "gen/reward_available": prep.reward_fn is not None,
-        "device": str(device), "torch": torch.__version__, "platform": platform.platform(),
+        "device": str(device), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "torch": torch.__version__, "platform": platform.platform(),
     }
 
 

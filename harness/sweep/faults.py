@@ -17,19 +17,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from harness.chaos import crash_point
 from harness.sweep import storage as hstorage
 
-_ME = f"{socket.gethostname()}:{os.getpid()}"
+
+def me() -> str:
+    """This worker as trials record it: host:pid."""
+    return f"{hstorage.host()}:{os.getpid()}"
 
 
 def claim(trial) -> None:
     """Mark the trial as run by this process (how a dead worker's trial is recognised)."""
-    trial.set_user_attr("worker", _ME)
+    trial.set_user_attr("worker", me())
 
 
 def _slots(trials, states: tuple[str, ...], skip: int | None = None) -> set[int]:
@@ -64,17 +66,35 @@ def waiting_slot(study) -> int | None:
     return min(set(range(len(trials) + 1)) - taken)
 
 
+class Surplus(Exception):
+    """A trial asked for when another worker (or machine) had just taken the last free slot:
+    it ends FAIL with the `surplus` attribute, runs nothing and counts for nothing."""
+
+
 def settle_slot(trial, slot: int, budget: int) -> int:
     """The slot this trial fills: its own when it is a retry, else `slot` unless another worker
-    took it meanwhile (then the lowest free one, or one past the budget)."""
+    took it meanwhile (then the lowest free one). Raises Surplus when every slot is taken, so
+    that parallel workers never run more trials than the budget."""
     s = int(trial.user_attrs.get("slot", slot))
     taken = _slots(trial.study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "RUNNING", "WAITING"),
                    skip=trial.number)
     if s in taken:
         free = sorted(set(range(budget)) - taken)
-        s = free[0] if free else budget + trial.number
+        if not free:
+            trial.set_user_attr("surplus", True)
+            raise Surplus(f"trial {trial.number}: every one of the {budget} slots is taken")
+        s = free[0]
     trial.set_user_attr("slot", s)
     return s
+
+
+def seed_offset(trial) -> int:
+    """The seed of a queued seed rerun. Raises Surplus for a trial that was asked for after
+    another worker took the last queued rerun (Optuna then starts a fresh trial instead)."""
+    if "seed_offset" not in trial.user_attrs:
+        trial.set_user_attr("surplus", True)
+        raise Surplus(f"trial {trial.number}: no seed rerun left to run")
+    return int(trial.user_attrs["seed_offset"])
 
 
 def real_failure(trial) -> bool:
@@ -152,7 +172,7 @@ def _dead(trial, grace_s: float) -> bool:
         start = trial.datetime_start or dt.datetime.now()
         return (dt.datetime.now() - start).total_seconds() > grace_s
     host, _, pid = worker.rpartition(":")
-    return host == socket.gethostname() and pid != str(os.getpid()) and not _alive(int(pid))
+    return host == hstorage.host() and pid != str(os.getpid()) and not _alive(int(pid))
 
 
 def reap_stale(study) -> int:

@@ -14,8 +14,8 @@ failed and skipped; the sweep goes on with the other cells.
 
 from __future__ import annotations
 
+import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,8 +23,18 @@ from pathlib import Path
 from harness.chaos import crash_point
 from harness.config import Cell, Experiment
 from harness.sweep import faults
-from harness.sweep.storage import HEARTBEAT_S, open_storage, without_password
+from harness.sweep.storage import HEARTBEAT_S, host, open_storage, without_password
 from harness.sweep.study import count, make_study, objective_value, slot_seed, suggest
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs every failed trial with its traceback; a surplus trial is routine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Surplus(" not in record.getMessage()
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
 
 
 class Sweep:
@@ -35,7 +45,7 @@ class Sweep:
         # One worker on a local file storage draws exactly the same trials after any restart;
         # several workers (or machines) also mix in who they are, so that they draw apart.
         self.tag = "" if workers == 1 and not storage_url.startswith("postgresql") \
-            else f"{socket.gethostname()}:{os.getpid()}:{worker}"
+            else f"{host()}:{os.getpid()}:{worker}"
         self.storage_url = storage_url
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
@@ -58,7 +68,7 @@ class Sweep:
             faults.claim(trial)
             # Retries and seed reruns are enqueued trials that carry their slot and parameters.
             s = faults.settle_slot(trial, slot, exp.spec.trials) if role == "search" \
-                else int(trial.user_attrs["seed_offset"])
+                else faults.seed_offset(trial)
             params = {k: suggest(trial, k, p) for k, p in exp.spec.search.items()}
             run_dir = self.run_dir(cell, role, s)
             trial.set_user_attr("run_dir", str(run_dir))

@@ -3,11 +3,30 @@
 
 from __future__ import annotations
 
+import os
+import random
+import socket
+import time
 from pathlib import Path
 
 STORAGE_ENV = "DPO_HARNESS_STORAGE"  # the storage URL when --storage is not given
+HOST_ENV = "DPO_HARNESS_HOST"  # the name this machine goes by in a shared study
 HEARTBEAT_S = 10  # a trial's heartbeat; one silent for GRACE_S is failed and re-queued
 GRACE_S = 30
+
+
+def host() -> str:
+    """This machine's name in the study's records ($DPO_HARNESS_HOST, else the host name). Give
+    machines that share a study distinct names (containers often share one host name): a worker
+    fails a trial as dead only when it was held by a process of its own machine that is gone."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+def resolve(storage: str | None, results_dir: Path, study: str) -> str:
+    """The study's storage URL: `storage`, else $DPO_HARNESS_STORAGE, else SQLite under the
+    results directory; file paths made absolute."""
+    storage = storage or os.environ.get(STORAGE_ENV)
+    return absolute(storage) if storage else default_storage(results_dir, study)
 
 
 def default_storage(results_dir: Path, study: str) -> str:
@@ -62,9 +81,21 @@ def open_storage(url: str, heartbeat: bool = True):
 
         return JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    if not heartbeat:
-        return RDBStorage(url, engine_kwargs=engine_kwargs)
-    return RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-    )
+    extra = {} if not heartbeat else {
+        "heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S,
+        "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=3)}
+    return _first_open(lambda: RDBStorage(url, engine_kwargs=engine_kwargs, **extra))
+
+
+def _first_open(make, tries: int = 5):
+    """make(), tried again when it fails on the database's schema: machines that start on an
+    empty database at the same moment all create Optuna's tables, and all but one fail."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    for attempt in range(tries):
+        try:
+            return make()
+        except (IntegrityError, ProgrammingError, OperationalError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 + random.random() * (attempt + 1))

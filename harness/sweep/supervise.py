@@ -15,7 +15,7 @@ from pathlib import Path
 from harness.config import load_experiment
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
-from harness.sweep.storage import STORAGE_ENV, absolute, default_storage, masked
+from harness.sweep.storage import host, masked, resolve
 from harness.sweep.summary import write_summary
 
 
@@ -38,6 +38,44 @@ def _stop_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+# ----------------------------------------------------------------------------- workers and devices
+
+DEVICE_ENV = "CUDA_VISIBLE_DEVICES"  # what a worker's device assignment sets
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def visible_accelerators() -> list[str]:
+    """The CUDA devices this process sees, as the ids CUDA_VISIBLE_DEVICES takes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    shown = os.environ.get(DEVICE_ENV)
+    ids = [d.strip() for d in shown.split(",") if d.strip()] if shown else []
+    n = torch.cuda.device_count()
+    return ids[:n] if ids else [str(i) for i in range(n)]
+
+
+def plan_workers(workers: int | str, devices: list[str] | None) -> list[str | None]:
+    """The device of each worker (None: no assignment, e.g. CPU). `workers` is a count or
+    `auto`: one worker per device in `devices` (else per visible CUDA device, else per usable
+    CPU core). With more workers than devices, workers share devices round-robin."""
+    if devices is None and workers == "auto":
+        devices = visible_accelerators() or None
+    if workers == "auto":
+        workers = len(devices) if devices else usable_cores()
+    workers = int(workers)
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: need at least one worker")
+    return [devices[i % len(devices)] if devices else None for i in range(workers)]
+
+
 def _worker(path: str, study: str | None, storage_url: str, results_dir: str, threads: int,
             worker: int, workers: int) -> int:
     import torch
@@ -53,17 +91,29 @@ def _worker(path: str, study: str | None, storage_url: str, results_dir: str, th
 
 
 def _run_workers(path: str | Path, study: str | None, storage_url: str, results: Path,
-                 workers: int) -> None:
-    """`workers` spawned processes sharing the study; Ctrl-C or `kill` of this process stops them."""
+                 devices: list[str | None]) -> None:
+    """One spawned process per entry of `devices`, sharing the study, each seeing only its
+    device (CUDA_VISIBLE_DEVICES) and its share of the CPU cores; Ctrl-C or `kill` of this
+    process stops them."""
     import multiprocessing as mp
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    workers = len(devices)
+    threads = max(1, usable_cores() // workers)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(str(path), study, storage_url, str(results), threads,
                                                i, workers)) for i in range(workers)]
-    for p in procs:
-        p.start()
-        time.sleep(1.0)  # stagger: the first worker creates the studies
+    shown = os.environ.get(DEVICE_ENV)
+    try:
+        for p, device in zip(procs, devices, strict=True):
+            if device is not None:  # a spawned process starts with the environment of this moment
+                os.environ[DEVICE_ENV] = device
+            p.start()
+            time.sleep(1.0)  # stagger: the first worker creates the studies
+    finally:
+        if shown is None:
+            os.environ.pop(DEVICE_ENV, None)
+        else:
+            os.environ[DEVICE_ENV] = shown
 
     def on_term(signum, frame):  # `kill` of the parent stops its workers as Ctrl-C does
         raise KeyboardInterrupt
@@ -87,28 +137,32 @@ def _run_workers(path: str | Path, study: str | None, storage_url: str, results:
         raise SweepIncomplete("worker(s) died: " + "; ".join(dead))
 
 
-def run_sweep(path: str | Path, workers: int = 1, storage: str | None = None,
-              study: str | None = None, results_dir: str | None = None) -> Path:
-    """Run (or continue) a study; returns the path of its summary table."""
+def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = None,
+              study: str | None = None, results_dir: str | None = None,
+              devices: list[str] | None = None) -> Path:
+    """Run (or continue) a study with `workers` processes (a count or `auto`), worker i on
+    devices[i] when given (see plan_workers); returns the path of its summary table."""
     exp = load_experiment(path, study)
     results = Path(results_dir or exp.base.tracking.results_dir)
-    storage = storage or os.environ.get(STORAGE_ENV)
-    storage_url = absolute(storage) if storage else default_storage(results, exp.study)
+    storage_url = resolve(storage, results, exp.study)
     shown = masked(storage_url)
-    sweep = Sweep(exp, storage_url, results, workers=max(1, workers))
+    plan = plan_workers(workers, devices)
+    workers = len(plan)
+    sweep = Sweep(exp, storage_url, results, workers=workers)
     n_runs = len(exp.cells) * (exp.spec.trials + exp.spec.seeds - 1)
+    on = "" if plan == [None] * workers else " on devices " + ",".join(map(str, plan))
     print(f"study {exp.study}: {len(exp.cells)} cells x ({exp.spec.trials} trials + "
           f"{exp.spec.seeds - 1} seed reruns) = up to {n_runs} runs | storage {shown} | "
-          f"{workers} worker(s)", file=sys.stderr)
+          f"{workers} worker(s){on} on {host()}", file=sys.stderr)
     started = time.time()
     for cell, error in faults.precheck(exp, sweep.search_study).items():
         print(f"cell {cell} fails before training: {error}", file=sys.stderr)
     died = None
-    if workers <= 1:
+    if plan == [None]:
         sweep.work()
     else:
         try:
-            _run_workers(path, study, storage_url, results, workers)
+            _run_workers(path, study, storage_url, results, plan)
         except SweepIncomplete as err:
             died = str(err)
     out, rows = write_summary(sweep)
