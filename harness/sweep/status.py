@@ -63,9 +63,10 @@ def cell_status(exp: Experiment, storage, cell, now: dt.datetime | None = None) 
         row.update({"state": "failed", "error": search.user_attrs["failed"]})
     elif row["running"] or row["queued"] or any(t.state.name == "WAITING" for t in reruns):
         row["state"] = "running"
-    elif row["done"] + row["pruned"] >= spec.trials and \
-            sum(t.state.name == "COMPLETE" for t in reruns) >= spec.seeds - 1:
-        row["state"] = "done"
+    elif row["done"] + row["pruned"] >= spec.trials:
+        settled = sum(t.state.name == "COMPLETE" or t.user_attrs.get("outcome") == "diverged"
+                      for t in reruns)
+        row["state"] = "done" if settled >= spec.seeds - 1 or not row["done"] else "search done"
     elif trials:
         row["state"] = "paused"  # trials left, none running: no worker is on it now
     return row
