@@ -209,6 +209,11 @@ def micro_batches(cfg: RunConfig, items: list[hdata.TokenizedPair], pad_id: int,
         order = torch.randperm(len(items), generator=gen).tolist() if t.shuffle else list(range(len(items)))
         if t.group_by_length:
             order = hdata.length_grouped(order, items, t.batch_size, gen)
+        if not world.active:
+            for idx, batch in hdata.batches(items, order, t.batch_size, pad_id, cfg.dpo.mask_prompt,
+                                            t.drop_last):
+                yield idx, batch, len(idx)
+            continue
         for idx, n in world.shards(order, t.batch_size, t.drop_last):
             yield torch.tensor(idx), hdata.collate([items[i] for i in idx], pad_id, cfg.dpo.mask_prompt), n
 
