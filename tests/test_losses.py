@@ -90,12 +90,19 @@ def test_robust_at_zero_flip_rate_is_dpo_and_refuses_half():
         run("robust", 0.5, label_smoothing=0.5)
 
 
-def test_simpo_ignores_the_reference_and_dpop_penalty_only_below_it():
-    """SimPO reads no reference log-probs; DPO-Positive equals DPO when log π(y_w) ≥ log π_ref(y_w)."""
+@pytest.mark.parametrize("loss", sorted(dpo.LOSSES))
+def test_reference_free_flag_is_true_to_the_loss(loss):
+    """A loss marked reference_free (simpo) gives the same value under another reference; every
+    other loss changes with it."""
+    _, kw = hand_value(loss)
     pc, pr = torch.tensor([-1.2]), torch.tensor([-2.0])
-    a, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.5]), 2.0, "simpo")
-    b, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-9.0]), torch.tensor([0.0]), 2.0, "simpo")
-    assert a.item() == b.item()
+    a, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.5]), loss=loss, **kw)
+    b, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-0.5]), torch.tensor([-2.5]), loss=loss, **kw)
+    assert (a.item() == b.item()) == dpo.LOSSES[loss].reference_free
+
+
+def test_dpop_penalty_only_below_the_reference():
+    """DPO-Positive equals DPO when log π(y_w) ≥ log π_ref(y_w)."""
     up = dict(pc=-0.9)  # above the reference's −1.0: no penalty
     assert run("dpop", 0.5, dpop_lambda=50.0, **up).item() == pytest.approx(
         run("sigmoid", 0.5, **up).item(), rel=1e-12)
