@@ -5,13 +5,15 @@ Pure functions with shapes in the docstrings. Notation (Rafailov et al. 2023, ar
 
     h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]     (the "log-ratio margin")
 
-Every loss is a function of h; every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
+Most losses are a function of h alone; the others read the log-ratios or policy log-probs of each
+side (`PairLogps`). Every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
 Losses return per-pair values: callers take means.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -106,34 +108,145 @@ def model_logps(
 
 # ----------------------------------------------------------------------------- losses
 
-LossFn = Callable[[torch.Tensor, float, float], torch.Tensor]
+
+@dataclass(frozen=True)
+class PairLogps:
+    """Sequence log-probs of P pairs, each [P] float32: policy π and reference π_ref, chosen y_w
+    and rejected y_l (summed or per-token averaged, as `dpo.reduction` says)."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    @property
+    def chosen_ratio(self) -> torch.Tensor:  # log π(y_w|x) − log π_ref(y_w|x)
+        return self.policy_chosen - self.ref_chosen
+
+    @property
+    def rejected_ratio(self) -> torch.Tensor:  # log π(y_l|x) − log π_ref(y_l|x)
+        return self.policy_rejected - self.ref_rejected
+
+    @property
+    def margin(self) -> torch.Tensor:  # h
+        return self.chosen_ratio - self.rejected_ratio
 
 
-def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+@dataclass(frozen=True)
+class LossParams:
+    beta: float  # β (τ in the IPO paper)
+    label_smoothing: float = 0.0  # ε, the assumed share of flipped labels: sigmoid, robust
+    simpo_gamma: float = 0.5  # γ, SimPO's target margin
+    dpop_lambda: float = 50.0  # λ, DPO-Positive's penalty weight
+
+
+def sigmoid_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     """The DPO loss (paper eq. 7): −log σ(β·h). [P] → [P].
 
     With label_smoothing ε (conservative DPO, Mitchell 2023) the preference label is assumed
     flipped with probability ε: −(1−ε)·log σ(β·h) − ε·log σ(−β·h).
     """
-    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(
-        -beta * h
-    )
+    eps, bh = p.label_smoothing, p.beta * x.margin
+    return -(1 - eps) * F.logsigmoid(bh) - eps * F.logsigmoid(-bh)
 
 
-def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def robust_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+    """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409), an unbiased loss under labels
+    flipped with rate ε = label_smoothing < 1/2. [P] → [P].
+
+        ((1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))) / (1 − 2ε)
+    """
+    eps, bh = p.label_smoothing, p.beta * x.margin
+    if not 0.0 <= eps < 0.5:
+        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5), got {eps}")
+    return ((1 - eps) * -F.logsigmoid(bh) - eps * -F.logsigmoid(-bh)) / (1 - 2 * eps)
+
+
+def ipo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h − 1/(2β))². [P] → [P].
 
-    The IPO paper's h uses per-token averaged log-probs: pair it with `reduction: mean`.
+    The IPO paper's h uses per-token averaged log-probs, hence `reduction: mean`.
     """
-    return (h - 1 / (2 * beta)) ** 2
+    return (x.margin - 1 / (2 * p.beta)) ** 2
 
 
-def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def hinge_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     """Hinge / SLiC (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 − β·h). [P] → [P]."""
-    return torch.relu(1 - beta * h)
+    return torch.relu(1 - p.beta * x.margin)
 
 
-LOSSES: dict[str, LossFn] = {"sigmoid": sigmoid_loss, "ipo": ipo_loss, "hinge": hinge_loss}
+def simpo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free:
+    −log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ). [P] → [P].
+
+    avg log π is the per-token averaged policy log-prob (`reduction: mean`); the reference
+    log-probs are not used.
+    """
+    return -F.logsigmoid(p.beta * (x.policy_chosen - x.policy_rejected) - p.simpo_gamma)
+
+
+def apo_zero_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+    """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7; TRL's `apo_zero`):
+    1 − σ(β·(log π(y_w) − log π_ref(y_w))) + σ(β·(log π(y_l) − log π_ref(y_l))). [P] → [P].
+
+    Raises the chosen likelihood and lowers the rejected one, each against the reference.
+    """
+    return 1 - torch.sigmoid(p.beta * x.chosen_ratio) + torch.sigmoid(p.beta * x.rejected_ratio)
+
+
+def dpop_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+    """DPO-Positive (Pal et al. 2024, arXiv 2402.13228, eq. 3):
+    −log σ(β·(h − λ·max(0, log π_ref(y_w) − log π(y_w)))). [P] → [P].
+
+    The penalty is on only when the policy makes the chosen response less likely than the
+    reference does, which plain DPO allows as long as the rejected one falls faster.
+    """
+    penalty = torch.relu(x.ref_chosen - x.policy_chosen)
+    return -F.logsigmoid(p.beta * (x.margin - p.dpop_lambda * penalty))
+
+
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable[[PairLogps, LossParams], torch.Tensor]
+    uses_label_smoothing: bool = False  # reads ε; any other loss refuses ε > 0
+    per_token: bool = False  # defined on per-token averaged log-probs: needs reduction `mean`
+    reference_free: bool = False  # the loss does not read the reference log-probs
+
+
+LOSSES: dict[str, Loss] = {
+    "sigmoid": Loss(sigmoid_loss, uses_label_smoothing=True),
+    "robust": Loss(robust_loss, uses_label_smoothing=True),
+    "ipo": Loss(ipo_loss, per_token=True),
+    "hinge": Loss(hinge_loss),
+    "simpo": Loss(simpo_loss, per_token=True, reference_free=True),
+    "apo_zero": Loss(apo_zero_loss),
+    "dpop": Loss(dpop_loss),
+}
+
+
+def _check_loss(loss: str, label_smoothing: float, field: str) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
+    if label_smoothing and not LOSSES[loss].uses_label_smoothing:
+        users = " and ".join(n for n, s in LOSSES.items() if s.uses_label_smoothing)
+        raise ValueError(f"{field}: {label_smoothing} applies to the {users} losses only, "
+                         f"not {loss!r}; set {field}: 0")
+
+
+def check_loss_settings(loss: str, reduction: str, label_smoothing: float) -> None:
+    """Refuse settings a loss is not defined for, naming the `dpo.*` field to change."""
+    _check_loss(loss, label_smoothing, "dpo.label_smoothing")
+    if LOSSES[loss].per_token and reduction != "mean":
+        raise ValueError(f"dpo.reduction: {reduction!r} does not suit the {loss} loss, which is "
+                         "defined on per-token averaged log-probs; set dpo.reduction: mean")
+
+
+def per_token_nll(logps: torch.Tensor, n_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Negative log-likelihood per counted token: [P] sequence log-probs and [P] token counts
+    → [P]. Mean-reduced log-probs already are per token; summed ones are divided by the count."""
+    if reduction == "mean":
+        return -logps
+    return -logps / n_tokens.clamp(min=1).to(logps.dtype)
 
 
 def dpo_loss(
@@ -144,20 +257,27 @@ def dpo_loss(
     beta: float,
     loss: str = "sigmoid",
     label_smoothing: float = 0.0,
+    *,
+    simpo_gamma: float = 0.5,
+    dpop_lambda: float = 50.0,
+    sft_weight: float = 0.0,
+    chosen_nll: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair losses and detached implicit rewards.
 
     All inputs [P] sequence log-probs. Returns (losses [P], chosen_rewards [P],
-    rejected_rewards [P]) with reward = β·(log π − log π_ref) (paper §5).
+    rejected_rewards [P]) with reward = β·(log π − log π_ref) (paper §5) for every loss.
+    With sft_weight w > 0 (RPO, Pang et al. 2024, arXiv 2404.19733) each pair's loss
+    gains w · chosen_nll, the per-token NLL of its chosen response ([P], see `per_token_nll`).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
-    if label_smoothing and loss != "sigmoid":
-        raise ValueError(f"label_smoothing applies to the sigmoid loss only, not {loss!r}")
-    chosen_ratio = policy_chosen - ref_chosen
-    rejected_ratio = policy_rejected - ref_rejected
-    losses = LOSSES[loss](chosen_ratio - rejected_ratio, beta, label_smoothing)
-    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    _check_loss(loss, label_smoothing, "label_smoothing")
+    x = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    losses = LOSSES[loss].fn(x, LossParams(beta, label_smoothing, simpo_gamma, dpop_lambda))
+    if sft_weight:
+        if chosen_nll is None:
+            raise ValueError("sft_weight > 0 needs chosen_nll, the chosen responses' per-token NLL")
+        losses = losses + sft_weight * chosen_nll
+    return losses, beta * x.chosen_ratio.detach(), beta * x.rejected_ratio.detach()
 
 
 def pair_metrics(

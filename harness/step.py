@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
-from harness.dpo import dpo_loss, model_logps, pair_metrics
+from harness.dpo import check_loss_settings, dpo_loss, model_logps, pair_metrics, per_token_nll
 
 Batch = dict[str, torch.Tensor]
 
@@ -28,12 +28,19 @@ class StepSettings:
     reduction: str = "mean"  # sum | mean over the counted tokens
     precision: str = "auto"  # auto | fp32 | bf16 (harness.models.autocast)
     batch_size: int = 8  # pairs per micro-batch in evaluation passes
+    simpo_gamma: float = 0.5  # SimPO's target margin γ (loss `simpo`)
+    dpop_lambda: float = 50.0  # DPO-Positive's penalty weight λ (loss `dpop`)
+    sft_weight: float = 0.0  # RPO: weight of the chosen responses' per-token NLL; 0 = off
+
+    def __post_init__(self):
+        check_loss_settings(self.loss, self.reduction, self.label_smoothing)
 
     @classmethod
     def from_config(cls, cfg) -> StepSettings:
         d = cfg.dpo
         return cls(d.beta, d.loss, d.label_smoothing, d.mask_prompt, d.reduction,
-                   cfg.train.precision, cfg.train.batch_size)
+                   cfg.train.precision, cfg.train.batch_size, d.simpo_gamma, d.dpop_lambda,
+                   d.sft_weight)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -61,7 +68,13 @@ def dpo_batch(policy, reference, ref_logps: torch.Tensor | None, idx: torch.Tens
                 rc, rr = concatenated_logps(reference, batch, s.reduction)
         else:
             rc, rr = ref_logps[idx, 0].to(device), ref_logps[idx, 1].to(device)
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, s.beta, s.loss, s.label_smoothing)
+    nll = None
+    if s.sft_weight:  # RPO's NLL term: per counted token of each chosen sequence
+        n_chosen = batch["loss_mask"][: len(pc), 1:].sum(-1)
+        nll = per_token_nll(pc, n_chosen, s.reduction)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, s.beta, s.loss, s.label_smoothing,
+                              simpo_gamma=s.simpo_gamma, dpop_lambda=s.dpop_lambda,
+                              sft_weight=s.sft_weight, chosen_nll=nll)
     return losses, pair_metrics(losses, cr, rj, pc, pr, s.beta)
 
 

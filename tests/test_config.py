@@ -30,7 +30,7 @@ def test_every_experiment_file_validates():
         ("dpo:\n  beta: -0.1\n", "dpo.beta"),
         ("dpo:\n  beta: 0\n", "beta must be > 0"),
         ("train:\n  lr: fast\n", "train.lr"),
-        ("dpo:\n  loss: kto\n", "valid: hinge, ipo, sigmoid"),
+        ("dpo:\n  loss: kto\n", "valid: apo_zero, dpop, hinge, ipo, robust, sigmoid, simpo"),
         ("dpo:\n  reduction: median\n", "dpo.reduction"),
         ("data:\n  split: [0.5, 0.1, 0.1]\n", "data.split"),
         ("train:\n  batch_size: 0\n", "train.batch_size"),

@@ -163,14 +163,15 @@ def test_loss_at_equal_policy_and_reference_is_log2():
 
 def test_unknown_loss_lists_valid_names():
     """An unknown loss name is an error naming every valid one."""
-    with pytest.raises(ValueError, match="hinge, ipo, sigmoid"):
+    with pytest.raises(ValueError, match="apo_zero, dpop, hinge, ipo, robust, sigmoid, simpo"):
         dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss="kto")
 
 
-def test_label_smoothing_only_for_sigmoid():
+@pytest.mark.parametrize("name", [n for n, s in dpo.LOSSES.items() if not s.uses_label_smoothing])
+def test_label_smoothing_only_for_sigmoid_and_robust(name):
     """label_smoothing with a loss that ignores it is an error, not a silent no-op."""
-    with pytest.raises(ValueError, match="sigmoid"):
-        dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss="ipo", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="sigmoid and robust"):
+        dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss=name, label_smoothing=0.1)
 
 
 def test_pair_metrics_margins_with_and_without_beta():

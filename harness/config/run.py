@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from harness.config.base import Strict
 from harness.config.sweep import SweepSpec
@@ -79,9 +79,17 @@ class ModelConfig(_Section):
 
 
 class DPOConfig(_Section):
-    beta: float = 0.1  # strength of the KL constraint (paper's beta); 0.01..1
-    loss: str = "sigmoid"  # a name in harness.dpo.LOSSES: sigmoid, ipo, hinge
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped labels; 0..0.5
+    beta: float = 0.1  # strength of the KL constraint (paper's beta); 0.01..1 (SimPO: 2..10)
+    # A name in harness.dpo.LOSSES: sigmoid, robust, ipo, hinge, simpo, apo_zero, dpop
+    # (formulas in the README's "Losses"). ipo and simpo need reduction: mean.
+    loss: str = "sigmoid"
+    # Assumed share of flipped labels, for sigmoid (conservative DPO) and robust; 0..0.5
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # simpo: target margin γ, subtracted from β x the avg-logp margin; 0..2
+    dpop_lambda: float = 50.0  # dpop: weight λ of the penalty on log π_ref(y_w) − log π(y_w); 5..500
+    # RPO: each pair's loss gains this weight x the chosen response's NLL per counted token;
+    # any loss; 0 = off, the RPO paper uses 1
+    sft_weight: float = 0.0
     mask_prompt: bool = True  # prompt tokens do not count in a sequence log-prob
     reduction: Literal["sum", "mean"] = "mean"  # sum: the paper; mean: per response token
     # Reference log-probs: a frozen copy of the model (`model`) or computed once before
@@ -104,7 +112,15 @@ class DPOConfig(_Section):
     @classmethod
     def _smoothing_range(cls, v: float) -> float:
         if not 0.0 <= v < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {v}")
+            raise ValueError(f"label_smoothing must be in [0, 0.5) (a share of flipped labels; "
+                             f"robust divides by 1 - 2 x label_smoothing), got {v}")
+        return v
+
+    @field_validator("simpo_gamma", "dpop_lambda", "sft_weight")
+    @classmethod
+    def _not_negative(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
         return v
 
     @field_validator("loss")
@@ -115,6 +131,14 @@ class DPOConfig(_Section):
         if v not in LOSSES:
             raise ValueError(f"unknown loss {v!r}; valid: {', '.join(sorted(LOSSES))}")
         return v
+
+    @model_validator(mode="after")
+    def _loss_settings(self) -> DPOConfig:
+        """A loss refuses the reduction and label smoothing it is not defined for."""
+        from harness.dpo import check_loss_settings
+
+        check_loss_settings(self.loss, self.reduction, self.label_smoothing)
+        return self
 
 
 class TrainConfig(_Section):
