@@ -49,6 +49,7 @@ def write(tmp_path, name: str, content: bytes | str):
 
 
 def test_missing_data_file_names_the_path(capsys, tmp_path):
+    """A local data.source that is not there: the path, and what to give instead."""
     missing = tmp_path / "nope.json"
     msg = bad_input(capsys, tmp_path, f"data.source={missing}")
     assert f"data.source: no such file {missing}" in msg
@@ -56,6 +57,7 @@ def test_missing_data_file_names_the_path(capsys, tmp_path):
 
 
 def test_url_in_no_data_folder_and_not_downloadable_names_the_places(capsys, tmp_path, monkeypatch):
+    """A URL whose file is in no data folder and cannot be fetched: every place looked in."""
     for d in ("env", "shared", "work/here"):
         (tmp_path / d).mkdir(parents=True)
     monkeypatch.setenv("DPO_HARNESS_DATA", str(tmp_path / "env"))
@@ -78,6 +80,7 @@ def test_json_object_instead_of_a_list(capsys, tmp_path):
 
 
 def test_non_utf8_file_names_the_byte_offset_and_line(capsys, tmp_path):
+    """Before: a bare UnicodeDecodeError. Now the file, the byte offset and its line."""
     text = json.dumps(RECORDS, indent=1).encode()
     at = text.index(b"Please, 3")
     f = write(tmp_path, "latin1.json", text[:at] + b"\xe9" + text[at + 1:])
@@ -93,12 +96,14 @@ def test_non_utf8_file_names_the_byte_offset_and_line(capsys, tmp_path):
      "line 2 is not valid JSON"),
 ])
 def test_invalid_json_names_file_and_line(capsys, tmp_path, name, content, where):
+    """Broken JSON and JSONL: the file and the line (and column) where parsing stopped."""
     f = write(tmp_path, name, content)
     msg = bad_input(capsys, tmp_path, f"data.source={f}")
     assert f"{f}: {where}" in msg and "fix" in msg.lower()
 
 
 def test_record_missing_a_field_names_file_and_row(capsys, tmp_path):
+    """A record without `chosen`: the file, the 0-based row and the field."""
     rows = [dict(r) for r in RECORDS]
     del rows[1]["chosen"]
     f = write(tmp_path, "rows.json", json.dumps(rows))
@@ -108,6 +113,7 @@ def test_record_missing_a_field_names_file_and_row(capsys, tmp_path):
 
 
 def test_unknown_model_name_offline(capsys, tmp_path, monkeypatch):
+    """A model name that is no tiny model, path or reachable hub id: what model.name takes offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     f = write(tmp_path, "ok.json", json.dumps(RECORDS))
     msg = bad_input(capsys, tmp_path, f"data.source={f}", "model.name=tiny-xxs")
@@ -116,6 +122,7 @@ def test_unknown_model_name_offline(capsys, tmp_path, monkeypatch):
 
 
 def test_missing_gguf_file(capsys, tmp_path):
+    """Before: a late OSError from transformers. Now the missing file and the GGUF files beside it."""
     f = write(tmp_path, "ok.json", json.dumps(RECORDS))
     write(tmp_path, "other.gguf", b"")
     gguf = tmp_path / "model.gguf"
@@ -129,6 +136,7 @@ def test_missing_gguf_file(capsys, tmp_path):
     ("train.lr=fast", "train.lr"),
 ])
 def test_bad_override_names_the_file_and_field(capsys, tmp_path, override, needle):
+    """A bad --set: the experiment file and the field, and where fields are documented."""
     msg = bad_input(capsys, tmp_path, override)
     assert f"{SMOKE}: " in msg and needle in msg
     assert "documented in harness/config/run.py" in msg
@@ -136,6 +144,7 @@ def test_bad_override_names_the_file_and_field(capsys, tmp_path, override, needl
 
 
 def test_traceback_flag_raises_the_error_itself(tmp_path):
+    """`--traceback`, before or after the subcommand, lets the error propagate with its trace."""
     f = write(tmp_path, "obj.json", json.dumps({"a": 1}))
     with pytest.raises(DataError, match="top level is a JSON object"):
         main(["--traceback", *train_argv(tmp_path, f"data.source={f}")])

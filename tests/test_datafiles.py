@@ -54,6 +54,7 @@ def test_lookup_order_env_shared_cwd_then_one_download(places):
 
 
 def test_without_the_variable_the_shared_folders_are_searched(places, monkeypatch):
+    """$DPO_HARNESS_DATA unset: only the two ../shared/data folders are searched."""
     monkeypatch.delenv("DPO_HARNESS_DATA")
     assert [label for label, _ in datafiles.data_dirs()] == [
         "../shared/data of the repository", "../shared/data of the current directory"]
@@ -81,6 +82,7 @@ def test_copy_found_by_name_is_checked(places):
 
 
 def test_download_with_wrong_sha_names_url_and_hashes_and_keeps_nothing(places):
+    """A download whose sha256 differs: URL, expected and actual digest; no entry, no temporary."""
     bad = "ab" * 32
     with pytest.raises(DataError) as err:
         datafiles.locate(places["url"], bad, str(places["cache"]))
@@ -90,6 +92,7 @@ def test_download_with_wrong_sha_names_url_and_hashes_and_keeps_nothing(places):
 
 
 def test_damaged_cached_copy_is_fetched_again(places, capsys):
+    """A cached download that no longer has its sha256 is fetched again, with a warning."""
     first = datafiles.locate(places["url"], SHA, str(places["cache"]))
     first.write_bytes(b"damaged")
     again = datafiles.locate(places["url"], SHA, str(places["cache"]))
@@ -98,6 +101,7 @@ def test_damaged_cached_copy_is_fetched_again(places, capsys):
 
 
 def test_nowhere_and_not_downloadable_names_every_place(places):
+    """No copy and no download: every folder looked in and the download's failure."""
     (places["served"] / NAME).unlink()
     with pytest.raises(DataFileMissing) as err:
         datafiles.locate(places["url"], SHA, str(places["cache"]))
@@ -111,11 +115,13 @@ def test_nowhere_and_not_downloadable_names_every_place(places):
 @pytest.mark.parametrize("sha,needle", [(None, "data.sha256 is required"),
                                         ("abc", "is not a sha256 hex digest")])
 def test_url_needs_a_well_formed_sha256(places, sha, needle):
+    """A URL without data.sha256, or with one that is not 64 hex characters, is refused."""
     with pytest.raises(DataError, match=needle):
         datafiles.locate(places["url"], sha, str(places["cache"]))
 
 
 def test_url_must_end_in_a_file_name():
+    """The file is looked up by the URL's last segment, so the URL must have one."""
     with pytest.raises(DataError, match="names no file"):
         datafiles.locate("https://example.org/data/", "0" * 64)
 
