@@ -5,6 +5,10 @@
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
     torchrun --nproc-per-node K -m harness train EXPERIMENT.yaml   (one run, data-parallel)
     harness bench [--cases a,b] [--steps N]   (harness bench --help)
+
+Bad input (a config field, a data file, row or field, a model name) is printed as one paragraph
+saying what is wrong, where and what to do, with exit code 2; `--traceback`, anywhere on the
+line, shows the Python traceback instead. Any other error is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ import sys
 
 from harness import metrics
 from harness.config import ConfigError, load_config, parse_value
+from harness.errors import InputError
+
+TRACEBACK = "--traceback"
+CONFIG_ADVICE = ("Every field, its default and range is documented in harness/config/run.py "
+                 "(a study's sweep section in harness/config/sweep.py)")
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -126,6 +135,9 @@ def _study_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser.add_argument(TRACEBACK, action="store_true",
+                        help="on bad input, raise with the Python traceback instead of printing one "
+                             "paragraph (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="one DPO run from an experiment YAML")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/smoke.yaml")
@@ -156,17 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from harness.bench import main as bench_main
+def paragraph(err: Exception) -> str:
+    """An error's message as one paragraph: its lines joined, advice added to config errors."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(err).__name__
+    if isinstance(err, ConfigError):
+        text = f"{text.rstrip('.')}. {CONFIG_ADVICE}"
+    return text
 
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    show_traceback = TRACEBACK in argv
+    argv = [a for a in argv if a != TRACEBACK]
     try:
+        if argv[:1] == ["bench"]:
+            from harness.bench import main as bench_main
+
+            return bench_main(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, ConfigError) as err:  # bad input only: a bug keeps its traceback
+        if show_traceback:
+            raise
+        print(f"error: {paragraph(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

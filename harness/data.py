@@ -8,10 +8,8 @@ no fixed offsets). Bad rows are `DataError`s naming the file, the row and the fi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +17,9 @@ from typing import Any
 
 import torch
 
-from harness import cache
+from harness import datafiles
 from harness.config import DataConfig
-
-
-class DataError(ValueError):
-    """A data problem, naming the file, the row (0-based) and the field."""
-
+from harness.errors import DataError
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. "
@@ -63,64 +57,65 @@ def pair_length(p: TokenizedPair) -> int:
 # ----------------------------------------------------------------------------- sources
 
 
-def _is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
-
-
 def _looks_local(source: str) -> bool:
     return (source.startswith((".", "/", "~")) or Path(source).suffix in (".json", ".jsonl", ".parquet")
             or os.sep in source and Path(source).expanduser().exists())
 
 
-def download(url: str, sha256: str | None, cache_dir: str | None) -> Path:
-    """Download once into the cache, verified against `sha256`; never leaves a partial file."""
-    if not sha256:
-        raise DataError(f"{url}: data.sha256 is required for a URL source (the file's hex digest)")
-    name = url.rstrip("/").split("/")[-1] or "download"
-    path = cache.entry("data", f"{sha256[:16]}-{name}", root=cache_dir)
-    if path.exists():
-        return path
-
-    def fetch(tmp: Path) -> None:
-        digest = hashlib.sha256()
-        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310
-            while chunk := resp.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256.lower():
-            raise DataError(f"{url}: sha256 mismatch: expected {sha256}, downloaded {digest.hexdigest()}")
-
-    return cache.atomic_file(path, fetch)
+def _decoded(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is an error naming its offset and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark is dropped
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {err.start} (0x{raw[err.start]:02x}, line {line}) "
+                        f"cannot be decoded ({err.reason}). Save the file as UTF-8, e.g. "
+                        "`iconv -f latin1 -t utf-8 IN > OUT`") from None
 
 
-def _read_file(path: Path) -> list[dict]:
-    where = str(path)
+def _read_jsonl(path: Path) -> list:
+    rows = []
+    for i, line in enumerate(_decoded(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({err.msg}, column {err.colno}). "
+                            "Each line of a .jsonl file holds one JSON record: fix or remove that "
+                            "line") from None
+    return rows
+
+
+def _read_json(path: Path) -> list:
+    try:
+        data = json.loads(_decoded(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
+                        "Fix the file there (a data file is a JSON list of records, or a .jsonl "
+                        "file of one record per line)") from None
+    if isinstance(data, dict):
+        lists = [(k, v) for k, v in data.items() if isinstance(v, list)]
+        keys = ", ".join(repr(k) for k in list(data)[:6]) + (", ..." if len(data) > 6 else "")
+        hint = (f" Its key {lists[0][0]!r} holds a list of {len(lists[0][1])} item(s): make that list "
+                "the whole file" if len(lists) == 1 else " Write the records as a list [{...}, {...}]")
+        raise DataError(f"{path}: the top level is a JSON object (keys {keys}), not a list of "
+                        f"records.{hint}")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: the top level is a JSON {type(data).__name__}, not a list of "
+                        "records. Write the records as a list [{...}, {...}]")
+    return data
+
+
+def _read_file(path: Path) -> list:
     if path.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: line {i + 1} is not valid JSON: {err.msg}") from None
-        return rows
+        return _read_jsonl(path)
     if path.suffix == ".parquet":
         import pandas as pd
 
         return pd.read_parquet(path).to_dict(orient="records")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON: {err}") from None
-    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{where}: expected a list of records at the top level")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{where}: expected a list of records at the top level")
-    return data
+    return _read_json(path)
 
 
 def _datasets():
@@ -132,10 +127,11 @@ def _datasets():
     return datasets
 
 
-def load_records(source: str, cfg: DataConfig) -> list[dict]:
-    """Raw records from a file, a `datasets` directory, a verified URL download or the hub."""
-    if _is_url(source):
-        return _read_file(download(source, cfg.sha256, cfg.cache_dir))
+def load_records(source: str, cfg: DataConfig, field: str = "data.source") -> list[dict]:
+    """Raw records from a file, a `datasets` directory, a URL's file (harness.datafiles: found
+    by name locally or downloaded, checked against data.sha256) or the hub."""
+    if datafiles.is_url(source):
+        return _read_file(datafiles.locate(source, cfg.sha256, cfg.cache_dir))
     path = Path(source).expanduser()
     if path.is_dir():
         ds = _datasets().load_from_disk(str(path))
@@ -147,7 +143,11 @@ def load_records(source: str, cfg: DataConfig) -> list[dict]:
     if path.is_file():
         return _read_file(path)
     if _looks_local(source):
-        raise DataError(f"{source}: no such file (data.source)")
+        raise DataError(
+            f"{field}: no such file {source} (looked for {path.absolute()}; a relative path in an "
+            "experiment file is read against the file's folder, then the current directory). Give "
+            "the path of an existing file, or the file's URL with data.sha256 to find it by name in "
+            f"${datafiles.DATA_ENV} or ../shared/data, else download it")
     # A hub dataset name: kept for users with hub access; not reachable here.
     return [dict(r) for r in _datasets().load_dataset(source, split=cfg.hub_split)]
 
@@ -157,16 +157,20 @@ def load_records(source: str, cfg: DataConfig) -> list[dict]:
 
 def _text(record: Any, i: int, key: str, where: str, optional: bool = False) -> str:
     if not isinstance(record, dict):
-        raise DataError(f"{where}: row {i} (0-based): expected an object, got {type(record).__name__}")
+        raise DataError(f"{where}: row {i} (0-based): expected an object, got {type(record).__name__}. "
+                        "Each record is a JSON object with the pair's fields")
     if key not in record or record[key] is None:
         if optional:
             return ""
-        raise DataError(f"{where}: row {i} (0-based): missing field {key!r}")
+        raise DataError(f"{where}: row {i} (0-based): missing field {key!r}. Add it to that record "
+                        "or remove the record")
     value = record[key]
     if not isinstance(value, str):
-        raise DataError(f"{where}: row {i} (0-based): field {key!r} must be text, got {type(value).__name__}")
+        raise DataError(f"{where}: row {i} (0-based): field {key!r} must be text, got "
+                        f"{type(value).__name__}. Make it a string in that record")
     if not optional and not value.strip():
-        raise DataError(f"{where}: row {i} (0-based): field {key!r} is empty")
+        raise DataError(f"{where}: row {i} (0-based): field {key!r} is empty. Fill it in or remove "
+                        "the record")
     return value
 
 
@@ -222,7 +226,7 @@ def _render_messages(r: dict, i: int, where: str, tokenizer) -> Pair:
 
 def records_to_pairs(records: list[dict], fmt: str, where: str, tokenizer=None) -> list[Pair]:
     if not records:
-        raise DataError(f"{where}: no records")
+        raise DataError(f"{where}: no records. Give a file with at least one preference record")
     if fmt == "auto":
         fmt = detect_format(records[0], where)
     pairs = []
@@ -260,9 +264,15 @@ def load_pairs(cfg: DataConfig, tokenizer=None) -> dict[str, list[Pair]]:
         out = {"train": pairs, "validation": [], "test": []}
         for split, src in (("validation", cfg.validation_source), ("test", cfg.test_source)):
             if src:
-                out[split] = records_to_pairs(load_records(src, cfg), cfg.format, src, tokenizer)
+                records = load_records(src, cfg, field=f"data.{split}_source")
+                out[split] = records_to_pairs(records, cfg.format, src, tokenizer)
         return out
-    return split_records(pairs, cfg.split)
+    out = split_records(pairs, cfg.split)
+    if not out["train"]:
+        raise DataError(f"{cfg.source}: {len(pairs)} record(s) leave no training pair with data.split "
+                        f"{list(cfg.split)}. Use a file with more records, a larger data.limit, or a "
+                        "larger first data.split fraction")
+    return out
 
 
 def iter_texts(pairs: list[Pair]) -> Iterator[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from harness import cache
+from harness.errors import ModelNotFound
 
 # GPT-2-style sizes about 4x apart in parameters (with a 2,048-token vocabulary and tied
 # embeddings): width doubles and depth grows with it.  n_params is printed before step 0.
@@ -129,11 +131,25 @@ def _hf_kwargs(cfg) -> dict:
 
 
 def _gguf_location(cfg) -> tuple[str, str | None]:
-    """(name or directory, gguf file name or None) for from_pretrained."""
+    """(name or directory, gguf file name or None) for from_pretrained; a local GGUF file that is
+    not there is an error now, before anything else is loaded."""
     if cfg.name.endswith(".gguf"):
         p = Path(cfg.name).expanduser()
+        if cfg.name.startswith((".", "/", "~")) or p.parent.is_dir():
+            _require_gguf(p, "model.name")
         return str(p.parent), p.name
+    if cfg.gguf_file and Path(cfg.name).expanduser().is_dir():
+        _require_gguf(Path(cfg.name).expanduser() / cfg.gguf_file, "model.gguf_file")
     return cfg.name, cfg.gguf_file
+
+
+def _require_gguf(path: Path, field: str) -> None:
+    if path.is_file():
+        return
+    near = sorted(p.name for p in path.parent.glob("*.gguf")) if path.parent.is_dir() else []
+    there = f"; {path.parent} holds {', '.join(near)}" if near else ""
+    raise ModelNotFound(f"{field}: no GGUF file {path.absolute()}{there}. Give the path of an existing "
+                        f".gguf file, or a tiny model name ({', '.join(TINY_MODELS)})")
 
 
 def tokenizer_key(texts: list[str], vocab_size: int) -> cache.Key:
@@ -184,18 +200,35 @@ def _from_pretrained(cls, cfg, name: str, gguf: str | None, **extra):
         kwargs["gguf_file"] = gguf
     local = Path(name).expanduser()
     if local.exists():
-        return cls.from_pretrained(str(local), **kwargs)
+        try:
+            return cls.from_pretrained(str(local), **kwargs)
+        except OSError as err:
+            raise ModelNotFound(
+                f"model.name: {local.absolute()} holds nothing {cls.__name__} can load "
+                f"({_first_line(err)}). Give a directory written by save_pretrained (config.json, "
+                "weights, tokenizer files) or a .gguf file") from err
     if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.name: no such file or directory {name!r}")
+        raise ModelNotFound(f"model.name: no such file or directory {name!r} ({local.absolute()}). "
+                            f"{_ALTERNATIVES}")
     try:
         return cls.from_pretrained(name, **kwargs)
     except OSError as err:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise OSError(
+        close = difflib.get_close_matches(name, TINY_MODELS, n=1)
+        raise ModelNotFound(
             f"model.name: could not load {name!r} from the Hugging Face hub"
-            f"{' (HF_HUB_OFFLINE=1)' if offline else ' (unreachable, or no such model)'}; "
-            f"a local directory or a .gguf file path works offline. Cause: {err}"
-        ) from err
+            f"{' (HF_HUB_OFFLINE=1)' if offline else ' (unreachable, or no such model)'}"
+            f"{f'; did you mean {close[0]!r}?' if close else '.'} {_ALTERNATIVES}, or a hub id "
+            f"with the hub reachable{' (HF_HUB_OFFLINE unset)' if offline else ''}. "
+            f"Cause: {_first_line(err)}") from err
+
+
+_ALTERNATIVES = (f"Offline, model.name takes a tiny model ({', '.join(TINY_MODELS)}), a local "
+                 "directory of a transformers model or a .gguf file path")
+
+
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 # ----------------------------------------------------------------------------- models

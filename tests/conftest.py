@@ -1,4 +1,4 @@
-"""Shared test set-up: offline everything, caches in a temporary folder, the seed data path."""
+"""Shared test set-up: offline everything, caches in a temporary folder, the seed data file."""
 
 import os
 from pathlib import Path
@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_DATA = ROOT.parent / "shared" / "data" / "instruction-data-with-preference.json"
+SMOKE = ROOT / "experiments" / "smoke.yaml"  # names the seed data by URL and sha256
+SEED_DATA = ROOT.parent / "shared" / "data" / "instruction-data-with-preference.json"  # CI's copy
 
 # No hub, no wandb server: set before any test imports transformers or wandb.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,8 +23,18 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
 
 
-@pytest.fixture
-def seed_data() -> Path:
-    if not SEED_DATA.exists():
-        pytest.skip(f"seed data not found at {SEED_DATA} (CI and developer machines have ../shared)")
-    return SEED_DATA
+@pytest.fixture(scope="session")
+def seed_data(_isolated_cache) -> Path:
+    """The seed data file, looked up as a run looks it up (harness.datafiles): by name in
+    $DPO_HARNESS_DATA or ../shared/data, else downloaded; once per session. Without either, the
+    tests that need it are skipped with the reason."""
+    from harness.config import load_config
+    from harness.datafiles import locate
+    from harness.errors import DataFileMissing
+
+    data = load_config(SMOKE).data
+    try:
+        return locate(data.source, data.sha256)
+    except DataFileMissing as err:
+        pytest.skip("seed data not found in $DPO_HARNESS_DATA or ../shared/data and not "
+                    f"downloadable: {err.reason}")
