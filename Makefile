@@ -3,7 +3,7 @@
 #   - already importable in .venv            -> left alone (a GPU user's CUDA build stays)
 #   - an NVIDIA driver is present            -> PyPI's default (CUDA) build
 #   - otherwise                              -> the CPU build of $(TORCH_VERSION)
-# Override with `make install TORCH_SPEC="torch==2.5.1"`.
+# Override with `make install TORCH_SPEC="torch==2.6.0"`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	elif [ -n "$(TORCH_SPEC)" ]; then \
 	    $(BIN)/pip install -q "$(TORCH_SPEC)"; \
 	elif command -v nvidia-smi >/dev/null 2>&1; then \
-	    $(BIN)/pip install -q "torch>=2.4"; \
+	    $(BIN)/pip install -q "torch>=2.6"; \
 	else \
 	    $(BIN)/pip install -q --retries 0 --timeout 10 --extra-index-url $(TORCH_CPU_INDEX) \
 	        "torch==$(TORCH_VERSION)" 2>&1 | grep -v -e "Retrying" -e "is ignored" || true; \
