@@ -12,6 +12,7 @@ CRASH_ENV = "DPO_HARNESS_CRASH_AT"
 # reference log-probs, at a run's eval step, after a run's summary.json but before Optuna records
 # its value, and between creating a cell's seeds study and queuing its reruns.
 POINTS = ("sft", "pairs", "reference", "eval", "summary", "seeds")
+# Also: "checkpoint", right after a run saved a checkpoint (the resume tests of single runs).
 
 
 def crash_point(name: str) -> None:

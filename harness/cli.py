@@ -45,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train(cfg, run_dir=args.run_dir)
     except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank raises it
+            print(f"error: {err}", file=sys.stderr)
         return 2
     except RunDiverged as err:
         print(f"error: the run diverged ({err}); its files say status `diverged`. Lower train.lr "

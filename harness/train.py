@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from harness import cache, checkpoint, distributed, metrics, optim
 from harness import data as hdata
 from harness import models as hmodels
+from harness.chaos import crash_point
 from harness.config import RunConfig
 from harness.generate import gen_eval
 from harness.prepare import Prepared, prepare
@@ -81,9 +82,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     world, device = distributed.setup(cfg.train.device)
     distributed.check_batch(world, cfg.train.batch_size)
     if world.main:  # under torchrun, rank 0 alone touches the run files; all resume alike
-        run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
-        resume = checkpoint.resume_point(run_dir, cfg.to_dict())
-    run_dir, resume = world.broadcast((run_dir, resume) if world.main else None)
+        try:
+            run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
+            start = (run_dir, checkpoint.resume_point(run_dir, cfg.to_dict()))
+        except Exception as err:  # every rank raises it (a finished run_dir, say)
+            start = err
+    start = world.broadcast(start if world.main else None)
+    if isinstance(start, Exception):
+        raise start
+    run_dir, resume = start
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     seed_everything(cfg.train.seed)
@@ -267,6 +274,7 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
     def save(p: Progress) -> None:
         if world.main:
             checkpoint.save(run_dir, cfg.to_dict(), asdict(p), tracker, m.policy, optimizer, scheduler)
+            crash_point("checkpoint")
         world.barrier()
 
     evaluate_now = Evaluator(cfg, prep, m, s, device, tracker, on_eval, world)

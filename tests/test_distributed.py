@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from harness import distributed
-from tests.runs import ROOT, SMOKE, read_metrics
+from harness.chaos import CRASH_ENV
+from tests.runs import ROOT, SMOKE, read_metrics, without_perf
 
 # Cached reference log-probs (computed sharded and gathered), two micro-batches per optimizer
 # step (DDP's no_sync on the first), a checkpoint saved mid-run, train metrics at every step.
@@ -23,7 +24,8 @@ SETTINGS = {
 }
 
 
-def run(seed_data, tmp_path, name: str, processes: int) -> subprocess.CompletedProcess:
+def run(seed_data, tmp_path, name: str, processes: int, crash_at: str | None = None,
+        code: int = 0) -> subprocess.CompletedProcess:
     sets = {**SETTINGS, "data.source": str(seed_data),
             "tracking.results_dir": str(tmp_path / "results"),
             "dpo.reference_cache_dir": str(tmp_path / f"cache-{name}")}
@@ -33,9 +35,12 @@ def run(seed_data, tmp_path, name: str, processes: int) -> subprocess.CompletedP
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(CRASH_ENV, None)
+    if crash_at:
+        env[CRASH_ENV] = crash_at
     out = subprocess.run([*launcher, "-m", "harness", "train", *args], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert (out.returncode == 0) == (code == 0), out.stderr[-3000:]
     return out
 
 
@@ -63,6 +68,13 @@ def test_two_cpu_ranks_train_the_single_process_run(seed_data, tmp_path):
     # Rank 0 saved the mid-run checkpoint; the final report is printed once.
     assert list((tmp_path / "two" / "checkpoint").iterdir())
     assert two.stdout.count('"status"') == 1 and one.stdout.count('"status"') == 1
+    # Killed (SIGKILL of rank 0) right after its mid-run checkpoint, then run again on the same
+    # directory: every rank resumes from the checkpoint and the run ends as the uncut one.
+    run(seed_data, tmp_path, "cut", 2, crash_at="checkpoint", code=1)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    again = run(seed_data, tmp_path, "cut", 2)
+    assert "resuming from the checkpoint at step 2" in again.stderr
+    assert without_perf(read_metrics(tmp_path / "cut")) == without_perf(ddp)
     # The sharded, gathered reference cache equals the one computed in one process.
     import torch
 
