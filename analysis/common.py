@@ -9,10 +9,13 @@ import pandas as pd
 from analysis.load import load_curves, load_finals, load_study_summaries
 from analysis.style import MissingData
 
+KEYS = ["model.name", "dpo.beta", "masking"]  # what a study's cells differ in, in table order
+
 
 def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the runs each sweep cell is compared on (its best trial and that trial's seed
-    reruns); runs outside any sweep are all kept."""
+    """Rows of the runs each sweep cell is compared on (the runs its estimate counts: the fresh
+    seed reruns of its best parameters, degenerate ones left out; its best trial in a study
+    without reruns); runs outside any sweep are all kept."""
     if frame.empty:
         return frame
     cells = load_study_summaries(results)
@@ -52,7 +55,7 @@ def beta_label(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
-    """One row per compared run (each cell's best trial and its seed reruns) with its final
+    """One row per compared run (see best_runs) with its final
     `objective` value, and the objective's metric name. Without sweeps: every finished run,
     scored on eval/rewards/accuracies."""
     finals = best_runs(results, finals_or_fail(results))

@@ -1,4 +1,5 @@
-"""Beta × masking heatmap of the objective, one panel per model size, annotated mean ± sd over seeds."""
+"""Beta × masking heatmap of the objective, one panel per model size, annotated with the mean,
+the half-width of its 95% t-interval and n (the fresh seed reruns counted)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,19 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import seaborn as sns
 
 from analysis.common import compared_runs
 from analysis.style import COLUMN_IN, label, save, setup
+from analysis.table import cell_estimates
 
 
 def draw(results: Path, out: Path) -> list[Path]:
     setup()
     runs, metric = compared_runs(results)
-    stats = runs.groupby(["model.name", "dpo.beta", "masking"])["objective"].agg(["mean", "std", "count"])
-    stats = stats.reset_index()
+    stats = cell_estimates(runs, ["model.name", "dpo.beta", "masking"])
+    stats["half"] = (stats["ci95 high"] - stats["ci95 low"]) / 2
     models = sorted(stats["model.name"].unique())
     fig, axes = plt.subplots(1, len(models), squeeze=False,
                              layout="constrained", figsize=(max(COLUMN_IN, 2.6 * len(models)), 2.6))
@@ -24,14 +27,19 @@ def draw(results: Path, out: Path) -> list[Path]:
     for ax, model in zip(axes[0], models, strict=True):
         sub = stats[stats["model.name"] == model]
         mean = sub.pivot(index="dpo.beta", columns="masking", values="mean").sort_index()
-        std = sub.pivot(index="dpo.beta", columns="masking", values="std").reindex_like(mean)
-        annot = mean.map(lambda v: f"{v:.3f}") + std.fillna(0).map(lambda v: f"\n±{v:.3f}")
+        half = sub.pivot(index="dpo.beta", columns="masking", values="half").reindex_like(mean)
+        n = sub.pivot(index="dpo.beta", columns="masking", values="n").reindex_like(mean)
+        annot = mean.astype(object)
+        for row in mean.index:
+            for col in mean.columns:
+                v, h, k = mean.loc[row, col], half.loc[row, col], n.loc[row, col]
+                annot.loc[row, col] = "" if pd.isna(v) else f"{v:.3f}" + (
+                    "" if pd.isna(h) else f"\n±{h:.3f}") + f"\nn={k:.0f}"
         sns.heatmap(mean, annot=annot, fmt="", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax,
                     cbar=ax is axes[0][-1], cbar_kws={"label": label(metric)},
                     annot_kws={"fontsize": 6})
         ax.set(title=f"{model}", xlabel=label("masking"), ylabel=label("dpo.beta"))
-    n = int(stats["count"].max())
-    fig.suptitle(f"{label(metric)}: mean ± sd over up to {n} seed(s)", fontsize=9)
+    fig.suptitle(f"{label(metric)}: mean ± 95% t-interval over fresh seeds (n per cell)", fontsize=9)
     return save(fig, out, "heatmap_beta_masking")
 
 

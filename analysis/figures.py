@@ -15,6 +15,7 @@ from analysis import (
     fig_notebook,
     fig_optuna,
     fig_size,
+    findings,
     table,
 )
 from analysis.style import MissingData
@@ -22,7 +23,7 @@ from analysis.style import MissingData
 SCRIPTS = {
     "notebook plots": fig_notebook, "curves by beta": fig_curves, "beta x masking heatmap": fig_heatmap,
     "model size": fig_size, "reward-vs-KL frontier": fig_frontier, "optuna": fig_optuna,
-    "results table": table,
+    "results table": table, "findings": findings,
 }
 
 

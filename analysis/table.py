@@ -1,5 +1,8 @@
-"""The results table: each cell's best hyperparameters and objective mean ± sd over seeds, computed
-from the compared runs' own files, as CSV and Markdown."""
+"""The results table: per cell the objective estimated from the runs the study counts (its fresh
+seed reruns, never the search trial that picked the parameters), computed from those runs' own
+files: n, mean, median, sd and the 95% t-interval; beside it what is not averaged in (diverged
+and degenerate reruns), the search trial's own value and the best parameters, flagged when they
+sit at an edge of the cell's range. CSV and Markdown."""
 
 from __future__ import annotations
 
@@ -8,29 +11,45 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import compared_runs
+from analysis.common import KEYS, compared_runs
 from analysis.load import load_study_summaries
+from harness import stats
+
+# Columns copied from the sweep's summary.csv (what the runs' files cannot say).
+FROM_STUDY = {"search_value": "search trial", "seeds_diverged": "diverged reruns", "seeds_degenerate":
+              "degenerate reruns", "at_edge": "at range edge", "estimate_from": "estimate from"}
+
+
+def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """n, mean, median, sd and 95% interval of `objective` per group of `keys`."""
+    rows = []
+    for values, group in runs.groupby(keys, sort=True):
+        e = stats.estimate(group["objective"].tolist())
+        rows.append({**dict(zip(keys, values, strict=True)), "n": e.n, "mean": e.mean,
+                     "ci95 low": e.low, "ci95 high": e.high, "median": e.median, "sd": e.sd})
+    return pd.DataFrame(rows)
 
 
 def results_table(results: Path) -> pd.DataFrame:
     runs, metric = compared_runs(results)
-    keys = ["model.name", "dpo.beta", "masking"]
-    agg = runs.groupby(keys)["objective"].agg(["mean", "std", "count"]).reset_index()
-    agg = agg.rename(columns={"mean": f"{metric} mean", "std": f"{metric} sd", "count": "seeds"})
+    keys = [k for k in KEYS if k in runs]
+    table = cell_estimates(runs, keys).rename(columns={"mean": f"{metric} mean"})
     cells = load_study_summaries(results)
-    params = [c for c in cells.columns if c.startswith("param/")] if not cells.empty else []
-    if params:
-        best = runs.sort_values("run").groupby(keys).first().reset_index()
-        for p in params:
-            field = p.removeprefix("param/")
-            if field in best:
-                agg = agg.merge(best[keys + [field]], on=keys, how="left")
-    return agg.sort_values(keys, ignore_index=True)
+    on = [k for k in keys if k in cells]
+    if cells.empty or not on:
+        return table
+    params = {c: c.removeprefix("param/") for c in cells if c.startswith("param/")}
+    cells = cells.rename(columns={**FROM_STUDY, **params})
+    extra = [c for c in [*FROM_STUDY.values(), *params.values()] if c in cells]
+    table = table.merge(cells[on + extra].drop_duplicates(on), on=on, how="left")
+    return table.sort_values(keys, ignore_index=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
     def cell(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.4g}"
+        return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + " --- |" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]

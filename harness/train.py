@@ -397,9 +397,18 @@ def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSet
         "status": "finished", "steps": steps, "examples_seen": p.seen, "tokens_seen": p.tokens,
         **p.last_train, **p.last_eval, **test, **prep.counts, **prep.info, **m.info,
         "gen/reward_available": prep.reward_fn is not None,
+        "degenerate": degenerate(p.last_eval.get("gen/kl"), cfg.gen_eval.kl_ceiling),
         "device": str(device), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__, "platform": platform.platform(),
     }
+
+
+def degenerate(kl: float | None, ceiling: float | None) -> bool | None:
+    """Whether a final gen/kl passes the ceiling (gen_eval.kl_ceiling); None when either is
+    missing. A non-finite KL counts as past it."""
+    if kl is None or ceiling is None:
+        return None
+    return not kl <= ceiling
 
 
 def write_samples(cfg: RunConfig, m: Models, prep: Prepared, tracker: Tracker, device) -> None:

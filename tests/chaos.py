@@ -36,7 +36,8 @@ from harness.chaos import CRASH_ENV, POINTS
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPARED = ["cell", "status", "trials", "pruned", "diverged", "seeds_done", "seeds_diverged",
-            "objective_mean", "objective_std"]
+            "objective_mean", "objective_sd", "objective_ci_low", "objective_ci_high",
+            "seeds_degenerate"]
 
 STUDY = {
     "name": "chaos",

@@ -24,7 +24,7 @@ from tests.conftest import ROOT
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seeds, its Optuna studies in a
+    """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seed reruns, its Optuna studies in a
     journal file (about 15 s). One torch thread (tiny models on a busy machine run several times
     slower with more) and no wandb (analysis reads the run files; load_wandb has its own test)."""
     from tests.conftest import SEED_DATA
@@ -44,7 +44,7 @@ def results(tmp_path_factory):
                   "save_model": False, "lr": 1e-3, "num_threads": 1},
         "tracking": {"results_dir": str(root / "results"), "progress": False},
         "sweep": {"grid": {"dpo.beta": [0.1, 0.5], "masking": ["masked-mean", "full-sum"]},
-                  "trials": 2, "seeds": 2,
+                  "trials": 2, "seeds": 3,
                   "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 3e-3}}},
     }
     (root / "exp.yaml").write_text(yaml.safe_dump(raw))
@@ -92,7 +92,7 @@ def test_frames_match_the_run_files(results):
     curves, finals = load_curves(results), load_finals(results)
     runs = _runs(results)
     n_lines = sum(len((r / "metrics.jsonl").read_text().splitlines()) for r in runs)
-    assert len(curves) == n_lines and len(finals) == len(runs) == 4 * (2 + 1)
+    assert len(curves) == n_lines and len(finals) == len(runs) == 4 * (2 + 2)
     for col in ("run", "step", "examples_seen", "dpo.beta", *LABELS, "train/loss",
                 "eval/rewards/accuracies"):
         assert col in curves, col
@@ -117,7 +117,7 @@ def test_labels_are_the_run_files_labels(results):
     maskings, the journal storage."""
     curves, finals = load_curves(results), load_finals(results)
     runs = _runs(results)
-    assert len(runs) == 12
+    assert len(runs) == 16
     for rd in runs:
         config = json.loads((rd / "config.json").read_text())
         summary = json.loads((rd / "summary.json").read_text())
@@ -280,18 +280,25 @@ def test_optuna_db_of_studies_without_labels(tmp_path):
 
 
 def test_results_table_by_hand(results):
-    """Each cell's mean and sd equal those computed here from the compared runs' summary.json."""
+    """Each cell's n, mean, sd and 95% t-interval equal those computed here from the summary.json
+    of its fresh seed reruns (the search trial is not among them), and equal the sweep's own."""
     df = table.results_table(results)
     cells = pd.read_csv(results / "a" / "summary.csv")
     for _, cell in cells.iterrows():
+        dirs = cell["run_dirs"].split(";")
+        assert all(Path(d).name.startswith("seed") for d in dirs)
         values = [json.loads((Path(d) / "summary.json").read_text())["eval/rewards/accuracies"]
-                  for d in cell["run_dirs"].split(";")]
+                  for d in dirs]
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        half = 12.706205 * sd / math.sqrt(2)  # t(0.975, 1 degree of freedom)
         row = df[(df["dpo.beta"] == cell["dpo.beta"]) & (df["masking"] == cell["masking"])].iloc[0]
-        assert row["eval/rewards/accuracies mean"] == pytest.approx(mean)
-        assert row["eval/rewards/accuracies sd"] == pytest.approx(sd)
-        assert row["seeds"] == len(values) == 2
+        assert row["n"] == len(values) == 2
+        assert row["eval/rewards/accuracies mean"] == pytest.approx(mean) == cell["objective_mean"]
+        assert row["sd"] == pytest.approx(sd)
+        assert (row["ci95 low"], row["ci95 high"]) == pytest.approx((mean - half, mean + half), abs=1e-5)
+        assert row["ci95 low"] == pytest.approx(cell["objective_ci_low"], abs=1e-9)
+        assert row["search trial"] == pytest.approx(cell["search_value"])
         assert row["train.lr"] == pytest.approx(cell["param/train.lr"])
 
 

@@ -80,7 +80,9 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     out = run_sweep(path)
     df = pd.read_csv(out)
     assert len(df) == 4 and set(df["masking"]) == {"masked-mean", "full-sum"}
-    assert (df["trials"] == 3).all() and (df["seeds_done"] == 2).all()
+    assert (df["trials"] == 3).all() and (df["seeds_done"] == 1).all()
+    # The estimate is the fresh rerun's value, not the search trial's that picked the parameters.
+    assert (df["estimate_from"] == "seed reruns").all() and (df["estimate_n"] == 1).all()
     assert df["pruned"].sum() >= 1
     assert df["param/train.lr"].between(1e-4, 3e-3).all()
     for cell in df["cell"]:  # each trial of a cell tries its own learning rate
@@ -94,11 +96,15 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
     assert len(runs) == 4 * (3 + 1)
     # The seed rerun repeats the best trial's parameters with another seed.
     cell = df.iloc[0]
-    dirs = cell["run_dirs"].split(";")
-    import json
-
-    c0 = json.loads((Path(dirs[0]) / "config.json").read_text())
-    c1 = json.loads((Path(dirs[1]) / "config.json").read_text())
+    (rerun,) = cell["run_dirs"].split(";")
+    url = f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}"
+    searched = next(t for t in _count(url, f"t/{cell['cell']}", tuple(TrialState))
+                    if t.number == cell["best_trial"])
+    assert cell["search_value"] == pytest.approx(searched.value)
+    rerun_value = json.loads((Path(rerun) / "summary.json").read_text())["eval/rewards/margins"]
+    assert cell["objective_mean"] == pytest.approx(rerun_value)
+    c0 = json.loads((Path(searched.user_attrs["run_dir"]) / "config.json").read_text())
+    c1 = json.loads((Path(rerun) / "config.json").read_text())
     assert c0["train"]["lr"] == c1["train"]["lr"] and c0["train"]["seed"] != c1["train"]["seed"]
     assert c0["tracking"]["group"] == "t"
     assert cell["cell"] == "beta=0.1,masking=masked-mean"  # grid order

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from harness import metrics
 from harness.config.run import MASKINGS, RunConfig
-from harness.config.sweep import SweepSpec
+from harness.config.sweep import ParamSpec, SweepSpec
 
 
 class ConfigError(ValueError):
@@ -135,6 +135,13 @@ class Experiment:
     def study(self) -> str:
         return self.spec.study or self.base.name
 
+    def space(self, cell: Cell) -> dict[str, ParamSpec]:
+        """The cell's search space: `search`, with `search_by` ranges for the cell's grid values."""
+        space = dict(self.spec.search)
+        for axis, value in cell.values:
+            space.update(self.spec.search_by.get(axis, {}).get(str(value), {}))
+        return space
+
     def run_config(self, cell: Cell, params: dict[str, Any], seed_offset: int, run_name: str,
                    tags: list[str]) -> RunConfig:
         """The run config of one trial: the cell's and Optuna's values over the experiment's."""
@@ -146,6 +153,25 @@ class Experiment:
         cfg.tracking.tags = [*cfg.tracking.tags, *tags]
         cfg.tracking.progress = False
         return resolve_paths(cfg, self.path.parent)
+
+
+def _check_search_by(path: Path, raw: dict[str, Any], spec) -> None:
+    """search_by names grid axes and their values, and re-ranges parameters of `search`."""
+    for axis, by_value in spec.search_by.items():
+        where = f"{path}: sweep.search_by.{axis}"
+        if axis not in spec.grid:
+            raise ConfigError(f"{where}: not a grid axis (grid: {', '.join(spec.grid) or 'none'})")
+        values = {str(v) for v in spec.grid[axis]}
+        for value, params in by_value.items():
+            if str(value) not in values:
+                raise ConfigError(f"{where}.{value}: not a value of the grid axis "
+                                  f"(values: {', '.join(sorted(values))})")
+            for name, p in params.items():
+                if name not in spec.search:
+                    raise ConfigError(f"{where}.{value}.{name}: only parameters of sweep.search "
+                                      f"can be re-ranged ({', '.join(spec.search) or 'none'})")
+                for extreme in p.extremes():
+                    build_config(apply_overrides(raw, {name: extreme}), where=f"{where}.{value}.{name}")
 
 
 def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
@@ -170,6 +196,7 @@ def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
     for name, p in spec.search.items():
         for value in p.extremes():
             build_config(apply_overrides(raw, {name: value}), where=f"{path}: sweep.search.{name}")
+    _check_search_by(path, raw, spec)
     axes = list(spec.grid.items())
     cells = [Cell(tuple(zip([a for a, _ in axes], combo, strict=True)))
              for combo in itertools.product(*[v for _, v in axes])]

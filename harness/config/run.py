@@ -233,6 +233,10 @@ class GenEvalConfig(_Section):
     max_new_tokens: int = 48  # tokens per sample
     seed: int = 1234  # the same samples' randomness at every eval
     table_rows: int = 6  # prompts shown in the wandb Table of samples
+    # A run whose final gen/kl exceeds this many nats is flagged `degenerate` in its summary: its
+    # samples have drifted far from the reference (often while the DPO loss barely moves), and a
+    # sweep reports such seed reruns apart instead of averaging them in. null: never flagged.
+    kl_ceiling: float | None = 20.0
 
 
 class TrackingConfig(_Section):

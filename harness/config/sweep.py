@@ -4,6 +4,7 @@ harness.config.load (one reader, one error format)."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -29,6 +30,15 @@ class ParamSpec(Strict):
         if self.type.startswith("log") and self.low <= 0:
             raise ValueError("a log scale needs low > 0")
         return self
+
+    def at_edge(self, value: Any, tolerance: float = 0.05) -> str | None:
+        """`low` or `high` when `value` lies within `tolerance` of the range's width (on the
+        log scale for log types) of that bound; None inside the range or for categoricals."""
+        if self.type == "categorical" or self.low == self.high:
+            return None
+        f = math.log if self.type.startswith("log") else float
+        pos = (f(value) - f(self.low)) / (f(self.high) - f(self.low))
+        return "low" if pos <= tolerance else "high" if pos >= 1 - tolerance else None
 
     def extremes(self) -> list[Any]:
         if self.type == "categorical":
@@ -58,6 +68,9 @@ class SweepSpec(Strict):
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     seeds: int = 1  # each cell's best parameters run with train.seed + 0..seeds-1
     search: dict[str, ParamSpec] = Field(default_factory=dict)  # Optuna space inside each cell
+    # Ranges that depend on the cell: {grid axis: {grid value: {parameter: its range there}}},
+    # e.g. a learning-rate range per masking (mean-reduced log-probs need larger steps).
+    search_by: dict[str, dict[str, dict[str, ParamSpec]]] = Field(default_factory=dict)
     trials: int = 1  # Optuna trials per cell (the first seed)
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)

@@ -69,7 +69,7 @@ class Sweep:
             # Retries and seed reruns are enqueued trials that carry their slot and parameters.
             s = faults.settle_slot(trial, slot, exp.spec.trials) if role == "search" \
                 else faults.seed_offset(trial)
-            params = {k: suggest(trial, k, p) for k, p in exp.spec.search.items()}
+            params = {k: suggest(trial, k, p) for k, p in exp.space(cell).items()}
             run_dir = self.run_dir(cell, role, s)
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("cell", cell.id)
@@ -94,6 +94,8 @@ class Sweep:
                     raise RunPruned(f"pruned at step {step}")
 
             summary = faults.run_trial(trial, cfg, run_dir, on_eval, labels, role)
+            if summary.get("degenerate"):
+                trial.set_user_attr("degenerate", True)
             value = objective_value(exp.spec.objective, summary)
             if value is None:
                 err = f"{run_dir}: objective {exp.spec.objective.metric} missing or not finite"

@@ -1,13 +1,14 @@
-"""The study's results table: per cell its status, best trial, parameters and objective over seeds
-(diverged and failed runs counted apart, never averaged in); written to summary.csv and logged
-to wandb through the tracker interface."""
+"""The study's results table: per cell its status, best trial, parameters (flagged when at an edge
+of the cell's range) and the objective estimated over fresh seed reruns (mean, median, sd, 95%
+t-interval; diverged, degenerate and failed runs counted apart, never averaged in); written to
+summary.csv and logged to wandb through the tracker interface."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from harness import cache
+from harness import cache, stats
 from harness.config import TrackingConfig
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
@@ -36,7 +37,7 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
         "pruned": sum(t.state.name == "PRUNED" for t in trials) - len(diverged),
         "diverged": len(diverged),
         "failed": sum(faults.real_failure(t) for t in trials),
-        "objective": spec.objective.metric,
+        "objective": spec.objective.metric, "direction": spec.objective.direction,
     })
     failure = faults.cell_failure(search, spec.max_failures)
     if failure:
@@ -52,18 +53,35 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
     best = search.best_trial if recorded is None else next(t for t in trials if t.number == recorded)
     reruns = seeds.get_trials(deepcopy=False) if seeds is not None else []
     done = [t for t in reruns if t.state.name == "COMPLETE"]
-    chosen = [best, *done]
-    values = [t.value for t in chosen]
-    mean = sum(values) / len(values)
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    row.update({"best_trial": best.number, "seeds_done": len(values),
-                "seeds_diverged": sum(t.user_attrs.get("outcome") == "diverged" for t in reruns),
-                "objective_mean": mean, "objective_std": std,
+    space = sweep.exp.space(cell)
+    edges = [f"{k}={e}" for k, v in best.params.items() if k in space and (e := space[k].at_edge(v))]
+    row.update({"best_trial": best.number, "search_value": best.value,
                 **{f"param/{k}": v for k, v in best.params.items()},
-                "run_dirs": ";".join(r for t in chosen if (r := t.user_attrs.get("run_dir")))})
+                "at_edge": ";".join(edges),
+                "seeds_done": len(done),
+                "seeds_diverged": sum(t.user_attrs.get("outcome") == "diverged" for t in reruns),
+                "seeds_degenerate": sum(bool(t.user_attrs.get("degenerate")) for t in done)})
+    row.update(_estimate(best, done, spec.seeds))
     if row["status"] == "done" and len(done) + row["seeds_diverged"] < spec.seeds - 1:
         row["status"] = "incomplete"
     return row
+
+
+def _estimate(best, done: list, seeds: int) -> dict[str, Any]:
+    """The cell's reported value: from its fresh seed reruns only (never the search trial that
+    picked the parameters: its value is biased upward by the selection), degenerate runs left out
+    and counted. A study without reruns (seeds: 1) reports its search trial, saying so."""
+    counted = [t for t in done if not t.user_attrs.get("degenerate")]
+    source = "seed reruns"
+    if seeds == 1:
+        counted, source = [best], "search trial"
+    out: dict[str, Any] = {"estimate_from": source, "estimate_n": len(counted)}
+    if counted:
+        e = stats.estimate([t.value for t in counted])
+        out.update({"objective_mean": e.mean, "objective_median": e.median, "objective_sd": e.sd,
+                    "objective_ci_low": e.low, "objective_ci_high": e.high})
+    out["run_dirs"] = ";".join(r for t in counted if (r := t.user_attrs.get("run_dir")))
+    return out
 
 
 def summary_rows(sweep: Sweep) -> list[dict[str, Any]]:

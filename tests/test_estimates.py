@@ -1,0 +1,119 @@
+"""What a study reports: estimates over fresh seeds with t-intervals (checked against printed
+t tables and by hand), degenerate and diverged reruns left out and counted, search spaces that
+depend on the cell, best parameters flagged at a range edge, and findings that say
+"inconclusive" where the intervals overlap."""
+
+import math
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis.findings import comparisons, sentence
+from harness import stats
+from harness.config import ConfigError, ParamSpec
+from harness.sweep import load_experiment
+from harness.sweep.summary import _estimate
+from harness.train import degenerate
+
+
+@pytest.mark.parametrize("df,t", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262),
+                                  (29, 2.045), (200, 1.972)])
+def test_t_quantiles_match_the_printed_table(df, t):
+    assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+
+
+def test_estimate_and_welch_by_hand():
+    e = stats.estimate([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7), half-width t(.975, 2) sd / sqrt(3)
+    half = 4.3027 * math.sqrt(7) / math.sqrt(3)
+    assert (e.n, e.mean, e.median) == (3, 3.0, 2.0) and e.sd == pytest.approx(math.sqrt(7))
+    assert (e.low, e.high) == pytest.approx((3 - half, 3 + half), abs=1e-3)
+    assert stats.estimate([0.4]).low is None  # one value: no interval
+    # Welch: a = [1, 2, 3], b = [4, 5, 6]: diff -3, se sqrt(1/3 + 1/3), df 4, t(.975, 4) = 2.7764
+    d = stats.welch([1, 2, 3], [4, 5, 6])
+    half = 2.7764 * math.sqrt(2 / 3)
+    assert d.df == pytest.approx(4.0) and (d.low, d.high) == pytest.approx((-3 - half, -3 + half), abs=1e-3)
+    assert d.separated
+    assert not stats.welch([1, 2, 3], [1.5, 2.5, 3.5]).separated
+    assert stats.welch([1.0], [2.0, 3.0]) is None
+
+
+def trial(value, **attrs):
+    return SimpleNamespace(value=value, user_attrs={"run_dir": f"/r/{value}", **attrs})
+
+
+def test_a_cell_is_estimated_from_fresh_reruns_without_degenerate_ones():
+    best = trial(0.9)  # the search trial that picked the parameters: never counted
+    done = [trial(0.5), trial(0.6), trial(0.7), trial(-80.0, degenerate=True)]
+    out = _estimate(best, done, seeds=5)
+    assert (out["estimate_from"], out["estimate_n"]) == ("seed reruns", 3)
+    assert out["objective_mean"] == pytest.approx(0.6) and out["objective_median"] == 0.6
+    half = 4.3027 * 0.1 / math.sqrt(3)
+    assert (out["objective_ci_low"], out["objective_ci_high"]) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-4)
+    assert out["run_dirs"] == "/r/0.5;/r/0.6;/r/0.7"
+    # Without reruns a study reports its search trial and says so.
+    assert _estimate(best, [], seeds=1)["estimate_from"] == "search trial"
+    assert "objective_mean" not in _estimate(best, [], seeds=3)
+
+
+def test_degenerate_is_a_kl_past_the_ceiling():
+    assert degenerate(25.0, 20.0) and not degenerate(3.4, 20.0)
+    assert degenerate(math.inf, 20.0) and degenerate(math.nan, 20.0)
+    assert degenerate(None, 20.0) is None and degenerate(80.0, None) is None
+
+
+def test_best_parameters_at_a_range_edge_are_flagged():
+    lr = ParamSpec(type="log_float", low=1e-5, high=1e-3)
+    assert lr.at_edge(1.1e-5) == "low" and lr.at_edge(9.5e-4) == "high" and lr.at_edge(1e-4) is None
+    assert ParamSpec(type="int", low=0, high=20).at_edge(19.5) == "high"
+    assert ParamSpec(type="categorical", choices=[1, 2]).at_edge(1) is None
+
+
+def write(tmp_path, seed_data, sweep):
+    raw = {"name": "t", "data": {"source": str(seed_data), "limit": 100},
+           "model": {"name": "tiny-xs"}, "sweep": sweep}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+SEARCH = {"train.lr": {"type": "log_float", "low": 1e-5, "high": 1e-4}}
+
+
+def test_search_ranges_can_depend_on_the_cell(tmp_path, seed_data):
+    mean_lr = {"type": "log_float", "low": 1e-3, "high": 3e-2}
+    sweep = {"grid": {"dpo.beta": [0.1, 0.5], "masking": ["masked-sum", "masked-mean"]},
+             "search": SEARCH, "search_by": {"masking": {"masked-mean": {"train.lr": mean_lr}}}}
+    exp = load_experiment(write(tmp_path, seed_data, sweep))
+    spaces = {c.id: exp.space(c)["train.lr"] for c in exp.cells}
+    assert spaces["beta=0.5,masking=masked-mean"].low == 1e-3
+    assert spaces["beta=0.5,masking=masked-sum"].low == 1e-5
+    assert exp.spec.search["train.lr"].low == 1e-5  # the shared range is left as it was
+
+
+@pytest.mark.parametrize("search_by,needle", [
+    ({"model.name": {"tiny-s": {"train.lr": SEARCH["train.lr"]}}}, "sweep.search_by.model.name: not a grid axis"),
+    ({"masking": {"full-sum": {"train.lr": SEARCH["train.lr"]}}}, "sweep.search_by.masking.full-sum: not a value"),
+    ({"masking": {"masked-sum": {"train.warmup_steps": {"type": "int", "low": 0, "high": 5}}}},
+     "only parameters of sweep.search"),
+    ({"masking": {"masked-sum": {"train.lr": {"type": "log_float", "low": 0, "high": 1}}}},
+     "sweep.search_by"),
+])
+def test_search_by_mistakes_name_the_field(tmp_path, seed_data, search_by, needle):
+    sweep = {"grid": {"masking": ["masked-sum", "masked-mean"]}, "search": SEARCH, "search_by": search_by}
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_experiment(write(tmp_path, seed_data, sweep))
+
+
+def test_findings_say_inconclusive_where_intervals_overlap():
+    rows = []
+    for beta, values in ((0.1, [0.50, 0.52, 0.48]), (0.5, [0.70, 0.71, 0.69]), (1.0, [0.6, 0.9, 0.5])):
+        rows += [{"dpo.beta": beta, "model.name": "tiny-s", "masking": "masked-sum",
+                  "n_params": 1e6, "objective": v} for v in values]
+    found = comparisons(pd.DataFrame(rows))
+    assert [(c["axis"], c["a"], c["b"]) for c in found] == [("β", "β 0.5", "β 0.1"), ("β", "β 1", "β 0.5")]
+    first, second = (sentence(c, "maximize") for c in found)
+    assert first.endswith("β 0.5 is better") and "+0.2" in first
+    assert second.endswith("not separated (inconclusive)")
+    assert sentence(found[0], "minimize").endswith("β 0.1 is better")
