@@ -3,6 +3,7 @@
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     harness sweep EXPERIMENT.yaml [--workers N] [--storage URL] [--study NAME]
     harness bench [--cases a,b] [--steps N]   (harness bench --help)
+    harness dashboard --project P [--entity E] [--study S] [--dry-run]
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from harness import dashboard
+
+    try:
+        entity = args.entity or ("<default entity>" if args.dry_run else dashboard.default_entity())
+        workspace = dashboard.build_workspace(args.project, entity, args.study)
+    except (dashboard.MissingWorkspaces, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(dashboard.describe(workspace))
+    if not args.dry_run:
+        workspace.save()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
     p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("dashboard", help="a wandb workspace for a study (needs wandb-workspaces)")
+    p.add_argument("--project", required=True, help="wandb project, e.g. dpo-harness")
+    p.add_argument("--entity", default=None, help="wandb entity (default: your default entity)")
+    p.add_argument("--study", default=None, help="only this study's runs (its wandb group)")
+    p.add_argument("--dry-run", action="store_true", help="print the panels, save nothing")
+    p.set_defaults(func=cmd_dashboard)
 
     sub.add_parser("bench", help="the DPO step against the seed notebook's path (harness bench --help)",
                    add_help=False)
