@@ -61,6 +61,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from harness import dashboard
 
     try:
+        if not args.dry_run:
+            dashboard.require_login()
         entity = args.entity or ("<default entity>" if args.dry_run else dashboard.default_entity())
         workspace = dashboard.build_workspace(args.project, entity, args.study)
     except (dashboard.MissingWorkspaces, RuntimeError) as err:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness import metrics
-from harness.tracking import STEP_METRIC
+from harness.tracking import STEP_METRIC, wandb_logged_in
 
 # Section title -> the metrics it plots, one line plot each (every name is in harness.metrics).
 SECTIONS: dict[str, list[str]] = {
@@ -87,11 +87,23 @@ def describe(workspace: Any) -> str:
     return "\n".join(lines)
 
 
+class NotLoggedIn(RuntimeError):
+    """Saving a workspace needs a wandb login."""
+
+
 def default_entity() -> str:
     """The logged-in user's default wandb entity (asks the server)."""
     import wandb
 
+    require_login()
     entity = wandb.Api().default_entity
     if not entity:
         raise RuntimeError("no default wandb entity: pass --entity, or `wandb login` first")
     return entity
+
+
+def require_login() -> None:
+    """Raise NotLoggedIn, saying what to do, when no wandb API key is available."""
+    if not wandb_logged_in():
+        raise NotLoggedIn("saving a workspace needs a wandb login: `wandb login` (or set "
+                          "WANDB_API_KEY), or print the panels with --dry-run")

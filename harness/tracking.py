@@ -283,7 +283,8 @@ class Tracker:
         in_study = labels.get("study") is not None
         name = cfg.name if in_study else run_dir.name
         wandb_dir = Path(cfg.tracking.results_dir) if in_study else run_dir
-        wandb = Wandb(wandb_dir, name, config, cfg.tracking, JOB_TYPES[labels.get("role")])
+        role = labels.get("role")
+        wandb = Wandb(wandb_dir, name, config, cfg.tracking, JOB_TYPES.get(role, str(role)))
         return cls([RunFiles(run_dir, config), wandb])
 
     @property

@@ -65,6 +65,7 @@ def test_dry_run_prints_every_panel_and_saves_nothing(capsys, monkeypatch):
     (Workspace.save is replaced here: the real one needs a wandb login and the network)."""
     saved = []
     monkeypatch.setattr(ws.Workspace, "save", lambda self: saved.append(self.name))
+    monkeypatch.setattr(dashboard, "wandb_logged_in", lambda: True)
     assert cli.main(["dashboard", "--project", "proj", "--entity", "me", "--study", "s",
                      "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -87,3 +88,13 @@ def test_missing_wandb_workspaces_says_what_to_install(capsys, monkeypatch):
     assert "wandb-workspaces" in err and "dpo-harness[dashboard]" in err
     with pytest.raises(dashboard.MissingWorkspaces):
         dashboard.build_workspace("proj", "me")
+
+
+def test_saving_without_a_login_says_how(capsys, monkeypatch):
+    """Without --dry-run and without a wandb login the command exits 2 before building anything,
+    naming `wandb login` and --dry-run."""
+    monkeypatch.setattr(dashboard, "wandb_logged_in", lambda: False)
+    monkeypatch.setattr(ws.Workspace, "save", lambda self: pytest.fail("saved without a login"))
+    assert cli.main(["dashboard", "--project", "proj", "--entity", "me"]) == 2
+    err = capsys.readouterr().err
+    assert "wandb login" in err and "--dry-run" in err
