@@ -5,6 +5,7 @@
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
     torchrun --nproc-per-node K -m harness train EXPERIMENT.yaml   (one run, data-parallel)
     harness bench [--cases a,b] [--steps N]   (harness bench --help)
+    harness dashboard --project P [--entity E] [--study S] [--dry-run]
 
 Bad input (a config field, a data file, row or field, a model name) is printed as one paragraph
 saying what is wrong, where and what to do, with exit code 2; `--traceback`, anywhere on the
@@ -134,6 +135,23 @@ def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from harness import dashboard
+
+    try:
+        if not args.dry_run:
+            dashboard.require_login()
+        entity = args.entity or ("<default entity>" if args.dry_run else dashboard.default_entity())
+        workspace = dashboard.build_workspace(args.project, entity, args.study)
+    except (dashboard.MissingWorkspaces, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(dashboard.describe(workspace))
+    if not args.dry_run:
+        workspace.save()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     parser.add_argument(TRACEBACK, action="store_true",
@@ -163,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the rows as JSON")
     _study_options(p)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("dashboard", help="a wandb workspace for a study (needs wandb-workspaces)")
+    p.add_argument("--project", required=True, help="wandb project, e.g. dpo-harness")
+    p.add_argument("--entity", default=None, help="wandb entity (default: your default entity)")
+    p.add_argument("--study", default=None, help="only this study's runs (its wandb group)")
+    p.add_argument("--dry-run", action="store_true", help="print the panels, save nothing")
+    p.set_defaults(func=cmd_dashboard)
 
     sub.add_parser("bench", help="the DPO step against the seed notebook's path (harness bench --help)",
                    add_help=False)

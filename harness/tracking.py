@@ -5,7 +5,9 @@
   per logged step), `<table>.json` per table, `summary.json` (written once, at the end),
   `checkpoint/` while a run with train.checkpoint_every is under way (harness.checkpoint);
 - `Wandb`, online when logged in, offline otherwise (`WANDB_MODE` wins). A wandb failure prints
-  one warning and disables wandb for the run: it never stops training.
+  one warning and disables wandb for the run: it never stops training. A single run keeps its
+  wandb files in `<run dir>/wandb/`; a sweep's runs share their study's `<study>/wandb/`, named
+  `<cell>/<slot>`, so that one `wandb leet <study>/wandb` browses the whole study.
 
 `Tracker` sends every call to its backends and checks metric names against harness.metrics.
 """
@@ -30,6 +32,13 @@ CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
 CHECKPOINT = "checkpoint"  # the last run checkpoint (harness.checkpoint), removed at the end
 FINISHED = "finished"  # the summary status of a complete run
+STEP_METRIC = "examples_seen"  # wandb's x axis for every split: runs of any batch size line up
+# wandb job_type per run role (labels["role"]; None: a single `harness train` run).
+JOB_TYPES = {None: "train", "search": "search", "seeds": "seed-rerun", "summary": "summary"}
+# The best value of each headline metric goes into the wandb summary as `best/<name>`; gen/kl has
+# no better direction (it is held to a budget, and its estimate can dip below zero).
+BEST = {"train/loss": "min", "eval/loss": "min", "test/loss": "min", "eval/rewards/margins": "max",
+        "eval/rewards/accuracies": "max", "gen/reward": "max"}
 
 
 def new_run_dir(results_dir: str | Path, name: str, run_dir: str | Path | None) -> Path:
@@ -99,7 +108,8 @@ def _clean(value: Any) -> Any:
 
 class Backend(Protocol):
     def log(self, values: dict[str, float], step: int, examples_seen: int) -> None: ...
-    def table(self, key: str, columns: list[str], rows: list[list]) -> None: ...
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+              examples_seen: int | None = None) -> None: ...
     def summary(self, values: dict[str, Any]) -> None: ...
     def close(self, exit_code: int = 0) -> None: ...
 
@@ -129,7 +139,9 @@ class RunFiles:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
 
-    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+              examples_seen: int | None = None) -> None:
+        """`<key>.json`, the last table logged under that key."""
         path = self.run_dir / f"{key.replace('/', '_')}.json"
         cache.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
 
@@ -171,10 +183,14 @@ def _password_in_argv() -> bool:
 
 
 class Wandb:
-    """A wandb run; every call is guarded so that a wandb fault only disables wandb."""
+    """A wandb run; every call is guarded so that a wandb fault only disables wandb.
 
-    def __init__(self, run_dir: Path, name: str, config: dict, tracking: Any):
+    `wandb_dir` is where wandb makes its `wandb/` folder; `job_type` is one of JOB_TYPES."""
+
+    def __init__(self, wandb_dir: Path, name: str, config: dict, tracking: Any,
+                 job_type: str = JOB_TYPES[None]):
         self.run = None
+        self.best: dict[str, float] = {}  # best value so far of each BEST metric
         self.mode = resolve_wandb_mode(tracking.wandb)
         if self.mode == "disabled":
             return
@@ -183,15 +199,15 @@ class Wandb:
 
             self.run = wandb.init(
                 project=tracking.project, entity=tracking.entity, group=tracking.group,
-                tags=list(tracking.tags) or None, name=name, config=config, dir=str(run_dir),
-                mode=self.mode, reinit="finish_previous",
+                job_type=job_type, tags=list(tracking.tags) or None, name=name, config=config,
+                dir=str(wandb_dir), mode=self.mode, reinit="finish_previous",
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                         x_disable_meta=_password_in_argv()),
             )
             # Curves from runs with different batch sizes line up on examples seen.
-            self.run.define_metric("examples_seen")
+            self.run.define_metric(STEP_METRIC)
             for split in metrics.SPLITS:
-                self.run.define_metric(f"{split}/*", step_metric="examples_seen")
+                self.run.define_metric(f"{split}/*", step_metric=STEP_METRIC)
         except Exception as err:  # noqa: BLE001 - wandb must never stop a run
             self._fail("init", err)
 
@@ -211,18 +227,34 @@ class Wandb:
         return None if self.run is None else str(Path(self.run.dir).parent)
 
     def log(self, values: dict[str, float], step: int, examples_seen: int) -> None:
-        self._guard("log", lambda: self.run.log({**values, "examples_seen": examples_seen}, step=step))
+        self._keep_best(values)
+        self._guard("log", lambda: self.run.log({**values, STEP_METRIC: examples_seen}, step=step))
 
-    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+    def _keep_best(self, values: dict[str, float]) -> None:
+        pick = {"max": max, "min": min}
+        for name, direction in BEST.items():
+            v = values.get(name)
+            if v is not None and math.isfinite(v):
+                self.best[name] = pick[direction](self.best.get(name, v), v)
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+              examples_seen: int | None = None) -> None:
         def log_table() -> None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)})
+            data = {key: wandb.Table(columns=columns, data=rows)}
+            if step is None:
+                self.run.log(data)
+            else:  # beside that step's metrics: the UI's step slider walks through the tables
+                self.run.log({**data, STEP_METRIC: examples_seen}, step=step)
 
         self._guard("log_table", log_table)
 
     def summary(self, values: dict[str, Any]) -> None:
+        """The final values as they are (what analysis reads), and each BEST metric's best value
+        as `best/<name>` (wandb's own define_metric(summary=...) would replace the final value)."""
         plain = {k: v for k, v in values.items() if isinstance(v, int | float | str)}
+        plain.update({f"best/{k}": v for k, v in self.best.items()})
         self._guard("summary", lambda: self.run.summary.update(plain))
 
     def close(self, exit_code: int = 0) -> None:
@@ -243,9 +275,17 @@ class Tracker:
 
     @classmethod
     def for_run(cls, run_dir: Path, cfg: Any, labels: dict[str, Any]) -> Tracker:
-        """Run files and wandb, both holding the resolved config and the run's labels."""
+        """Run files and wandb, both holding the resolved config and the run's labels. A sweep's
+        run (labels name its study) is named after its config (`<cell>/<slot>`) and keeps its
+        wandb files in the study's folder (its tracking.results_dir); a single run is named after
+        its run directory and keeps them there."""
         config = {**cfg.to_dict(), "labels": labels}
-        return cls([RunFiles(run_dir, config), Wandb(run_dir, run_dir.name, config, cfg.tracking)])
+        in_study = labels.get("study") is not None
+        name = cfg.name if in_study else run_dir.name
+        wandb_dir = Path(cfg.tracking.results_dir) if in_study else run_dir
+        role = labels.get("role")
+        wandb = Wandb(wandb_dir, name, config, cfg.tracking, JOB_TYPES.get(role, str(role)))
+        return cls([RunFiles(run_dir, config), wandb])
 
     @property
     def wandb(self) -> Wandb | None:
@@ -266,9 +306,11 @@ class Tracker:
         self.last.update({k: _clean(float(v)) for k, v in values.items()})
         self.last["examples_seen"] = examples_seen
 
-    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+    def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
+              examples_seen: int | None = None) -> None:
+        """A table, at a step when given (wandb keeps one per step, the run files the last)."""
         for b in self.backends:
-            b.table(key, columns, rows)
+            b.table(key, columns, rows, step, examples_seen)
 
     def summary(self, values: dict[str, Any]) -> dict[str, Any]:
         """Write the final summary (non-finite floats as null, wandb's mode and folder added)."""

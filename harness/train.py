@@ -42,6 +42,7 @@ from harness.step import StepSettings, dpo_batch, evaluate, pref_accuracy
 from harness.tracking import DATA_COUNTS, Tracker, new_run_dir, run_labels
 
 EvalHook = Callable[[int, dict[str, float]], None]
+SAMPLE_COLUMNS = ["prompt", "reference", "policy", "reference reward", "policy reward"]  # gen/samples
 
 
 class RunPruned(Exception):
@@ -167,7 +168,8 @@ def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
 
 class Evaluator:
     """A validation pass: pair metrics on `eval_batches`, preference accuracy when true rewards
-    exist, generation metrics when on; logged, then handed to the eval hook."""
+    exist, generation metrics and their samples table (`gen/samples`) when on; logged, then
+    handed to the eval hook."""
 
     def __init__(self, cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, device,
                  tracker: Tracker, on_eval: EvalHook | None,
@@ -199,6 +201,9 @@ class Evaluator:
                 cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, self.device, self.ref_samples)
             out.update(g)
         self.tracker.log(out, step, seen)
+        if self.rows:  # at every eval: wandb's step slider shows how the samples changed
+            self.tracker.table("gen/samples", SAMPLE_COLUMNS, self.rows[: cfg.gen_eval.table_rows],
+                               step, seen)
         if self.on_eval is not None:
             self.on_eval(step, out)
         return out
@@ -280,7 +285,7 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
     evaluate_now = Evaluator(cfg, prep, m, s, device, tracker, on_eval, world)
     p = _loop(cfg, prep, m, s, optimizer, scheduler, steps, evaluate_now, tracker, device, p, save,
               world)
-    summary = _finish(cfg, run_dir, prep, m, s, steps, p, evaluate_now, tracker, device) \
+    summary = _finish(cfg, run_dir, prep, m, s, steps, p, tracker, device) \
         if world.main else {"status": "finished", "steps": steps}
     world.barrier()
     return {**summary, "world_size": world.size, "distributed_backend": world.backend}
@@ -376,17 +381,15 @@ def _log_train(p: Progress, tracker: Tracker, world: distributed.World,
 
 
 def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSettings, steps: int,
-            p: Progress, evaluate_now: Evaluator, tracker: Tracker, device) -> dict:
-    """Test split, sample tables, weights and tokenizer; returns the run's summary."""
+            p: Progress, tracker: Tracker, device) -> dict:
+    """Test split, greedy samples, weights and tokenizer; returns the run's summary (the last
+    eval logged the final gen/samples table)."""
     t, test = cfg.train, {}
     if t.test_at_end and prep.splits["test"]:
         test = evaluate(m.policy, m.step_reference, m.ref_logps.get("test"), prep.splits["test"], s,
                         prep.tokenizer.pad_token_id, device, None)
         test = {f"test/{k}": v for k, v in test.items()}
         tracker.log(test, steps, p.seen)
-    if evaluate_now.rows:
-        tracker.table("gen/samples", ["prompt", "reference", "policy", "reference reward",
-                                      "policy reward"], evaluate_now.rows[: cfg.gen_eval.table_rows])
     if t.sample_validation or t.sample_test:
         write_samples(cfg, m, prep, tracker, device)
     if t.save_model:

@@ -78,6 +78,8 @@ class Sweep:
             tags += [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in params.items()]
             cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_dir.name}", tags)
+            # results_dir/runs/<name> is run_dir; wandb keeps the study's runs in results_dir/wandb.
+            cfg.tracking.results_dir = str(self.study_dir)
             labels = {"study": exp.study, "cell": cell.id, "trial": trial.number, "role": role,
                       "storage": without_password(self.storage_url)}
 

@@ -12,7 +12,7 @@ from harness import cache, stats
 from harness.config import TrackingConfig
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
-from harness.tracking import Tracker, Wandb
+from harness.tracking import JOB_TYPES, Tracker, Wandb
 
 SUMMARY_CSV = "summary.csv"
 
@@ -98,7 +98,8 @@ def write_summary(sweep: Sweep) -> tuple[Path, list[dict[str, Any]]]:
     path = cache.atomic_file(sweep.study_dir / SUMMARY_CSV, lambda tmp: df.to_csv(tmp, index=False))
     exp = sweep.exp
     tracking = TrackingConfig.model_validate({**exp.base.tracking.model_dump(), "group": exp.study})
-    tracker = Tracker([Wandb(path.parent, f"{exp.study}-summary", {"study": exp.study}, tracking)])
+    tracker = Tracker([Wandb(path.parent, f"{exp.study}-summary", {"study": exp.study}, tracking,
+                             JOB_TYPES["summary"])])
     tracker.table("study/summary", list(df.columns), df.astype(str).values.tolist())
     tracker.close()
     return path, rows
