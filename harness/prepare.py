@@ -29,6 +29,7 @@ from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.config import RunConfig
+from harness.phases import phase
 from harness.sft import load_checkpoint, sft_checkpoint
 from harness.tasks import controlled
 
@@ -59,7 +60,8 @@ def _tokenizer(cfg: RunConfig, texts: Callable[[], Iterable[str]]) -> tuple[obje
 
 
 def _sft(cfg: RunConfig, tokenizer, corpus: list[str], device, say: Say) -> tuple[Path, dict]:
-    path, stats, reused = sft_checkpoint(cfg, tokenizer, corpus, device)
+    with phase("sft"):
+        path, stats, reused = sft_checkpoint(cfg, tokenizer, corpus, device)
     say(f"sft: {'reused' if reused else 'trained'} checkpoint {path}")
     return path, {**stats, "sft/checkpoint": str(path), "sft/reused": reused}
 
@@ -126,7 +128,7 @@ class Controlled:
             say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
             return pairs
 
-        with cache.file_lock(path.with_suffix(".lock")):
+        with phase("pairs"), cache.file_lock(path.with_suffix(".lock")):
             pairs, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), sample)
         if reused:
             say(f"pairs: reused {path}")

@@ -15,6 +15,7 @@ from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
 from harness.distributed import World
+from harness.phases import phase
 from harness.step import StepSettings, concatenated_logps, to_device
 
 
@@ -73,6 +74,12 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
             cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
         return logps
 
+    with phase("reference"):
+        return _shared(path, read, rebuild, world)
+
+
+def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Tensor], Path, bool]:
+    """The cache entry at `path`: read, or rebuilt under its lock (see cached_logps)."""
     lock = path.with_suffix(".lock")
     if not world.active:
         with cache.file_lock(lock):

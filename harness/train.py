@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, checkpoint, distributed, metrics, optim
+from harness import cache, checkpoint, distributed, metrics, optim, phases
 from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
@@ -104,15 +104,18 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     started = time.time()
     ends = {"resumed_from_step": resume.step if resume else None, "diverged_at_step": None}
     try:
-        summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume, world)
+        with phases.timing() as spent:
+            summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume, world)
     except BaseException as err:
         if isinstance(err, RunDiverged):
             ends["diverged_at_step"] = err.step
         tracker.summary({"status": CUT_OFF.get(type(err), "failed"), "error": repr(err),
-                         "wall_s": time.time() - started, **ends, **labels, **tracker.last})
+                         "wall_s": time.time() - started, **ends, **labels, **tracker.last,
+                         **phases.summary_keys(spent)})
         tracker.close(exit_code=1)
         raise
-    summary = tracker.summary({**summary, **labels, **ends, "wall_s": time.time() - started})
+    summary = tracker.summary({**summary, **labels, **ends, "wall_s": time.time() - started,
+                               **phases.summary_keys(spent)})
     tracker.close()
     if not cfg.train.keep_checkpoint and world.main:
         checkpoint.remove(run_dir)
@@ -188,17 +191,20 @@ class Evaluator:
     def _evaluate(self, step: int, seen: int) -> dict[str, float]:
         cfg, prep, m, s = self.cfg, self.prep, self.m, self.s
         pad, val, ref_val = prep.tokenizer.pad_token_id, prep.splits["validation"], m.ref_logps.get("validation")
-        out = evaluate(m.policy, m.step_reference, ref_val, val, s, pad, self.device, cfg.train.eval_batches)
-        out = {f"eval/{k}": v for k, v in out.items()}
-        if prep.true_rewards.get("validation"):
-            acc = pref_accuracy(m.policy, m.step_reference, ref_val, val, prep.true_rewards["validation"],
-                                s, pad, self.device)
-            if acc is not None:  # None: every validation pair has equal true rewards
-                out["eval/pref_accuracy"] = acc
+        with phases.phase("eval"):
+            out = evaluate(m.policy, m.step_reference, ref_val, val, s, pad, self.device,
+                           cfg.train.eval_batches)
+            out = {f"eval/{k}": v for k, v in out.items()}
+            if prep.true_rewards.get("validation"):
+                acc = pref_accuracy(m.policy, m.step_reference, ref_val, val,
+                                    prep.true_rewards["validation"], s, pad, self.device)
+                if acc is not None:  # None: every validation pair has equal true rewards
+                    out["eval/pref_accuracy"] = acc
         if metrics.gen_enabled(cfg) and prep.eval_prompts:
-            g, self.rows, self.ref_samples = gen_eval(
-                m.policy, m.reference, prep.tokenizer, prep.eval_prompts, prep.reward_fn,
-                cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, self.device, self.ref_samples)
+            with phases.phase("gen"):
+                g, self.rows, self.ref_samples = gen_eval(
+                    m.policy, m.reference, prep.tokenizer, prep.eval_prompts, prep.reward_fn,
+                    cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, self.device, self.ref_samples)
             out.update(g)
         self.tracker.log(out, step, seen)
         if self.rows:  # at every eval: wandb's step slider shows how the samples changed
@@ -312,8 +318,9 @@ def _loop(cfg: RunConfig, prep: Prepared, m: Models, s: StepSettings, optimizer,
                disable=not (cfg.tracking.progress and world.main))
     for step in range(p.step + 1, steps + 1):
         t0 = time.perf_counter()
-        grad_norm, lr, tokens = _optimizer_step(cfg, m, s, optimizer, scheduler, stream, p, step,
-                                                device, world)
+        with phases.phase("train"):
+            grad_norm, lr, tokens = _optimizer_step(cfg, m, s, optimizer, scheduler, stream, p,
+                                                    step, device, world)
         step_s = time.perf_counter() - t0
         p.step, p.seen, p.tokens = step, p.seen + pairs_per_step, p.tokens + tokens
         if step % t.log_every == 0 or step == steps:
@@ -386,8 +393,9 @@ def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSet
     eval logged the final gen/samples table)."""
     t, test = cfg.train, {}
     if t.test_at_end and prep.splits["test"]:
-        test = evaluate(m.policy, m.step_reference, m.ref_logps.get("test"), prep.splits["test"], s,
-                        prep.tokenizer.pad_token_id, device, None)
+        with phases.phase("eval"):
+            test = evaluate(m.policy, m.step_reference, m.ref_logps.get("test"), prep.splits["test"],
+                            s, prep.tokenizer.pad_token_id, device, None)
         test = {f"test/{k}": v for k, v in test.items()}
         tracker.log(test, steps, p.seen)
     if t.sample_validation or t.sample_test:

@@ -84,6 +84,31 @@ def _estimate(best, done: list, seeds: int) -> dict[str, Any]:
     return out
 
 
+def phase_totals(sweep: Sweep) -> dict[str, float]:
+    """Seconds per phase (harness.phases) summed over every run of the study on this machine,
+    finished or cut off: where the study's worker time went."""
+    import json
+
+    from harness import phases
+    from harness.tracking import SUMMARY
+
+    totals = dict.fromkeys(phases.NAMES, 0.0)
+    for path in sorted((sweep.study_dir / "runs").glob(f"*/*/{SUMMARY}")):
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        for name in phases.NAMES:
+            totals[name] += float(summary.get(f"perf/phase/{name}_s") or 0.0)
+    return totals
+
+
+def phase_line(totals: dict[str, float]) -> str:
+    total = sum(totals.values())
+    parts = [f"{name} {s:.0f}s ({s / total:.0%})" for name, s in totals.items() if s] if total else []
+    return f"worker time {total:.0f}s: " + ", ".join(parts) if parts else "no run timings yet"
+
+
 def summary_rows(sweep: Sweep) -> list[dict[str, Any]]:
     return [_row(sweep, cell) for cell in sweep.exp.cells]
 
