@@ -10,9 +10,9 @@ import optuna
 import pytest
 
 from harness.cli import build_parser
-from harness.sweep import run_sweep
+from harness.sweep import run_sweep, view
 from harness.sweep.storage import open_storage
-from harness.sweep.view import CellView, Run, Snapshot, clock, eta, pick, render_live, rough
+from harness.sweep.view import CellView, Run, Snapshot, eta, plain_line, render_live
 from tests.test_sweep import SEARCH, experiment
 
 
@@ -30,8 +30,8 @@ def test_eta_by_hand():
 
 
 def test_durations_read_as_people_do():
-    assert [clock(45), clock(192), clock(3900)] == ["45s", "3m12s", "1h05m"]
-    assert [rough(40), rough(540), rough(569), rough(3900)] == ["40s", "9m", "9m", "1h05m"]
+    assert [view.clock(45), view.clock(192), view.clock(3900)] == ["45s", "3m12s", "1h05m"]
+    assert [view.rough(s) for s in (40, 540, 569, 3900)] == ["40s", "9m", "9m", "1h05m"]
 
 
 def _snapshot(durations):
@@ -76,6 +76,17 @@ def test_live_table_says_estimating_until_a_run_has_timed():
     assert "worker output" not in text  # no log: the workers write to the terminal
 
 
+def test_plain_line_counts_its_own_run_in_the_estimate():
+    """3 runs of 10 s finished, 2 workers, 9 planned. Line 5: 4 left, 2 rounds = ~20s; line 7:
+    2 left, one round = ~10s (the snapshot's count, 6, would leave 3: ~20s)."""
+    snap = _snapshot([10.0, 10.0, 10.0])
+    first = snap.finished[0]
+    assert plain_line(first, 5, snap, 192.0, 2) == \
+        "[5/9] beta=0.1 trial-000 0.6611 (best 0.6611) | 3m12s elapsed, ~20s left"
+    assert plain_line(snap.finished[2], 7, snap, 200.0, 2) == \
+        "[7/9] beta=0.5 trial-000 0.6123 (best 0.6123) | 3m20s elapsed, ~10s left"
+
+
 def test_view_modes():
     """auto is live on a terminal, plain otherwise; the command line takes the four names."""
     class Stream:
@@ -85,10 +96,10 @@ def test_view_modes():
         def isatty(self):
             return self.tty
 
-    assert pick("auto", Stream(True)) == "live" and pick("auto", Stream(False)) == "plain"
-    assert pick("off", Stream(True)) == "off"
+    assert view.pick("auto", Stream(True)) == "live" and view.pick("auto", Stream(False)) == "plain"
+    assert view.pick("off", Stream(True)) == "off"
     with pytest.raises(ValueError, match="expected one of auto, live, plain, off"):
-        pick("fancy")
+        view.pick("fancy")
     assert build_parser().parse_args(["sweep", "x.yaml"]).view == "auto"
     assert build_parser().parse_args(["sweep", "x.yaml", "--view", "plain"]).view == "plain"
     with pytest.raises(SystemExit):

@@ -181,9 +181,11 @@ def rough(seconds: float) -> str:
     return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
-def timing(snap: Snapshot, elapsed: float, workers: int) -> str:
-    """`3m12s elapsed, ~9m left`, or `..., estimating` until a run has finished."""
-    left = eta(snap.durations(), max(0, snap.total - snap.done), workers)
+def timing(snap: Snapshot, elapsed: float, workers: int, done: int | None = None) -> str:
+    """`3m12s elapsed, ~9m left` with `done` runs done (default: the snapshot's), or
+    `..., estimating` until a run has finished."""
+    done = snap.done if done is None else done
+    left = eta(snap.durations(), max(0, snap.total - done), workers)
     if left is None:
         return f"{clock(elapsed)} elapsed, estimating"
     return f"{clock(elapsed)} elapsed, ~{rough(left)} left"
@@ -199,7 +201,7 @@ def best_text(value: float | None) -> str:
 def plain_line(run: Run, count: int, snap: Snapshot, elapsed: float, workers: int) -> str:
     best = next(c.best for c in snap.cells if c.cell == run.cell)
     return (f"[{count}/{snap.total}] {run.cell} {run.name} {run.result} (best {best_text(best)}) "
-            f"| {timing(snap, elapsed, workers)}")
+            f"| {timing(snap, elapsed, workers, count)}")
 
 
 def render_live(snap: Snapshot, study: str, elapsed: float, workers: int, log: Path | None = None):
