@@ -8,9 +8,9 @@ run's result as it ends, the best value per cell, the time elapsed and an estima
   the workers' output interleaved as before.
 
 A planned run is done when its slot is settled: a search trial completed or pruned (a diverged
-search trial is pruned), a seed rerun completed or diverged. A failed run is shown but fills no
-slot (it is retried); the runs of a cell given up on, and the seed reruns of a cell whose every
-trial was pruned, count as done since they will not run.
+search trial is pruned), a seed rerun ended in any way (seed reruns are not retried). A failed
+search trial is shown but fills no slot (the slot is tried again); the runs of a cell given up on,
+and the seed reruns of a cell whose every trial was pruned, count as done since they will not run.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ def _finished(t, study: str, cell: str, role: str) -> Run | None:
         return None
     ran = None if t.user_attrs.get("read_back") or t.datetime_start is None else \
         (t.datetime_complete - t.datetime_start).total_seconds()
-    counts = t.state.name in ("COMPLETE", "PRUNED") if role == "search" else \
-        t.state.name == "COMPLETE" or result == "diverged"
+    # a search trial that failed is tried again in its slot; a seed rerun is never rerun
+    counts = t.state.name in ("COMPLETE", "PRUNED") if role == "search" else True
     return Run(f"{study}#{t.number}", cell, _run_name(t, role), result,
                t.datetime_complete.timestamp(), ran, counts)
 
@@ -263,7 +263,7 @@ class SweepView:
         if mode not in ("live", "plain"):
             raise ValueError(f"view {mode!r}: expected live or plain")
         self.exp, self.mode, self.workers, self.started, self.log = exp, mode, workers, started, log
-        self.out = out or sys.stderr
+        self.out = sys.stderr if out is None else out
         self.storage = open_storage(storage_url, heartbeat=False)
         self.names: dict[str, str] = {}
         self.seen: set[str] = set()
@@ -292,19 +292,20 @@ class SweepView:
     def __exit__(self, exc_type, exc, tb) -> None:
         self._stop.set()
         self._thread.join()
-        try:
-            if exc_type is None:  # the final state; after Ctrl-C or a crash, leave at once
-                self.poll()
-        finally:
-            if self._live is not None:
-                self._live.stop()
+        if exc_type is None:  # the final state; after Ctrl-C or a crash, leave at once
+            self._safe_poll()
+        if self._live is not None:
+            self._live.stop()
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_S):
-            try:
-                self.poll()
-            except Exception as err:  # noqa: BLE001 - a view must never stop the sweep
-                print(f"(sweep view: could not read the storage: {err})", file=self.out)
+            self._safe_poll()
+
+    def _safe_poll(self) -> None:
+        try:
+            self.poll()
+        except Exception as err:  # noqa: BLE001 - the view must never stop the sweep
+            print(f"(sweep view: could not read the storage: {err})", file=self.out)
 
     def _render(self, snap: Snapshot):
         return render_live(snap, self.exp.study, time.time() - self.started, self.workers,
