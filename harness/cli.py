@@ -74,7 +74,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     try:
         run_sweep(args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
-                  results_dir=args.results_dir, devices=devices)
+                  results_dir=args.results_dir, devices=devices, view=args.view)
     except SweepIncomplete as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, metavar="IDS",
                    help="CUDA devices for the workers, e.g. 0,1,2,3: worker i sees only device i "
                         "(round-robin when there are more workers than devices)")
+    p.add_argument("--view", choices=("auto", "live", "plain", "off"), default="auto",
+                   help="progress while it runs: live (a table redrawn in place; worker output to "
+                        "results/<study>/workers.log), plain (a line per finished run), off; "
+                        "auto: live when stderr is a terminal, else plain")
     _study_options(p)
     p.set_defaults(func=cmd_sweep)
 

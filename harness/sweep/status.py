@@ -13,7 +13,8 @@ from harness.sweep import faults
 from harness.sweep.storage import open_storage
 
 
-def _load(storage, name: str):
+def find_study(storage, name: str):
+    """The Optuna study `name`, or None when no worker has created it yet."""
     import optuna
 
     try:
@@ -42,7 +43,7 @@ def cell_status(exp: Experiment, storage, cell, now: dt.datetime | None = None) 
                            "failed": 0, "running": 0, "queued": 0, "budget": spec.trials,
                            "seeds": f"0/{spec.seeds - 1}", "best": None, "params": {},
                            "workers": [], "error": ""}
-    search = _load(storage, f"{exp.study}/{cell.id}")
+    search = find_study(storage, f"{exp.study}/{cell.id}")
     if search is None:
         return row
     trials = search.get_trials(deepcopy=False)
@@ -54,7 +55,7 @@ def cell_status(exp: Experiment, storage, cell, now: dt.datetime | None = None) 
     if row["done"]:
         best = search.best_trial
         row.update({"best": best.value, "params": best.params})
-    seeds = _load(storage, f"{exp.study}/{cell.id}/seeds")
+    seeds = find_study(storage, f"{exp.study}/{cell.id}/seeds")
     reruns = seeds.get_trials(deepcopy=False) if seeds is not None else []
     row["seeds"] = f"{sum(t.state.name == 'COMPLETE' for t in reruns)}/{spec.seeds - 1}"
     row["workers"] += _held(reruns, "seeds", now)

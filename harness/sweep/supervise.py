@@ -1,5 +1,5 @@
-"""Running a study: the worker processes on this machine, Ctrl-C and `kill` handling, and the
-summary at the end. A worker that dies abnormally, or a cell that failed or is incomplete, ends
+"""Running a study: the worker processes on this machine, the view while it runs
+(harness.sweep.view), Ctrl-C and `kill` handling, and the summary at the end. A worker that dies abnormally, or a cell that failed or is incomplete, ends
 the command with an error naming it (after the summary is written); workers stop when their
 parent dies."""
 
@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from harness.config import load_experiment
@@ -17,6 +18,7 @@ from harness.sweep import faults
 from harness.sweep.schedule import Sweep
 from harness.sweep.storage import host, masked, resolve
 from harness.sweep.summary import write_summary
+from harness.sweep.view import SweepView, pick, tail
 
 
 class SweepIncomplete(RuntimeError):
@@ -77,7 +79,12 @@ def plan_workers(workers: int | str, devices: list[str] | None) -> list[str | No
 
 
 def _worker(path: str, study: str | None, storage_url: str, results_dir: str, threads: int,
-            worker: int, workers: int) -> int:
+            worker: int, workers: int, log: str | None = None) -> int:
+    if log is not None:  # before anything can print: the parent's live view owns the terminal
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
     import torch
 
     torch.set_num_threads(threads)
@@ -91,23 +98,27 @@ def _worker(path: str, study: str | None, storage_url: str, results_dir: str, th
 
 
 def _run_workers(path: str | Path, study: str | None, storage_url: str, results: Path,
-                 devices: list[str | None]) -> None:
+                 devices: list[str | None], log: Path | None = None,
+                 names: dict[str, str] | None = None) -> None:
     """One spawned process per entry of `devices`, sharing the study, each seeing only its
-    device (CUDA_VISIBLE_DEVICES) and its share of the CPU cores; Ctrl-C or `kill` of this
-    process stops them."""
+    device (CUDA_VISIBLE_DEVICES) and its share of the CPU cores, writing to `log` when given;
+    Ctrl-C or `kill` of this process stops them. `names` gets each worker's host:pid -> wN."""
     import multiprocessing as mp
 
     workers = len(devices)
     threads = max(1, usable_cores() // workers)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(str(path), study, storage_url, str(results), threads,
-                                               i, workers)) for i in range(workers)]
+                                               i, workers, None if log is None else str(log)))
+             for i in range(workers)]
     shown = os.environ.get(DEVICE_ENV)
     try:
-        for p, device in zip(procs, devices, strict=True):
+        for i, (p, device) in enumerate(zip(procs, devices, strict=True)):
             if device is not None:  # a spawned process starts with the environment of this moment
                 os.environ[DEVICE_ENV] = device
             p.start()
+            if names is not None:
+                names[f"{host()}:{p.pid}"] = f"w{i}"
             time.sleep(1.0)  # stagger: the first worker creates the studies
     finally:
         if shown is None:
@@ -137,11 +148,42 @@ def _run_workers(path: str | Path, study: str | None, storage_url: str, results:
         raise SweepIncomplete("worker(s) died: " + "; ".join(dead))
 
 
+def _open_log(study_dir: Path) -> Path:
+    """results/<study>/workers.log, where workers write under the live view; each start of the
+    command appends a line that marks it."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    log = study_dir / "workers.log"
+    with log.open("a") as f:
+        f.write(f"==== harness sweep started {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n")
+    print(f"worker output: {log}", file=sys.stderr)
+    return log
+
+
+def _work(path: str | Path, study: str | None, storage_url: str, results: Path, sweep: Sweep,
+          plan: list[str | None], log: Path | None, view: SweepView | None) -> str | None:
+    """Run the study's trials: in this process for one worker on no device whose output stays
+    on the terminal, else in spawned workers; returns which workers died, if any."""
+    names = {} if view is None else view.names
+    if plan == [None] and log is None:
+        names[faults.me()] = "w0"
+        sweep.work()
+        return None
+    try:
+        _run_workers(path, study, storage_url, results, plan, log, names)
+    except SweepIncomplete as err:
+        return str(err)
+    return None
+
+
 def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = None,
               study: str | None = None, results_dir: str | None = None,
-              devices: list[str] | None = None) -> Path:
+              devices: list[str] | None = None, view: str = "off") -> Path:
     """Run (or continue) a study with `workers` processes (a count or `auto`), worker i on
-    devices[i] when given (see plan_workers); returns the path of its summary table."""
+    devices[i] when given (see plan_workers); returns the path of its summary table. `view` is
+    what it shows while it runs (harness.sweep.view): `live`, `plain`, `auto` (live on a
+    terminal) or `off`; with `live` the workers always run as spawned processes writing to
+    results/<study>/workers.log."""
+    mode = pick(view)
     exp = load_experiment(path, study)
     results = Path(results_dir or exp.base.tracking.results_dir)
     storage_url = resolve(storage, results, exp.study)
@@ -157,18 +199,17 @@ def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = No
     started = time.time()
     for cell, error in faults.precheck(exp, sweep.search_study).items():
         print(f"cell {cell} fails before training: {error}", file=sys.stderr)
-    died = None
-    if plan == [None]:
-        sweep.work()
-    else:
-        try:
-            _run_workers(path, study, storage_url, results, plan)
-        except SweepIncomplete as err:
-            died = str(err)
+    log = _open_log(results / exp.study) if mode == "live" else None
+    shows = nullcontext() if mode == "off" else \
+        SweepView(exp, storage_url, mode, workers, started, log)
+    with shows as on_screen:
+        died = _work(path, study, storage_url, results, sweep, plan, log, on_screen)
     out, rows = write_summary(sweep)
     bad = [f"{r['cell']}: {r['status']}" + (f" ({r['error']})" if r["error"] else "")
            for r in rows if r["status"] != "done"]
     print(json.dumps({"summary": str(out), "storage": shown}))
+    if (died or bad) and log is not None:
+        print(f"last lines of {log}:\n{tail(log)}", file=sys.stderr)
     if died or bad:
         raise SweepIncomplete(f"study {exp.study} ended with problems after "
                               f"{time.time() - started:.0f}s (summary: {out}):\n  "
