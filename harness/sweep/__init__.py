@@ -15,8 +15,10 @@ and re-queued, and running the same command again continues the study.
 
 Rooms: storage.py (which Optuna storage), study.py (Optuna glue: sampler, pruner, parameters,
 objective), schedule.py (what runs next), faults.py (dead workers, failing cells, diverged runs,
-read-back of finished runs), summary.py (the results table), supervise.py (worker processes,
-signals, exit status). The `sweep:` schema is harness.config.sweep.
+read-back of finished runs), summary.py (the results table, phase totals), supervise.py (worker
+processes and their devices, signals, exit status), view.py (what a running sweep shows),
+status.py (`harness status`: a study's state from its storage alone). The `sweep:` schema is
+harness.config.sweep.
 """
 
 import warnings

@@ -17,7 +17,7 @@ from harness.config import load_experiment
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
 from harness.sweep.storage import host, masked, resolve
-from harness.sweep.summary import write_summary
+from harness.sweep.summary import phase_line, phase_totals, write_summary
 from harness.sweep.view import SweepView, pick, tail
 
 
@@ -205,6 +205,7 @@ def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = No
     with shows as on_screen:
         died = _work(path, study, storage_url, results, sweep, plan, log, on_screen)
     out, rows = write_summary(sweep)
+    print(f"where the time went: {phase_line(phase_totals(sweep))}", file=sys.stderr)
     bad = [f"{r['cell']}: {r['status']}" + (f" ({r['error']})" if r["error"] else "")
            for r in rows if r["status"] != "done"]
     print(json.dumps({"summary": str(out), "storage": shown}))
