@@ -7,7 +7,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.yaml"  # names the seed data by URL and sha256
-SEED_DATA = ROOT.parent / "shared" / "data" / "instruction-data-with-preference.json"  # CI's copy
 
 # No hub, no wandb server: set before any test imports transformers or wandb.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -23,14 +23,10 @@ from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results(tmp_path_factory, seed_data):
     """A real sweep: 2 betas x 2 maskings on tiny-xs, 2 trials, 2 seed reruns, its Optuna studies in a
     journal file (about 15 s). One torch thread (tiny models on a busy machine run several times
     slower with more) and no wandb (analysis reads the run files; load_wandb has its own test)."""
-    from tests.conftest import SEED_DATA
-
-    if not SEED_DATA.exists():
-        pytest.skip("seed data not found")
     import torch
 
     from harness.sweep import run_sweep
@@ -38,7 +34,7 @@ def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("analysis")
     raw = {
         "name": "a",
-        "data": {"source": str(SEED_DATA), "limit": 100, "max_length": 128},
+        "data": {"source": str(seed_data), "limit": 100, "max_length": 128},
         "model": {"name": "tiny-xs"},
         "train": {"max_steps": 4, "batch_size": 4, "eval_every": 8, "eval_batches": 1,
                   "save_model": False, "lr": 1e-3, "num_threads": 1},

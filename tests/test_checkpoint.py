@@ -7,7 +7,6 @@ import json
 import pytest
 
 from harness.train import train
-from tests.conftest import SEED_DATA
 from tests.runs import quick_config, read_metrics, without_perf
 
 # 6 steps of 4 pairs: train rows at steps 3 and 6 (so the train-metric window is part-full at a
@@ -35,13 +34,11 @@ def summary_of(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, seed_data):
     """One uninterrupted run with checkpoints on (the reference the resumed run must equal)."""
-    if not SEED_DATA.exists():
-        pytest.skip(f"seed data not found at {SEED_DATA}")
     tmp = tmp_path_factory.mktemp("finished")
     run_dir = tmp / "a"
-    summary = train(quick_config(SEED_DATA, tmp, **RESUMABLE), run_dir=run_dir)
+    summary = train(quick_config(seed_data, tmp, **RESUMABLE), run_dir=run_dir)
     return run_dir, summary
 
 
@@ -87,11 +84,11 @@ def test_resumed_run_writes_the_uninterrupted_metrics_exactly(finished, seed_dat
     assert [p.name for p in (run_dir / "checkpoint").iterdir()] == ["step-00000004"]
 
 
-def test_finished_run_dir_is_refused(finished):
+def test_finished_run_dir_is_refused(finished, seed_data):
     """A directory whose summary.json says `finished` refuses another run and is left as it was."""
     run_dir, _ = finished
     before = (run_dir / "metrics.jsonl").read_text()
-    cfg = quick_config(SEED_DATA, run_dir.parent, **RESUMABLE)
+    cfg = quick_config(seed_data, run_dir.parent, **RESUMABLE)
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         train(cfg, run_dir=run_dir)
     assert (run_dir / "metrics.jsonl").read_text() == before

@@ -1,6 +1,6 @@
 """Sweeps: a grid of cells (beta × masking × model size × ...), Optuna inside each cell, seeds.
 
-    harness sweep EXPERIMENT.yaml [--workers N] [--storage URL] [--study NAME]
+    harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices IDS] [--storage URL] [--view MODE]
 
 Shape of a study (all of it in one Optuna storage, SQLite under the results directory by default):
 - one Optuna study per cell, `<study>/<cell>`, where TPE samples the `search` space and a pruner
