@@ -28,10 +28,12 @@ def _load_once(monkeypatch):
     """A case's model and batches are built once for this file (the paths copy the model)."""
     real = cases.load
 
-    def load(case, n_pairs):
-        if (case, n_pairs) not in _loaded:
-            _loaded[case, n_pairs] = real(case, n_pairs)
-        return _loaded[case, n_pairs]
+    def load(case, n_pairs):  # the first n_pairs / 8 batches of 24 pairs are those of n_pairs
+        if case not in _loaded:
+            _loaded[case] = real(case, max(n_pairs, 24))
+        model, bats, cfg, n_params = _loaded[case]
+        assert n_pairs <= 8 * len(bats)
+        return model, bats[: n_pairs // 8], cfg, n_params
 
     monkeypatch.setattr(measure, "load", load)
 
@@ -63,26 +65,6 @@ def test_naive_logps_equal_harness_logps():
             a = paths.naive_logps(model, ids, attn, mask, red)
             b = model_logps(model, ids, attn, mask, red)
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), red
-
-
-@pytest.mark.parametrize("name", ["tiny-live-mean", "tiny-cache-mean"])
-def test_clean_run_passes_the_guard(name):
-    """Log-probs, the first gradient norm and three steps' losses agree within the fp32
-    tolerances; step 3's loss has left ln 2 by more than the loss tolerance, so an update that
-    differed by as much as the whole move would be seen."""
-    r = _bench(name)
-    checks = {c["quantity"]: c for c in r["agreement"]}
-    assert list(checks) == ["policy log-prob", "gradient norm", "loss"]
-    assert all(c["ok"] and 0 <= c["diff"] <= c["tolerance"] for c in checks.values())
-    assert checks["policy log-prob"]["tolerance"] == agree.LOGP_TOLERANCE
-    for p in ("naive", "harness"):
-        assert r["losses"][p][0] == pytest.approx(LN2, abs=1e-6)  # policy = reference
-        assert LN2 - r["losses"][p][2] > agree.LOSS_TOLERANCE
-        assert r["paths"][p]["tokens_per_s"] > 0 and r["paths"][p]["step_s"] > 0
-    assert r["steps"] == 1 and r["warmup"] == 2
-    assert r["n_params"] > 6_000_000  # the 50k x 128 embedding is there
-    if name == "tiny-cache-mean":
-        assert r["cache_build_s"] > 0
 
 
 def test_guard_fires_on_wrong_prompt_mask(monkeypatch):
@@ -117,33 +99,37 @@ def test_guard_fires_on_wrong_reduction(monkeypatch, tmp_path, capsys):
 
 
 def test_guard_fires_on_wrong_beta(monkeypatch):
-    """β doubled in the harness path: log-probs agree and step 1's loss is ln 2 on both, but the
-    first gradient norm is twice the notebook's (relative difference 1)."""
-    beta = measure.load(cases.CASES["tiny-live-mean"], 24)[2].dpo.beta
+    """β doubled in the harness path (here with the cached reference): log-probs agree and step
+    1's loss is ln 2 on both, but the first gradient norm is twice the notebook's."""
+    beta = measure.load(cases.CASES["tiny-cache-mean"], 24)[2].dpo.beta
     _fault_in_settings(monkeypatch, beta=2 * beta)
     with pytest.raises(agree.PathsDisagree, match="gradient norm") as err:
-        _bench("tiny-live-mean")
-    logp, norm = err.value.checks
-    assert logp.ok and not norm.ok
+        _bench("tiny-cache-mean")
+    logp, norm, loss = err.value.checks
+    assert logp.ok and loss.ok and not norm.ok
     assert norm.harness == pytest.approx(2 * norm.naive, rel=1e-5)
     assert norm.diff == pytest.approx(1.0, rel=1e-5)
 
 
 def test_guard_fires_when_the_optimizer_does_not_step(monkeypatch):
     """A harness path whose update only clears the gradients agrees on everything before the
-    first update; its loss stays at ln 2 while the notebook's moves, and step 3 tells."""
+    first update (sum-reduced log-probs included); its loss then stays at ln 2 while the
+    notebook's moves, and the guard stops at step 2."""
     monkeypatch.setattr(paths.HarnessPath, "update",
                         lambda self: self.opt.zero_grad(set_to_none=True))
     with pytest.raises(agree.PathsDisagree, match="loss") as err:
         _bench("tiny-live-sum")
     *before, loss = err.value.checks
     assert all(c.ok for c in before) and not loss.ok
-    assert loss.where.startswith("step 3") and loss.harness == pytest.approx(LN2, abs=1e-6)
+    assert loss.where.startswith("step 2") and loss.harness == pytest.approx(LN2, abs=1e-6)
+    assert loss.diff > 10 * agree.LOSS_TOLERANCE
 
 
 def test_checks_by_hand():
     """The three comparisons on hand-made values: a `sum` log-prob is compared per counted token,
     the worst row or step is named, nan never passes, and fewer than 3 steps are refused."""
+    with pytest.raises(ValueError, match="3 in all"):
+        measure.bench_case(cases.CASES["tiny-live-mean"], steps=1, warmup=1, rate=1e11, memory=False)
     naive, harness = torch.tensor([-50.0, -20.0]), torch.tensor([-50.5, -20.0])
     counted = torch.tensor([100, 4])
     summed = agree.logps_check(naive, harness, counted, "sum", 1e-2)
@@ -156,28 +142,38 @@ def test_checks_by_hand():
     assert not agree.grad_norm_check(2.0, math.nan, 1e-3).ok
     loss = agree.loss_check([LN2, 0.69, 0.68], [LN2, 0.69, 0.681], 1e-4)
     assert loss.where.startswith("step 3") and loss.diff == pytest.approx(1e-3) and not loss.ok
-    with pytest.raises(ValueError, match="3 steps or more"):
-        agree.loss_check([LN2, 0.69], [LN2, 0.69], 1e-4)
     err = agree.PathsDisagree("c", [summed, mean])
     assert "naive -50, harness -50.5, difference 0.5 nats per counted token > tolerance 0.01" \
         in str(err) and "0.005" not in str(err)
 
 
-def test_cli_writes_report(tmp_path, monkeypatch, capsys):
+def test_clean_run_passes_the_guard(tmp_path, monkeypatch, capsys):
+    """A clean run through the command line: exit 0; log-probs, the first gradient norm and three
+    steps' losses agree within the fp32 tolerances, recorded in the JSON report and the table.
+    Step 3's loss has left ln 2 by more than the loss tolerance, so an update that differed by as
+    much as the whole move would be seen."""
     monkeypatch.setattr(cli, "padding_report", lambda: {
         "tokenizer": "t", "file_order": {"padding_fraction": 0.2},
         "length_grouped": {"padding_fraction": 0.05}})
     from harness.cli import main
 
-    assert main(["bench", "--cases", "tiny-live-sum", "--steps", "1", "--warmup", "2",
+    assert main(["bench", "--cases", "tiny-live-mean", "--steps", "1", "--warmup", "2",
                  "--no-memory", "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
-    result = report["results"][0]
-    assert result["case"]["reduction"] == "sum"
-    assert [c["quantity"] for c in result["agreement"]] == ["policy log-prob", "gradient norm", "loss"]
-    assert result["agreement"][0]["where"].startswith("sum, first batch")
+    r = report["results"][0]
+    checks = {c["quantity"]: c for c in r["agreement"]}
+    assert list(checks) == ["policy log-prob", "gradient norm", "loss"]
+    assert all(c["ok"] and 0 <= c["diff"] <= c["tolerance"] for c in checks.values())
+    assert checks["policy log-prob"]["tolerance"] == agree.LOGP_TOLERANCE
+    assert checks["loss"]["where"].endswith("the worst of steps 1-3")
+    for p in ("naive", "harness"):
+        assert r["losses"][p][0] == pytest.approx(LN2, abs=1e-6)  # policy = reference
+        assert LN2 - r["losses"][p][2] > agree.LOSS_TOLERANCE
+        assert r["paths"][p]["tokens_per_s"] > 0 and r["paths"][p]["step_s"] > 0
+    assert r["steps"] == 1 and r["warmup"] == 2 and r["cache_build_s"] == 0
+    assert r["n_params"] > 6_000_000  # the 50k x 128 embedding is there
     assert report["matmul_flops"] > 0 and report["machine"]["cores"] >= 1
-    assert "tiny-live-sum: paths agree: policy log-prob" in capsys.readouterr().out
+    assert "tiny-live-mean: paths agree: policy log-prob" in capsys.readouterr().out
 
 
 def test_cli_refuses_too_few_steps_for_the_guard(capsys):

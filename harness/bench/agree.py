@@ -7,7 +7,8 @@ ln 2 whatever their masks or reductions. The guard compares instead
   the gathered token log-probs);
 - the gradient norm after the first backward (β, the loss's derivative, the mean over pairs);
 - the loss of every step, at least GUARD_STEPS of them, so that it is also compared after two
-  optimizer updates, when the policy no longer equals the reference (the optimizer's update).
+  optimizer updates, when the policy no longer equals the reference (the update itself).
+Each is checked as soon as it is measured, so a path that disagrees costs no further steps.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ GUARD_STEPS = 3  # steps the losses are compared over: step 3 follows two optimi
 # token (difference / counted tokens), as its rounding grows with its length; `mean` already is.
 LOGP_TOLERANCE = 1e-4  # nats per counted token
 # fp32 gradients summed in different orders (four forwards against one concatenated forward):
-# their norms differed by 0 (tiny) and 2e-6 (SmolLM2) relative. A wrong β or mean is ~1.
+# their norms differed by 0 (tiny) and 2e-6 (SmolLM2) relative; a doubled β makes it 1.
 GRAD_NORM_RTOL = 1e-4  # |naive - harness| / |naive|
 # fp32 losses after updates of AdamW (torch's default in the naive path, fused in the harness
 # path): measured up to 3e-7 apart over 3 steps. Smaller than how far step 3's loss has moved
@@ -33,10 +34,12 @@ GRAD_NORM_RTOL = 1e-4  # |naive - harness| / |naive|
 # that differs by as much as the whole move is seen.
 LOSS_TOLERANCE = 1e-5  # |naive - harness|, every step
 # bf16 autocast (harness path only) is held to these instead: it rounds each matmul's inputs
-# to 8 bits of mantissa.
+# to 8 bits of mantissa. Measured on SmolLM2 (AVX2, 3 steps): log-probs 0.021 per token apart,
+# gradient norms 4e-3 relative, losses 1.4e-3 (more than step 3 has moved from ln 2, so in bf16
+# the loss check bounds the drift, it cannot see a wrong update).
 BF16_LOGP_TOLERANCE = 0.05  # nats per counted token
-BF16_GRAD_NORM_RTOL = 0.05
-BF16_LOSS_TOLERANCE = 0.01
+BF16_GRAD_NORM_RTOL = 0.05  # relative
+BF16_LOSS_TOLERANCE = 0.01  # absolute, every step
 
 
 @dataclass(frozen=True)
@@ -112,10 +115,8 @@ def grad_norm_check(naive: float, harness: float, rtol: float) -> Check:
 
 
 def loss_check(naive: list[float], harness: list[float], tolerance: float) -> Check:
-    """The step whose losses differ most (every step from 1 on)."""
-    if len(naive) < GUARD_STEPS or len(harness) != len(naive):
-        raise ValueError(f"losses of {len(naive)} and {len(harness)} steps: the guard compares "
-                         f"{GUARD_STEPS} steps or more of each path")
+    """The step whose losses differ most, of the steps so far (the bench runs GUARD_STEPS or
+    more)."""
     diffs = [math.inf if math.isnan(a - b) else abs(a - b) for a, b in zip(naive, harness, strict=True)]
     i = max(range(len(diffs)), key=diffs.__getitem__)
     return Check("loss", f"step {i + 1}, the worst of steps 1-{len(diffs)}", naive[i], harness[i],

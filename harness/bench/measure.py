@@ -103,14 +103,13 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
                                 cfg.dpo.reduction, tol.logp)]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
-    checks.append(agree.loss_check(run["losses"]["naive"], run["losses"]["harness"], tol.loss))
-    agree.require(case.name, checks)
     return report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
 
 
 def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
     """Every batch through both paths (who goes first alternates); a step's time is its
-    forward, backward and optimizer update, without the gradient norm read after step 1."""
+    forward, backward and optimizer update, without the gradient norm read after step 1.
+    Appends the gradient-norm and loss checks to `checks`, raising as soon as one fails."""
     losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
     tokens: list[int] = []
@@ -129,9 +128,11 @@ def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol
                 times[p.name].append(dt)
         if i == 0:
             checks.append(agree.grad_norm_check(norms["naive"], norms["harness"], tol.grad_norm))
-            agree.require(name, checks)
+        loss = agree.loss_check(losses["naive"], losses["harness"], tol.loss)
+        agree.require(name, [*checks, loss])
         if i >= warmup:
             tokens.append(int(batch["attention_mask"].sum()))
+    checks.append(loss)
     return {"losses": losses, "times": times, "tokens": tokens}
 
 
