@@ -12,8 +12,9 @@ included), seconds per step (median after warm-up), peak RSS (a child process pe
 same steps alone, since a process's peak cannot be split between interleaved paths), and MFU:
 model FLOPs per second (8 N per token with a live reference: policy forward + backward 6 N,
 reference forward 2 N; 6 N with a cached one) over the fp32 matmul rate measured at the start.
-The first step's losses of the two paths must agree, or the benchmark fails: it must not be
-fast because it computes something else.
+Before any timing is reported the paths must agree (harness/bench/agree.py: log-probs, the first
+gradient norm, the losses over three steps or more), or the benchmark fails: it must not be fast
+because it computes something else.
 """
 
 

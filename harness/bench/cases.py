@@ -16,7 +16,6 @@ from harness.prepare import prepare
 ROOT = Path(__file__).resolve().parents[2]
 SEED_EXPERIMENT = ROOT / "experiments" / "seed_polite.yaml"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-LOSS_TOLERANCE = 1e-4  # |loss_naive - loss_harness| on the first step, fp32
 
 
 @dataclass(frozen=True)
@@ -45,9 +44,6 @@ CASES = {
     "smollm2-live-mean-bf16-ckpt": Case("smollm2-live-mean-bf16-ckpt", SMOLLM2, "model", "mean", True,
                                         bf16=True, checkpointing=True),
 }
-# bf16 autocast is kept for a case only within these tolerances of fp32 (the naive path's):
-BF16_LOGP_TOLERANCE = 0.05  # max |mean log-prob per token| difference on the first batch, nats
-BF16_LOSS_TOLERANCE = 0.01  # max |loss| difference over the measured steps
 DEFAULT_CASES = list(CASES)
 
 

@@ -9,13 +9,8 @@ import time
 from pathlib import Path
 
 from harness import cache
-from harness.bench.cases import (
-    BF16_LOGP_TOLERANCE,
-    BF16_LOSS_TOLERANCE,
-    CASES,
-    DEFAULT_CASES,
-    available,
-)
+from harness.bench.agree import GUARD_STEPS, PathsDisagree
+from harness.bench.cases import CASES, DEFAULT_CASES, available
 from harness.bench.measure import (
     bench_case,
     child_main,
@@ -38,11 +33,9 @@ def table(results: list[dict], rate: float) -> str:
             lines.append(f"{r['case']['name']:26} {name:8} {p['tokens_per_s']:7.0f} "
                          f"{p['step_s']:7.2f} {p['mfu']:6.1%} {rss:>7} {sp:>8}")
     for r in results:
-        if r["case"]["bf16"]:
-            ok = "within" if r["bf16_within_tolerance"] else "OUTSIDE"
-            lines.append(f"{r['case']['name']}: bf16 vs fp32 log-probs differ by "
-                         f"{r['bf16_logp_max_abs_diff']:.3g} (tolerance {BF16_LOGP_TOLERANCE}), losses "
-                         f"by {r['loss_max_abs_diff']:.3g} (tolerance {BF16_LOSS_TOLERANCE}): {ok}")
+        checks = ", ".join(f"{c['quantity']} {c['diff']:.2g} (tolerance "
+                           f"{c['tolerance']:g} {c['unit']})" for c in r["agreement"])
+        lines.append(f"{r['case']['name']}: paths agree: {checks}")
     return "\n".join(lines)
 
 
@@ -101,5 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in names if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
-    run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out))
+    if args.steps < 1 or args.steps + args.warmup < GUARD_STEPS:
+        p.error(f"--steps {args.steps} --warmup {args.warmup}: at least 1 measured step and "
+                f"{GUARD_STEPS} in all (the paths' losses are compared at step {GUARD_STEPS})")
+    try:
+        run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out))
+    except PathsDisagree as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0

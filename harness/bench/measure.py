@@ -18,17 +18,9 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
-from harness.bench.cases import (
-    BF16_LOGP_TOLERANCE,
-    BF16_LOSS_TOLERANCE,
-    CASES,
-    LOSS_TOLERANCE,
-    Case,
-    available,
-    load,
-    load_items,
-)
-from harness.bench.paths import bf16_logp_difference, make_path
+from harness.bench import agree
+from harness.bench.cases import CASES, Case, available, load, load_items
+from harness.bench.paths import make_path
 
 
 def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
@@ -94,50 +86,73 @@ def peak_rss() -> int:
 
 
 def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -> dict:
+    """Both paths on the same batches, interleaved step by step; raises PathsDisagree (and
+    reports no timing) unless agree.py's guard holds."""
+    if steps < 1 or steps + warmup < agree.GUARD_STEPS:
+        raise ValueError(f"steps {steps}, warm-up {warmup}: at least 1 measured step and "
+                         f"{agree.GUARD_STEPS} in all (the agreement guard compares step "
+                         f"{agree.GUARD_STEPS}'s losses)")
     model, bats, cfg, n_params = load(case, 8 * (steps + warmup))
     if len(bats) < steps + warmup:
         raise RuntimeError(f"{case.name}: only {len(bats)} batches of seed data")
-    bf16_logp_diff = bf16_logp_difference(model, bats[0][1], cfg) if case.bf16 else None
     paths = [make_path("naive", model, cfg, bats), make_path("harness", model, cfg, bats)]
+    tol = agree.tolerances(case.bf16)
+    first = bats[0][1]
+    counted = first["loss_mask"][:, 1:].sum(-1)
+    checks = [agree.logps_check(paths[0].logps(first), paths[1].logps(first), counted,
+                                cfg.dpo.reduction, tol.logp)]
+    agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
+    run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
+    return report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
+
+
+def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
+    """Every batch through both paths (who goes first alternates); a step's time is its
+    forward, backward and optimizer update, without the gradient norm read after step 1.
+    Appends the gradient-norm and loss checks to `checks`, raising as soon as one fails."""
     losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
     tokens: list[int] = []
-    first: dict[str, float] = {}
-    for i, (idx, batch) in enumerate(bats[: steps + warmup]):
-        for p in paths if i % 2 == 0 else paths[::-1]:  # alternate who goes first
+    norms: dict[str, float] = {}
+    for i, (idx, batch) in enumerate(bats):
+        for p in paths if i % 2 == 0 else paths[::-1]:
             t0 = time.perf_counter()
-            loss = p.step(idx, batch)
+            losses[p.name].append(p.backward(idx, batch))
             dt = time.perf_counter() - t0
-            losses[p.name].append(loss)
             if i == 0:
-                first[p.name] = loss
+                norms[p.name] = p.grad_norm()
+            t0 = time.perf_counter()
+            p.update()
+            dt += time.perf_counter() - t0
             if i >= warmup:
                 times[p.name].append(dt)
+        if i == 0:
+            checks.append(agree.grad_norm_check(norms["naive"], norms["harness"], tol.grad_norm))
+        loss = agree.loss_check(losses["naive"], losses["harness"], tol.loss)
+        agree.require(name, [*checks, loss])
         if i >= warmup:
             tokens.append(int(batch["attention_mask"].sum()))
-    tol = 2e-2 if case.bf16 else LOSS_TOLERANCE
-    diff = abs(first["naive"] - first["harness"])
-    if diff > tol:
-        raise RuntimeError(f"{case.name}: first-step losses differ by {diff:.2e} > {tol:g} "
-                           f"(naive {first['naive']:.6f}, harness {first['harness']:.6f})")
-    flops_per_token = (8 if case.reference == "model" else 6) * n_params
-    result = {"case": asdict(case), "n_params": n_params, "steps": steps, "warmup": warmup,
-              "tokens_per_step": statistics.mean(tokens), "first_loss": first,
-              "first_loss_abs_diff": diff, "cache_build_s": paths[1].cache_s, "paths": {},
-              "losses": losses,
-              "loss_max_abs_diff": max(abs(a - b) for a, b in zip(losses["naive"], losses["harness"],
-                                                                  strict=True))}
+    checks.append(loss)
+    return {"losses": losses, "times": times, "tokens": tokens}
+
+
+def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: int, rate: float,
+                memory: bool) -> dict:
+    losses, times, tokens = run["losses"], run["times"], run["tokens"]
+    result = {"case": asdict(case), "n_params": n_params, "steps": len(tokens),
+              "warmup": len(losses["naive"]) - len(tokens),
+              "tokens_per_step": statistics.mean(tokens), "cache_build_s": cache_s, "paths": {},
+              "losses": losses, "agreement": [c.record() for c in checks],
+              "loss_max_abs_diff": checks[-1].diff}
     if case.bf16:
-        result["bf16_logp_max_abs_diff"] = bf16_logp_diff
-        result["bf16_within_tolerance"] = (bf16_logp_diff <= BF16_LOGP_TOLERANCE
-                                           and result["loss_max_abs_diff"] <= BF16_LOSS_TOLERANCE)
+        result["bf16_logp_max_abs_diff"] = checks[0].diff
+    flops_per_token = (8 if case.reference == "model" else 6) * n_params
     naive_flops_per_token = 8 * n_params  # the notebook always runs the reference
-    for p in paths:
-        step_s = statistics.median(times[p.name])
-        tps = sum(tokens) / sum(times[p.name])
-        fpt = naive_flops_per_token if p.name == "naive" else flops_per_token
-        result["paths"][p.name] = {
-            "step_s": step_s, "tokens_per_s": tps, "mfu": tps * fpt / rate,
+    for name in ("naive", "harness"):
+        tps = sum(tokens) / sum(times[name])
+        fpt = naive_flops_per_token if name == "naive" else flops_per_token
+        result["paths"][name] = {
+            "step_s": statistics.median(times[name]), "tokens_per_s": tps, "mfu": tps * fpt / rate,
             "roofline_tokens_per_s": rate / fpt,
         }
     if memory:

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from harness import models as hmodels
 from harness import optim
-from harness.dpo import model_logps
 from harness.step import StepSettings, concatenated_logps, dpo_batch
 
 # ----------------------------------------------------------------------------- the two paths
@@ -27,7 +26,33 @@ def naive_logps(model, ids, attn, loss_mask, reduction: str) -> torch.Tensor:
     return total / mask.sum(-1) if reduction == "mean" else total
 
 
-class NaivePath:
+class _Path:
+    """What both paths share: a step is `backward` then `update` (timed), and between them the
+    gradient norm can be read (not timed). `logps` scores a batch without stepping."""
+
+    name = ""
+    policy: torch.nn.Module
+    opt: torch.optim.Optimizer
+
+    def backward(self, idx, batch) -> float:
+        raise NotImplementedError
+
+    def update(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def step(self, idx, batch) -> float:
+        loss = self.backward(idx, batch)
+        self.update()
+        return loss
+
+    def grad_norm(self) -> float:
+        """The policy's gradient norm (all parameters, as `harness train` logs it)."""
+        norms = [p.grad.detach().float().norm() for p in self.policy.parameters() if p.grad is not None]
+        return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+class NaivePath(_Path):
     """The notebook: policy and reference models, four forward passes per step."""
 
     name = "naive"
@@ -39,31 +64,39 @@ class NaivePath:
         self.opt = torch.optim.AdamW(self.policy.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
 
-    def step(self, idx, batch) -> float:
+    def pair_logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen [B], rejected [B]): one forward each, as the notebook does."""
         B = batch["input_ids"].shape[0] // 2
-        red, beta = self.cfg.dpo.reduction, self.cfg.dpo.beta
         ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         c, r = slice(0, B), slice(B, 2 * B)
-        pc = naive_logps(self.policy, ids[c], attn[c], mask[c], red)
-        pr = naive_logps(self.policy, ids[r], attn[r], mask[r], red)
+        red = self.cfg.dpo.reduction
+        return (naive_logps(model, ids[c], attn[c], mask[c], red),
+                naive_logps(model, ids[r], attn[r], mask[r], red))
+
+    @torch.no_grad()
+    def logps(self, batch) -> torch.Tensor:
+        """The policy's log-probs of a batch's rows [2B] (chosen, then rejected), no step."""
+        with hmodels.eval_mode(self.policy):
+            return torch.cat(self.pair_logps(self.policy, batch))
+
+    def backward(self, idx, batch) -> float:
+        pc, pr = self.pair_logps(self.policy, batch)
         with torch.no_grad():
-            rc = naive_logps(self.reference, ids[c], attn[c], mask[c], red)
-            rr = naive_logps(self.reference, ids[r], attn[r], mask[r], red)
-        loss = -F.logsigmoid(beta * ((pc - pr) - (rc - rr))).mean()
+            rc, rr = self.pair_logps(self.reference, batch)
+        loss = -F.logsigmoid(self.cfg.dpo.beta * ((pc - pr) - (rc - rr))).mean()
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
 
-class HarnessPath:
+class HarnessPath(_Path):
     """harness.step.dpo_batch, with the reference live or cached, as `harness train` runs it."""
 
     name = "harness"
+    device = torch.device("cpu")
 
     def __init__(self, model, cfg, bats):
         self.policy = copy.deepcopy(model).train()
-        self.cfg = cfg
+        self.settings = StepSettings.from_config(cfg)
         self.reference, self.cache, self.cache_s = None, None, 0.0
         if cfg.dpo.reference == "model":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -73,35 +106,28 @@ class HarnessPath:
             self.cache = torch.zeros(n, 2)
             with torch.no_grad(), hmodels.eval_mode(self.policy):
                 for idx, batch in bats:
-                    c, r = concatenated_logps(self.policy, batch, cfg.dpo.reduction)
+                    c, r = concatenated_logps(self.policy, batch, self.settings.reduction)
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
             self.cache_s = time.perf_counter() - t0
         if cfg.train.gradient_checkpointing:
             hmodels.enable_checkpointing(self.policy)
         t = cfg.train
-        self.opt = optim.adamw(self.policy, torch.device("cpu"), t.lr, t.weight_decay, t.adam_betas)
-        self.settings = StepSettings.from_config(cfg)
+        self.opt = optim.adamw(self.policy, self.device, t.lr, t.weight_decay, t.adam_betas)
 
-    def step(self, idx, batch) -> float:
+    @torch.no_grad()
+    def logps(self, batch) -> torch.Tensor:
+        """The policy's log-probs of a batch's rows [2B] (chosen, then rejected), no step: the
+        call dpo_batch makes, with the same settings and precision."""
+        with hmodels.eval_mode(self.policy), hmodels.autocast(self.device, self.settings.precision):
+            c, r = concatenated_logps(self.policy, batch, self.settings.reduction)
+        return torch.cat([c, r]).float()
+
+    def backward(self, idx, batch) -> float:
         losses, _ = dpo_batch(self.policy, self.reference, self.cache, idx, batch, self.settings,
-                              torch.device("cpu"))
+                              self.device)
         loss = losses.mean()
         loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         return float(loss.detach())
-
-
-@torch.no_grad()
-def bf16_logp_difference(model, batch, cfg) -> float:
-    """max |log-prob| difference (per sequence, in the run's reduction) between fp32 and CPU
-    bf16 autocast on one batch."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], cfg.dpo.reduction)
-    with hmodels.eval_mode(model):
-        fp32 = model_logps(model, *args)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = model_logps(model, *args)
-    return float((fp32 - bf16.float()).abs().max())
 
 
 def make_path(name: str, model, cfg, bats):
