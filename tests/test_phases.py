@@ -10,6 +10,7 @@ from tests.runs import quick_config
 
 def test_phases_account_for_a_run(seed_data, tmp_path):
     cfg = quick_config(seed_data, tmp_path, **{"dpo.reference": "cache", "gen_eval.enabled": True,
+                                               "dpo.reference_cache_dir": str(tmp_path / "cache"),
                                                "gen_eval.n_prompts": 2, "gen_eval.max_new_tokens": 4,
                                                "train.save_model": False})
     s = train(cfg, run_dir=tmp_path / "run")

@@ -67,9 +67,32 @@ def test_a_trial_asked_for_after_the_last_slot_went_runs_nothing():
     with pytest.raises(faults.Surplus):
         faults.settle_slot(b, 0, 1)
     study.tell(b, state=TrialState.FAIL)
-    assert study.trials[1].user_attrs == {"surplus": True}
+    assert study.trials[1].user_attrs == {"surplus": True, "slot": -1}
     assert not faults.real_failure(study.trials[1])
     assert faults.cell_failure(study, 1) is None
+
+
+def test_two_claims_of_one_slot_at_the_same_moment_leave_one(monkeypatch):
+    """Worker b read the trials before worker a wrote its claim on slot 0, so both chose slot 0:
+    b, reading again after writing its own claim, finds a's and gives the slot up."""
+    study = _study()
+    a, b = study.ask(), study.ask()
+    before_a_claimed = study.get_trials(deepcopy=True)
+    assert faults.settle_slot(a, 0, 2) == 0
+    reads = []
+    real = study.get_trials
+
+    def stale_first(*args, **kwargs):
+        reads.append(1)
+        return before_a_claimed if len(reads) == 1 else real(*args, **kwargs)
+
+    monkeypatch.setattr(study, "get_trials", stale_first)
+    with pytest.raises(faults.Surplus, match="claimed at the same moment"):
+        faults.settle_slot(b, 0, 2)
+    monkeypatch.undo()
+    study.tell(b, state=TrialState.FAIL)  # what Optuna does with the trial on the exception
+    assert study.trials[b.number].user_attrs["slot"] == -1  # its claim withdrawn
+    assert faults.free_slot(study, 2) == 1  # slot 1 is still there to fill
 
 
 def test_status_reads_the_storage_while_a_trial_runs(tmp_path, seed_data, capsys):

@@ -75,17 +75,28 @@ def settle_slot(trial, slot: int, budget: int) -> int:
     """The slot this trial fills: its own when it is a retry, else `slot` unless another worker
     took it meanwhile (then the lowest free one). Raises Surplus when every slot is taken, so
     that parallel workers never run more trials than the budget."""
+    busy = ("COMPLETE", "PRUNED", "RUNNING", "WAITING")
+    retry = "slot" in trial.user_attrs  # a queued retry: popped atomically, its slot is its own
     s = int(trial.user_attrs.get("slot", slot))
-    taken = _slots(trial.study.get_trials(deepcopy=False), ("COMPLETE", "PRUNED", "RUNNING", "WAITING"),
-                   skip=trial.number)
+    taken = _slots(trial.study.get_trials(deepcopy=False), busy, skip=trial.number)
     if s in taken:
         free = sorted(set(range(budget)) - taken)
         if not free:
-            trial.set_user_attr("surplus", True)
-            raise Surplus(f"trial {trial.number}: every one of the {budget} slots is taken")
+            _give_up(trial, f"every one of the {budget} slots is taken")
         s = free[0]
     trial.set_user_attr("slot", s)
+    # Two workers may both have seen `s` free. Each writes its claim, then reads again: whoever
+    # finds another claim on `s` gives it up (both may; the slot is then taken on a later round),
+    # so at most one trial runs in a slot.
+    if not retry and s in _slots(trial.study.get_trials(deepcopy=False), busy, skip=trial.number):
+        _give_up(trial, f"slot {s} was claimed at the same moment by another worker")
     return s
+
+
+def _give_up(trial, why: str) -> None:
+    trial.set_user_attr("slot", -1)  # no slot: never counted as taken
+    trial.set_user_attr("surplus", True)
+    raise Surplus(f"trial {trial.number}: {why}")
 
 
 def seed_offset(trial) -> int:
