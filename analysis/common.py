@@ -65,4 +65,14 @@ def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
         raise MissingData(f"the finished runs under {results} have no final {metric!r}")
     finals = finals.dropna(subset=[metric]).copy()
     finals["objective"] = finals[metric].astype(float)
+    budget = cells["kl_budget"].dropna() if "kl_budget" in cells else pd.Series(dtype=float)
+    if len(budget):  # the sweep's score: the metric less kl_penalty per nat of gen/kl over budget
+        from harness.config import ObjectiveSpec
+        from harness.sweep.study import objective_value
+
+        spec = ObjectiveSpec(metric=metric, direction=str(cells["direction"].iloc[0]),
+                             kl_budget=float(budget.iloc[0]),
+                             kl_penalty=float(cells["kl_penalty"].dropna().iloc[0]))
+        finals["objective"] = [objective_value(spec, row) for row in finals.to_dict("records")]
+        finals = finals.dropna(subset=["objective"])
     return finals, metric

@@ -20,7 +20,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     runs, metric = compared_runs(results)
     stats = cell_estimates(runs, ["model.name", "dpo.beta", "masking"])
     stats["half"] = (stats["ci95 high"] - stats["ci95 low"]) / 2
-    models = sorted(stats["model.name"].unique())
+    models = list(runs.groupby("model.name")["n_params"].first().sort_values().index)  # by size
     fig, axes = plt.subplots(1, len(models), squeeze=False,
                              layout="constrained", figsize=(max(COLUMN_IN, 2.6 * len(models)), 2.6))
     vmin, vmax = stats["mean"].min(), stats["mean"].max()

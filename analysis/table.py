@@ -33,7 +33,7 @@ def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 def results_table(results: Path) -> pd.DataFrame:
     runs, metric = compared_runs(results)
     keys = [k for k in KEYS if k in runs]
-    table = cell_estimates(runs, keys).rename(columns={"mean": f"{metric} mean"})
+    table = cell_estimates(runs, keys).rename(columns={"mean": "objective mean"})
     cells = load_study_summaries(results)
     on = [k for k in keys if k in cells]
     if cells.empty or not on:

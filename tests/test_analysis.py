@@ -290,7 +290,7 @@ def test_results_table_by_hand(results):
         half = 12.706205 * sd / math.sqrt(2)  # t(0.975, 1 degree of freedom)
         row = df[(df["dpo.beta"] == cell["dpo.beta"]) & (df["masking"] == cell["masking"])].iloc[0]
         assert row["n"] == len(values) == 2
-        assert row["eval/rewards/accuracies mean"] == pytest.approx(mean) == cell["objective_mean"]
+        assert row["objective mean"] == pytest.approx(mean) == cell["objective_mean"]
         assert row["sd"] == pytest.approx(sd)
         assert (row["ci95 low"], row["ci95 high"]) == pytest.approx((mean - half, mean + half), abs=1e-5)
         assert row["ci95 low"] == pytest.approx(cell["objective_ci_low"], abs=1e-9)

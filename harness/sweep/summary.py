@@ -38,6 +38,7 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
         "diverged": len(diverged),
         "failed": sum(faults.real_failure(t) for t in trials),
         "objective": spec.objective.metric, "direction": spec.objective.direction,
+        "kl_budget": spec.objective.kl_budget, "kl_penalty": spec.objective.kl_penalty,
     })
     failure = faults.cell_failure(search, spec.max_failures)
     if failure:
