@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import signal
 import sys
 import threading
 import time
@@ -298,6 +299,10 @@ class SweepView:
             self._live.stop()
 
     def _loop(self) -> None:
+        # Ctrl-C and kill go to the main thread, which waits on the workers: a signal the kernel
+        # handed to this thread would not interrupt that wait.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not self._stop.wait(POLL_S):
             self._safe_poll()
 
