@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from harness import metrics
@@ -72,6 +73,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           "torchrun (--workers/--devices give each worker a device)")
 
     devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    # Its workers answer Ctrl-C (SIGINT) even when started from a script in the background, which
+    # leaves SIGINT ignored; the command must too, or it would report them dead instead.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         run_sweep(args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
                   results_dir=args.results_dir, devices=devices, view=args.view)
