@@ -12,18 +12,10 @@ from harness import cache, stats
 from harness.config import TrackingConfig
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
+from harness.sweep.status import find_study
 from harness.tracking import JOB_TYPES, Tracker, Wandb
 
 SUMMARY_CSV = "summary.csv"
-
-
-def _seeds(sweep: Sweep, search):
-    import optuna
-
-    try:
-        return optuna.load_study(study_name=f"{search.study_name}/seeds", storage=sweep.storage)
-    except KeyError:
-        return None
 
 
 def _row(sweep: Sweep, cell) -> dict[str, Any]:
@@ -49,7 +41,7 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
         if row["status"] == "done":  # every trial pruned or diverged: nothing to report
             row.update({"status": "no result", "error": "no trial completed"})
         return row
-    seeds = _seeds(sweep, search)
+    seeds = find_study(sweep.storage, f"{search.study_name}/seeds")
     recorded = seeds.user_attrs.get("best_trial") if seeds is not None else None
     best = search.best_trial if recorded is None else next(t for t in trials if t.number == recorded)
     reruns = seeds.get_trials(deepcopy=False) if seeds is not None else []
