@@ -86,9 +86,10 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
             logps, reused = cache.read_or_rebuild(path, read, rebuild)
         return logps, path, reused
     # Every rank must take part in computing: rank 0 decides, under the lock, whether to.
-    reused = world.broadcast(_readable(path, read, lock) if world.main else None)
+    found = _try_read(path, read, lock) if world.main else None
+    reused = world.broadcast(found is not None)
     if reused:
-        logps = read(path)
+        logps = found if world.main else read(path)
     else:
         with cache.file_lock(lock) if world.main else contextlib.nullcontext():
             logps = rebuild()
@@ -96,10 +97,10 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
     return logps, path, reused
 
 
-def _readable(path: Path, read, lock: Path) -> bool:
+def _try_read(path: Path, read, lock: Path) -> dict[str, torch.Tensor] | None:
+    """The entry as `read` gives it, under its lock; None when missing or unreadable."""
     with cache.file_lock(lock):
         try:
-            read(path)
+            return read(path)
         except Exception:  # noqa: BLE001 - missing or unreadable: computed again
-            return False
-    return True
+            return None
