@@ -8,10 +8,12 @@ Log-probs are sequence sums over the continuation tokens (eos included when samp
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
+from harness import cache
 from harness.dpo import model_logps
 from harness.models import eval_mode
 
@@ -102,21 +104,56 @@ def kl_estimate(policy, reference, prompts, samples, pad_id, device) -> tuple[fl
     return mean_se((lp - lr).tolist())
 
 
+def reference_samples(reference, tokenizer, prompt_texts: list[str], max_new_tokens: int, seed: int,
+                      device, root: str | None = None) -> tuple[list[list[int]], bool]:
+    """The reference's samples of the eval prompts, drawn once per (reference weights, prompts,
+    length, seed, eos/pad) and shared on disk by every run of that reference: every trial of a
+    sweep on one SFT checkpoint compares against the same samples. Returns (samples, reused)."""
+    from harness.reference import weights_digest
+
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    key = cache.Key(weights_digest(reference), prompts, [max_new_tokens, seed, eos, pad])
+    path = cache.entry("reference-samples", key.hex(32), ".samples.json", root=root)
+
+    def read(p):
+        samples = json.loads(p.read_text())
+        if len(samples) != len(prompts):
+            raise ValueError("sample count differs from the prompts'")
+        return samples
+
+    def rebuild():
+        samples = sample(reference, prompts, max_new_tokens, eos, pad, seed, device)
+        cache.atomic_json(path, samples, indent=None)
+        return samples
+
+    with cache.file_lock(path.with_suffix(".lock")):
+        return cache.read_or_rebuild(path, read, rebuild)
+
+
 def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, max_new_tokens: int,
-             seed: int, device, ref_samples: list[list[int]] | None = None) -> tuple[dict, list, list]:
+             seed: int, device, ref_samples: list[list[int]] | None = None,
+             parse_fn=None) -> tuple[dict, list, list]:
     """Generation metrics on held-out prompts.
 
     Returns (metrics, table rows (prompt, reference, policy, rewards), reference samples for reuse).
-    With `reward_fn` None (no ground-truth reward) only KL and samples are reported.
+    With `reward_fn` None (no ground-truth reward) only KL and samples are reported; with
+    `parse_fn` (does a sample parse in the task's language) also the fraction that does.
+    While the policy's weights equal the reference's (the first eval) its samples are the
+    reference's (the same seed: common random numbers) and the KL is exactly 0: neither is
+    computed again.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
-    pol = sample(policy, prompts, max_new_tokens, eos, pad, seed, device)
     if ref_samples is None:
         # The same seed as the policy's samples (common random numbers): while the policy is the
         # reference both draw identical samples, and the reward difference has less variance.
         ref_samples = sample(reference, prompts, max_new_tokens, eos, pad, seed, device)
-    kl, kl_se = kl_estimate(policy, reference, prompts, pol, pad, device)
+    if same_weights(policy, reference):
+        pol, (kl, kl_se) = ref_samples, (0.0, 0.0)
+    else:
+        pol = sample(policy, prompts, max_new_tokens, eos, pad, seed, device)
+        kl, kl_se = kl_estimate(policy, reference, prompts, pol, pad, device)
     metrics = {"gen/kl": kl, "gen/kl_se": kl_se,
                "gen/length": sum(len(s) for s in pol) / len(pol)}
 
@@ -124,16 +161,25 @@ def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, m
         return tokenizer.decode([t for t in ids if t != eos])
 
     pol_text, ref_text = [text(s) for s in pol], [text(s) for s in ref_samples]
-    rows = []
-    if reward_fn is not None:
-        r_pol = [reward_fn(x, y) for x, y in zip(prompt_texts, pol_text, strict=True)]
-        r_ref = [reward_fn(x, y) for x, y in zip(prompt_texts, ref_text, strict=True)]
-        metrics["gen/reward"], metrics["gen/reward_se"] = mean_se(r_pol)
-        metrics["gen/ref_reward"] = sum(r_ref) / len(r_ref)
-        metrics["gen/win_rate"] = sum(1.0 if a > b else 0.5 if a == b else 0.0
-                                      for a, b in zip(r_pol, r_ref, strict=True)) / len(r_pol)
-        rows = [[x, yr, yp, rr, rp] for x, yr, yp, rr, rp in
-                zip(prompt_texts, ref_text, pol_text, r_ref, r_pol, strict=True)]
-    else:
-        rows = [[x, yr, yp, None, None] for x, yr, yp in zip(prompt_texts, ref_text, pol_text, strict=True)]
+    if parse_fn is not None:
+        metrics["gen/parsed"] = sum(map(parse_fn, prompt_texts, pol_text)) / len(pol_text)
+    if reward_fn is None:
+        return metrics, [[x, yr, yp, None, None] for x, yr, yp in
+                         zip(prompt_texts, ref_text, pol_text, strict=True)], ref_samples
+    r_pol = [reward_fn(x, y) for x, y in zip(prompt_texts, pol_text, strict=True)]
+    r_ref = [reward_fn(x, y) for x, y in zip(prompt_texts, ref_text, strict=True)]
+    metrics["gen/reward"], metrics["gen/reward_se"] = mean_se(r_pol)
+    metrics["gen/ref_reward"] = sum(r_ref) / len(r_ref)
+    metrics["gen/win_rate"] = sum(1.0 if a > b else 0.5 if a == b else 0.0
+                                  for a, b in zip(r_pol, r_ref, strict=True)) / len(r_pol)
+    rows = [[x, yr, yp, rr, rp] for x, yr, yp, rr, rp in
+            zip(prompt_texts, ref_text, pol_text, r_ref, r_pol, strict=True)]
     return metrics, rows, ref_samples
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models hold identical parameters and buffers (bit for bit)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k].to(sa[k].device))
+        for k in sa)

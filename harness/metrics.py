@@ -56,6 +56,7 @@ _OTHERS = [
     Metric("gen/reward_se", "standard error of gen/reward", "reward"),
     Metric("gen/ref_reward", "ground-truth reward of reference samples", "reward"),
     Metric("gen/win_rate", "win rate against the reference", "reward"),
+    Metric("gen/parsed", "fraction of samples that parse in the task's language", "reward"),
     Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task"),
 ]
 _HEADLINE = {"train/loss", "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies",

@@ -44,6 +44,7 @@ class Prepared:
     init_path: Path | None = None  # SFT checkpoint: the starting policy and the reference
     true_rewards: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     reward_fn: Callable[[str, str], float] | None = None  # r(prompt, continuation), if known
+    parse_fn: Callable[[str, str], bool] | None = None  # does a continuation parse (task language)
     eval_prompts: list[str] = field(default_factory=list)  # prompts for generation metrics
     info: dict = field(default_factory=dict)  # tokenizer, SFT and pair-set sources for summary.json
     splits: dict[str, list[hdata.TokenizedPair]] = field(default_factory=dict)
@@ -103,7 +104,7 @@ class Controlled:
         rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in pairs[name]]
                    for name in ("train", "validation")}
         return Prepared(tokenizer, {**raw, "test": []}, special_tokens=False, init_path=init_path,
-                        true_rewards=rewards, reward_fn=controlled.reward,
+                        true_rewards=rewards, reward_fn=controlled.reward, parse_fn=controlled.parses,
                         eval_prompts=prompts[n_pair_prompts:],
                         info={**info, **sft_info, "pairs/cache": str(path), "pairs/reused": reused})
 

@@ -34,7 +34,7 @@ from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.config import RunConfig
-from harness.generate import gen_eval
+from harness.generate import gen_eval, reference_samples
 from harness.prepare import Prepared, prepare
 from harness.reference import cached_logps
 from harness.sft import load_checkpoint
@@ -179,7 +179,7 @@ class Evaluator:
                  world: distributed.World = distributed.World()):
         self.cfg, self.prep, self.m, self.s, self.device = cfg, prep, m, s, device
         self.tracker, self.on_eval, self.world = tracker, on_eval, world
-        self.ref_samples = None  # the reference's samples, drawn once
+        self.ref_samples = None  # the reference's samples: drawn once per reference, shared on disk
         self.rows: list = []  # the last pass's generation table
 
     def __call__(self, step: int, seen: int) -> dict[str, float]:
@@ -202,9 +202,15 @@ class Evaluator:
                     out["eval/pref_accuracy"] = acc
         if metrics.gen_enabled(cfg) and prep.eval_prompts:
             with phases.phase("gen"):
-                g, self.rows, self.ref_samples = gen_eval(
+                if self.ref_samples is None:
+                    self.ref_samples, reused = reference_samples(
+                        m.reference, prep.tokenizer, prep.eval_prompts, cfg.gen_eval.max_new_tokens,
+                        cfg.gen_eval.seed, self.device, cfg.dpo.reference_cache_dir)
+                    m.info["reference_samples_reused"] = reused
+                g, self.rows, _ = gen_eval(
                     m.policy, m.reference, prep.tokenizer, prep.eval_prompts, prep.reward_fn,
-                    cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, self.device, self.ref_samples)
+                    cfg.gen_eval.max_new_tokens, cfg.gen_eval.seed, self.device, self.ref_samples,
+                    prep.parse_fn)
             out.update(g)
         self.tracker.log(out, step, seen)
         if self.rows:  # at every eval: wandb's step slider shows how the samples changed
@@ -408,18 +414,26 @@ def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSet
         "status": "finished", "steps": steps, "examples_seen": p.seen, "tokens_seen": p.tokens,
         **p.last_train, **p.last_eval, **test, **prep.counts, **prep.info, **m.info,
         "gen/reward_available": prep.reward_fn is not None,
-        "degenerate": degenerate(p.last_eval.get("gen/kl"), cfg.gen_eval.kl_ceiling),
+        **degenerate(p.last_eval, cfg.gen_eval.kl_ceiling, cfg.gen_eval.parsed_floor),
         "device": str(device), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "torch": torch.__version__, "platform": platform.platform(),
     }
 
 
-def degenerate(kl: float | None, ceiling: float | None) -> bool | None:
-    """Whether a final gen/kl passes the ceiling (gen_eval.kl_ceiling); None when either is
-    missing. A non-finite KL counts as past it."""
-    if kl is None or ceiling is None:
-        return None
-    return not kl <= ceiling
+def degenerate(last_eval: dict[str, float], kl_ceiling: float | None,
+               parsed_floor: float | None) -> dict[str, bool | str | None]:
+    """`degenerate` (and why) from the final eval: gen/kl past gen_eval.kl_ceiling (a non-finite
+    KL counts as past it) or gen/parsed below gen_eval.parsed_floor. None when no check applies."""
+    kl, parsed = last_eval.get("gen/kl"), last_eval.get("gen/parsed")
+    checks = []
+    if kl is not None and kl_ceiling is not None:
+        checks.append(None if kl <= kl_ceiling else f"gen/kl {kl:.3g} > {kl_ceiling:g} nats")
+    if parsed is not None and parsed_floor is not None:
+        checks.append(None if parsed >= parsed_floor else f"gen/parsed {parsed:.2f} < {parsed_floor:g}")
+    if not checks:
+        return {"degenerate": None}
+    reasons = [r for r in checks if r]
+    return {"degenerate": bool(reasons), "degenerate_reason": "; ".join(reasons) or None}
 
 
 def write_samples(cfg: RunConfig, m: Models, prep: Prepared, tracker: Tracker, device) -> None:

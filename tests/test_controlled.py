@@ -206,6 +206,8 @@ def test_controlled_run_raises_true_reward_and_reuses_caches(tmp_path):
     assert s2["sft/reused"] is True and s2["pairs/reused"] is True
     assert s2["sft/checkpoint"] == s["sft/checkpoint"] and s2["pairs/cache"] == s["pairs/cache"]
     assert s2["gen/ref_reward"] == s["gen/ref_reward"]  # the same reference, the same samples
+    assert s["reference_samples_reused"] is False and s2["reference_samples_reused"] is True
+    assert s["gen/parsed"] > 0.9 and s["degenerate"] is False  # DPO kept to the language
 
 
 def test_step_zero_generation_metrics_are_exact(tmp_path):
@@ -233,6 +235,7 @@ def test_step_zero_generation_metrics_are_exact(tmp_path):
     assert first["gen/win_rate"] == 0.5
     assert first["gen/reward"] == first["gen/ref_reward"]
     assert first["eval/pref_accuracy"] == 0.5
+    assert first["gen/kl_se"] == 0.0 and 0.0 <= first["gen/parsed"] <= 1.0
 
 
 def test_sft_on_another_field_and_gen_eval_without_a_reward(seed_data, tmp_path):

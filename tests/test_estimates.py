@@ -57,10 +57,33 @@ def test_a_cell_is_estimated_from_fresh_reruns_without_degenerate_ones():
     assert "objective_mean" not in _estimate(best, [], seeds=3)
 
 
-def test_degenerate_is_a_kl_past_the_ceiling():
-    assert degenerate(25.0, 20.0) and not degenerate(3.4, 20.0)
-    assert degenerate(math.inf, 20.0) and degenerate(math.nan, 20.0)
-    assert degenerate(None, 20.0) is None and degenerate(80.0, None) is None
+def test_degenerate_is_a_kl_past_the_ceiling_or_samples_that_stop_parsing():
+    def flag(kl=None, parsed=None, ceiling=20.0, floor=0.5):
+        last = {k: v for k, v in (("gen/kl", kl), ("gen/parsed", parsed)) if v is not None}
+        return degenerate(last, ceiling, floor)
+
+    assert flag(25.0) == {"degenerate": True, "degenerate_reason": "gen/kl 25 > 20 nats"}
+    assert flag(3.4, 0.9) == {"degenerate": False, "degenerate_reason": None}
+    assert flag(math.inf)["degenerate"] and flag(math.nan)["degenerate"]
+    assert flag(3.4, 0.2) == {"degenerate": True, "degenerate_reason": "gen/parsed 0.20 < 0.5"}
+    assert flag(30.0, 0.2)["degenerate_reason"] == "gen/kl 30 > 20 nats; gen/parsed 0.20 < 0.5"
+    assert flag() == {"degenerate": None} and flag(80.0, ceiling=None) == {"degenerate": None}
+    assert flag(80.0, 0.1, ceiling=None, floor=None) == {"degenerate": None}
+
+
+def test_parsing_tells_the_language_from_drift():
+    from harness.tasks.controlled import parses, reward
+
+    x = "review : the plot was dull ."
+    assert parses(x, " the plot was not very clever but the music was superb .")
+    assert parses(x, " the cast was long .")  # neutral, still the language
+    for drifted in (" the plot was", " the plot was superb superb .", " superb superb superb .",
+                    " the plot was great and .", "", " .", " the plot was great"):
+        assert not parses(x, drifted), drifted
+    # The reward scores unparseable text 0, so a mostly drifted sample can still score above 0:
+    # the parse check sees what the reward hides.
+    assert reward(x, " the plot was superb and superb superb .") > 0
+    assert not parses(x, " the plot was superb and superb superb .")
 
 
 def test_best_parameters_at_a_range_edge_are_flagged():

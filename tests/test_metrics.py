@@ -44,11 +44,46 @@ def test_gen_eval_produces_registered_names():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=32, n_embd=16, n_layer=1, n_head=2))
     cpu = torch.device("cpu")
     without, _, _ = gen_eval(model, model, Tok(), ["ab", "cde"], None, 4, 0, cpu)
-    with_reward, _, _ = gen_eval(model, model, Tok(), ["ab", "cde"], lambda x, y: len(y), 4, 0, cpu)
+    with_reward, _, _ = gen_eval(model, model, Tok(), ["ab", "cde"], lambda x, y: len(y), 4, 0, cpu,
+                                 parse_fn=lambda x, y: len(y) > 1)
     needs = {name: m.needs for name, m in metrics.METRICS.items()}
     assert {needs[k] for k in without} == {"gen"}
     assert {needs[k] for k in with_reward} == {"gen", "reward"}
     assert set(with_reward) == {n for n, m in metrics.METRICS.items() if m.needs in ("gen", "reward")}
+
+
+def test_the_first_eval_reuses_the_reference_samples_exactly():
+    """While the policy equals the reference, gen_eval takes the reference's samples and a KL of 0:
+    what sampling the policy with the same seed and estimating the KL give, bit for bit. Once the
+    weights differ it samples the policy."""
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from harness.generate import gen_eval, kl_estimate, same_weights, sample
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1 + (ord(c) % 20) for c in text]}
+
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(GPT2Config(vocab_size=24, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    policy, cpu, texts = copy.deepcopy(reference), torch.device("cpu"), ["ab", "cde", "fgh"]
+    prompts = [Tok()(t)["input_ids"] for t in texts]
+    out, _, ref_samples = gen_eval(policy, reference, Tok(), texts, None, 8, 3, cpu)
+    drawn = sample(policy, prompts, 8, 0, 0, 3, cpu)
+    assert ref_samples == drawn and (out["gen/kl"], out["gen/kl_se"]) == kl_estimate(
+        policy, reference, prompts, drawn, 0, cpu) == (0.0, 0.0)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(3.0)  # tied to the embeddings: a different model
+    assert not same_weights(policy, reference)
+    moved, rows, _ = gen_eval(policy, reference, Tok(), texts, None, 8, 3, cpu, ref_samples)
+    assert moved["gen/kl"] != 0.0 and [r[2] for r in rows] != [r[1] for r in rows]
 
 
 def test_tracker_refuses_an_unregistered_name(tmp_path):

@@ -198,30 +198,45 @@ def test_two_workers_share_one_study(tmp_path, seed_data):
     assert os.environ.get("CUDA_VISIBLE_DEVICES") is None  # the parent's environment is as it was
 
 
-def test_k_betas_compute_reference_logps_once(tmp_path, seed_data, monkeypatch):
+def test_k_betas_compute_reference_logps_and_samples_once(tmp_path, seed_data, monkeypatch):
     """A sweep of 3 beta values on the same data and model with `reference: cache` runs the
-    reference forward passes for one run only; the other runs read the cache."""
+    reference forward passes for one run only; the other runs read the cache. The reference's
+    generation samples are drawn once for the sweep too, and the first eval (policy = reference)
+    samples nothing: 1 reference pass + 1 policy pass per run in all, not 3 × (1 + 2)."""
+    import json
+
+    import harness.generate
     import harness.reference
 
-    calls = []
-    real = harness.reference.compute_logps
+    calls, sampled = [], []
+    real, real_sample = harness.reference.compute_logps, harness.generate.sample
 
     def counting(model, items, *args, **kwargs):
         calls.append(len(items))
         return real(model, items, *args, **kwargs)
 
+    def counting_sample(model, prompts, *args, **kwargs):
+        sampled.append(len(prompts))
+        return real_sample(model, prompts, *args, **kwargs)
+
     monkeypatch.setattr(harness.reference, "compute_logps", counting)
+    monkeypatch.setattr(harness.generate, "sample", counting_sample)
     sweep = {"grid": {"dpo.beta": [0.1, 0.3, 0.5]}, "trials": 1, "pruner": {"type": "none"}}
     path = experiment(tmp_path, seed_data, sweep, dpo={"reference": "cache"})
+    raw = yaml.safe_load(path.read_text())
+    raw["gen_eval"] = {"enabled": True, "n_prompts": 3, "max_new_tokens": 6}
+    raw["train"]["eval_every"] = 16  # pairs: evals at step 0 and the end (step 4)
+    path.write_text(yaml.safe_dump(raw))
     out = run_sweep(path)
     assert len(pd.read_csv(out)) == 3
     runs = sorted((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))
     assert len(runs) == 3
-    import json
-
-    reused = sorted(json.loads(r.read_text())["reference_cache_reused"] for r in runs)
-    assert reused == [False, True, True]
+    summaries = [json.loads(r.read_text()) for r in runs]
+    assert sorted(s["reference_cache_reused"] for s in summaries) == [False, True, True]
     assert len(calls) == 3  # one pass per split (train, validation, test) for the first run only
+    assert sorted(s["reference_samples_reused"] for s in summaries) == [False, True, True]
+    assert sampled == [3] * 4  # the reference once, then each run's policy at its final eval
+    assert all(s["gen/kl"] != 0 for s in summaries), [s["gen/kl"] for s in summaries]  # trained policies
 
 
 def test_recorded_storage_urls_open_anywhere_and_hold_no_password(tmp_path, monkeypatch):

@@ -237,6 +237,9 @@ class GenEvalConfig(_Section):
     # samples have drifted far from the reference (often while the DPO loss barely moves), and a
     # sweep reports such seed reruns apart instead of averaging them in. null: never flagged.
     kl_ceiling: float | None = 20.0
+    # ... or whose final fraction of samples that parse in the task's language (gen/parsed, the
+    # controlled task) falls below this: the policy has left the language. null: never flagged.
+    parsed_floor: float | None = 0.5
 
 
 class TrackingConfig(_Section):

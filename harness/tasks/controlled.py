@@ -89,20 +89,29 @@ def prompt_noun(prompt: str) -> str | None:
     return m.group(1) if m else None
 
 
-def reward(prompt: str, continuation: str) -> float:
-    """Ground-truth reward r(x, y) ∈ [−2, 2] (module docstring). Deterministic and exact."""
-    noun = prompt_noun(prompt)
+def _pieces(continuation: str, keep_empty: bool = False) -> list[str]:
+    """The clause-sized pieces of a continuation: split at `and` / `but`, final ` .` removed."""
     text = continuation.strip()
     if text.endswith("."):
         text = text[:-1]
-    pieces = [p.strip() for p in re.split(r"\b(?:and|but)\b", text)]
-    pieces = [p for p in pieces if p]
+    return [p for p in (p.strip() for p in re.split(r"\b(?:and|but)\b", text)) if p or keep_empty]
+
+
+def _clause_match(piece: str) -> re.Match | None:
+    m = CLAUSE.match(piece)
+    return m if m is not None and m.group(4) in SENTIMENT and m.group(1) in NOUNS else None
+
+
+def reward(prompt: str, continuation: str) -> float:
+    """Ground-truth reward r(x, y) ∈ [−2, 2] (module docstring). Deterministic and exact."""
+    noun = prompt_noun(prompt)
+    pieces = _pieces(continuation)
     if not pieces:
         return 0.0
     total = weight = 0.0
     for piece in pieces:
-        m = CLAUSE.match(piece)
-        if m is None or m.group(4) not in SENTIMENT or m.group(1) not in NOUNS:
+        m = _clause_match(piece)
+        if m is None:
             weight += 1.0  # unparseable text: a clause of sentiment 0
             continue
         s = SENTIMENT[m.group(4)] * (-1 if m.group(2) else 1) * (2 if m.group(3) else 1)
@@ -110,6 +119,15 @@ def reward(prompt: str, continuation: str) -> float:
         total += w * s
         weight += w
     return total / weight
+
+
+def parses(prompt: str, continuation: str) -> bool:
+    """Whether a continuation is a well-formed review ending: at least one clause, every piece a
+    clause of the language, and the closing ` .`. A policy whose samples stop parsing has left
+    the language (degenerated) even where its reward, which scores such text 0, hides it."""
+    pieces = _pieces(continuation, keep_empty=True)
+    return (continuation.strip().endswith(".") and any(pieces)
+            and all(_clause_match(p) is not None for p in pieces))
 
 
 def bradley_terry_pairs(
