@@ -24,6 +24,15 @@ def cell_keys(runs: pd.DataFrame) -> list[str]:
     return keys
 
 
+def methods_apart(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with `method`; when it holds several methods, `masking` becomes "method · masking",
+    so that figures with a panel or column per masking never average over methods."""
+    frame = add_method(frame)
+    if frame["method"].nunique() > 1 and "masking" in frame:
+        frame["masking"] = frame["method"] + " · " + frame["masking"].fillna("").astype(str)
+    return frame
+
+
 def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
     """Rows of the runs each sweep cell is compared on (the runs its estimate counts: the fresh
     seed reruns of its best parameters, degenerate ones left out; its best trial in a study

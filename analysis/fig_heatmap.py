@@ -1,5 +1,6 @@
 """Beta × masking heatmap of the objective, one panel per model size, annotated with the mean,
-the half-width of its 95% t-interval and n (the fresh seed reruns counted)."""
+the half-width of its 95% t-interval and n (the fresh seed reruns counted). In a study of several
+methods a column is a method and masking."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from analysis.common import compared_runs
+from analysis.common import compared_runs, methods_apart
 from analysis.style import COLUMN_IN, label, save, setup
 from analysis.table import cell_estimates
 
@@ -18,6 +19,7 @@ from analysis.table import cell_estimates
 def draw(results: Path, out: Path) -> list[Path]:
     setup()
     runs, metric = compared_runs(results)
+    runs = methods_apart(runs)
     stats = cell_estimates(runs, ["model.name", "dpo.beta", "masking"])
     stats["half"] = (stats["ci95 high"] - stats["ci95 low"]) / 2
     models = list(runs.groupby("model.name")["n_params"].first().sort_values().index)  # by size

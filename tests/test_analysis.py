@@ -540,3 +540,17 @@ def test_methods_in_findings_and_table(methods_study):
     assert list(zip(df["method"], df["dpo.beta"], df["n"], strict=True)) == [
         ("DPO", 0.1, 3), ("DPO", 0.5, 3), ("IPO", 0.1, 3), ("IPO", 0.5, 3), ("SLiC (hinge)", 0.1, 3)]
     assert list(df["degenerate reruns"]) == [1, 0, 0, 0, 0]
+
+
+def test_per_masking_figures_keep_methods_apart(methods_study, tmp_path):
+    """Figures with a column per masking get one per method and masking in a study of several
+    methods (never an average over methods); a study of one method keeps its masking names."""
+    from analysis import fig_heatmap
+    from analysis.common import compared_runs, methods_apart
+
+    runs, _ = compared_runs(methods_study)
+    assert set(methods_apart(runs)["masking"]) == {"DPO · masked-sum", "IPO · masked-sum",
+                                                   "SLiC (hinge) · masked-sum"}
+    assert set(methods_apart(runs[runs["method"] == "DPO"])["masking"]) == {"masked-sum"}
+    assert {p.name for p in fig_heatmap.draw(methods_study, tmp_path)} == {
+        "heatmap_beta_masking.png", "heatmap_beta_masking.pdf"}
