@@ -104,7 +104,8 @@ def frontiers(results: Path) -> list[Frontier]:
         if baseline is None:
             bon, note = None, "best-of-N: no baselines/best_of_n.csv"
         else:
-            bon = baseline[baseline["model.name"] == model].sort_values("n", ignore_index=True)
+            mine = (baseline["model.name"] == model) & baseline["study"].isin(set(frame["study"]))
+            bon = baseline[mine].sort_values("n", ignore_index=True)
             bound = (bon["kl_kind"] == "bound").any()
             note = f"best-of-N{' (KL: upper bound)' if bound else ''}" if len(bon) else \
                 "best-of-N: none for this model"

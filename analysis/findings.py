@@ -159,6 +159,8 @@ def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: st
     for dpo in (b for b in best if b["method"] == "DPO"):
         line = _best_of_n(results, runs, dpo["model"], dpo["kl"])
         compared += [line] if line else []
+    if not any(b["method"] == "DPO" for b in best):
+        compared.append("no DPO cell to compare with")
     separated = sum("is better" in s for s in compared)
     n_pairs = sum(" − DPO = " in s for s in compared)
     return [f"## Methods ({separated} of {n_pairs} comparisons with DPO separated)", "",
