@@ -7,9 +7,30 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.load import load_curves, load_finals, load_study_summaries
+from analysis.methods import add_method
 from analysis.style import MissingData
 
 KEYS = ["model.name", "dpo.beta", "masking"]  # what a study's cells differ in, in table order
+
+
+def cell_keys(runs: pd.DataFrame) -> list[str]:
+    """The KEYS the runs have, with `method` after the model when they hold more than one method
+    and `dpo.label_smoothing` when it varies (cDPO cells with different ε)."""
+    keys = [k for k in KEYS if k in runs]
+    if "method" in runs and runs["method"].nunique() > 1:
+        keys.insert(1 if "model.name" in keys else 0, "method")
+    if "dpo.label_smoothing" in runs and runs["dpo.label_smoothing"].nunique() > 1:
+        keys.append("dpo.label_smoothing")
+    return keys
+
+
+def methods_apart(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with `method`; when it holds several methods, `masking` becomes "method · masking",
+    so that figures with a panel or column per masking never average over methods."""
+    frame = add_method(frame)
+    if frame["method"].nunique() > 1 and "masking" in frame:
+        frame["masking"] = frame["method"] + " · " + frame["masking"].fillna("").astype(str)
+    return frame
 
 
 def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
@@ -56,9 +77,9 @@ def beta_label(frame: pd.DataFrame) -> pd.DataFrame:
 
 def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
     """One row per compared run (see best_runs) with its final
-    `objective` value, and the objective's metric name. Without sweeps: every finished run,
-    scored on eval/rewards/accuracies."""
-    finals = best_runs(results, finals_or_fail(results))
+    `objective` value and its `method` (analysis.methods), and the objective's metric name.
+    Without sweeps: every finished run, scored on eval/rewards/accuracies."""
+    finals = add_method(best_runs(results, finals_or_fail(results)))
     cells = load_study_summaries(results)
     metric = str(cells["objective"].iloc[0]) if not cells.empty else "eval/rewards/accuracies"
     if metric not in finals:

@@ -1,5 +1,6 @@
 """Loss, reward margin and reward accuracy on the validation split against examples seen, coloured by
-beta, one column per masking, bands = sd over seeds (the runs each cell is compared on)."""
+beta, one column per masking (per method and masking in a study of several methods), bands = sd
+over seeds (the runs each cell is compared on)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from analysis.common import best_runs, beta_label, curves_or_fail
+from analysis.common import best_runs, beta_label, curves_or_fail, methods_apart
 from analysis.style import COLUMN_IN, label, save, setup
 
 METRICS = ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"]
@@ -17,7 +18,7 @@ METRICS = ["eval/loss", "eval/rewards/margins", "eval/rewards/accuracies"]
 
 def draw(results: Path, out: Path) -> list[Path]:
     setup()
-    curves = beta_label(best_runs(results, curves_or_fail(results, ["eval/loss"])))
+    curves = beta_label(methods_apart(best_runs(results, curves_or_fail(results, ["eval/loss"]))))
     curves = curves.dropna(subset=["eval/loss"])
     paths = []
     for model, frame in curves.groupby("model.name", sort=True):

@@ -1,42 +1,196 @@
-"""The reward-versus-KL frontier of the controlled task (the DPO paper's Figure 2, left): every
-evaluation point of every run as gen/kl against gen/reward, coloured by beta, SFT reference marked."""
+"""The reward-versus-KL frontier of the controlled task (the DPO paper's Figure 2, left), one
+figure per model size: x = gen/kl, y = gen/reward.
+
+Drawn for the runs each cell is compared on (analysis.common.best_runs) and the cells' degenerate
+seed reruns, which are shown hollow, never dropped: each run's path through its eval points (thin,
+light), its final point with gen/kl_se and gen/reward_se error bars, and per method the Pareto
+front over the cells' final points averaged over seeds (degenerate and diverged runs left out of
+the mean). Colour = method (analysis.methods), marker = β, line style = masking (when the figure
+holds more than one, each masking has its own front). The SFT reference is a star at KL 0 (its
+gen/ref_reward); best-of-N from results/<study>/baselines/best_of_n.csv is a dashed line with a
+point per N (its KL an upper bound), or the legend says the file is missing."""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import seaborn as sns
+import pandas as pd
+from matplotlib.lines import Line2D
 
-from analysis.common import beta_label, curves_or_fail
+from analysis import methods
+from analysis.common import best_runs, curves_or_fail
+from analysis.load import load_finals
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
 
 REFERENCE = "gen/ref_reward"  # the SFT reference's reward on the same prompts
+X, Y = "gen/kl", "gen/reward"
+BETA_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
+NO_BETA_MARKER = "p"
+MASKING_LINES = ["-", "--", ":", "-."]
+CELL = ["method", "β", "masking", "study", "cell"]  # what a cell's mean is taken over
+
+
+@dataclass
+class Frontier:
+    """What one model's figure plots (every frame has the columns the plot reads)."""
+    model: str
+    paths: pd.DataFrame  # every eval point of every shown run
+    finals: pd.DataFrame  # one row per run: its last eval point, `flag` degenerate/diverged/""
+    fronts: pd.DataFrame  # cell means on a front, with `series` (method, or method · masking)
+    reference: float | None  # mean gen/ref_reward
+    baseline: pd.DataFrame | None  # best-of-N rows of this model, by N
+    baseline_note: str  # legend text for best-of-N
+
+
+def _true(value) -> bool:
+    """A summary.json flag read back by pandas (True, numpy True, None or NaN)."""
+    return value is not None and value == value and bool(value)
+
+
+def _flags(results: Path) -> pd.DataFrame:
+    """Per run: `flag` = degenerate (summary.json says so), diverged (its status), else ''."""
+    finals = load_finals(results, finished_only=False)
+    if finals.empty:
+        return pd.DataFrame(columns=["run", "flag"])
+    degenerate = finals["degenerate"] if "degenerate" in finals else pd.Series(False, index=finals.index)
+    flag = ["degenerate" if _true(d) else "diverged" if s == "diverged" else ""
+            for d, s in zip(degenerate, finals["status"], strict=True)]
+    return pd.DataFrame({"run": finals["run"], "flag": flag})
+
+
+def shown_points(results: Path) -> pd.DataFrame:
+    """Every eval point with gen/reward and gen/kl of the compared runs and all seed reruns, with
+    `method`, `β` ('' for methods without one) and `flag` columns."""
+    try:
+        curves = curves_or_fail(results, [Y, X])
+    except MissingData as err:
+        raise MissingData(f"reward-vs-KL frontier: {err} (only the controlled task has a "
+                          "ground-truth reward; the seed data has none)") from None
+    kept = best_runs(results, curves)["run"]
+    seeds = curves["run"][curves["role"] == "seeds"] if "role" in curves else kept.iloc[:0]
+    pts = curves[curves["run"].isin(set(kept) | set(seeds))].dropna(subset=[X, Y])
+    pts = methods.add_method(pts).merge(_flags(results), on="run", how="left")
+    pts["flag"] = pts["flag"].fillna("")
+    pts["β"] = [("" if m in methods.WITHOUT_BETA else f"{b:g}")
+                for m, b in zip(pts["method"], pts["dpo.beta"], strict=True)]
+    for col in ("masking", "study", "cell"):
+        pts[col] = pts[col].fillna("") if col in pts else ""
+    return pts
+
+
+def fronts(finals: pd.DataFrame, by_masking: bool) -> pd.DataFrame:
+    """Per series the Pareto front over cell means of the unflagged final points."""
+    ok = finals[finals["flag"] == ""]
+    if ok.empty:
+        return pd.DataFrame(columns=[*CELL, X, Y, "n", "series"])
+    cells = ok.groupby(CELL, sort=True).agg(**{X: (X, "mean"), Y: (Y, "mean"), "n": ("run", "size")})
+    cells = cells.reset_index()
+    cells["series"] = cells["method"] + (" · " + cells["masking"] if by_masking else "")
+    return pd.concat([methods.pareto_front(g) for _, g in cells.groupby("series", sort=True)],
+                     ignore_index=True)
+
+
+def frontiers(results: Path) -> list[Frontier]:
+    """One Frontier per model size, in name order."""
+    pts = shown_points(results)
+    baseline = methods.read_best_of_n(results)
+    out = []
+    for model, frame in pts.groupby("model.name", sort=True):
+        finals = frame.groupby("run", sort=True).tail(1).reset_index(drop=True)
+        ref = frame[REFERENCE].dropna().mean() if REFERENCE in frame else None
+        if baseline is None:
+            bon, note = None, "best-of-N: no baselines/best_of_n.csv"
+        else:
+            mine = (baseline["model.name"] == model) & baseline["study"].isin(set(frame["study"]))
+            bon = baseline[mine].sort_values("n", ignore_index=True)
+            bound = (bon["kl_kind"] == "bound").any()
+            note = f"best-of-N{' (KL: upper bound)' if bound else ''}" if len(bon) else \
+                "best-of-N: none for this model"
+            bon = bon if len(bon) else None
+        out.append(Frontier(str(model), frame, finals, fronts(finals, frame["masking"].nunique() > 1),
+                            None if ref is None or pd.isna(ref) else float(ref), bon, note))
+    return out
+
+
+def _styles(f: Frontier) -> tuple[dict, dict, dict]:
+    """Colour per method, marker per β, line style per masking."""
+    betas = sorted((b for b in f.paths["β"].unique() if b), key=float)
+    markers = dict(zip(betas, BETA_MARKERS * 3, strict=False)) | {"": NO_BETA_MARKER}
+    maskings = sorted(f.paths["masking"].unique())
+    return (methods.colours(f.paths["method"]), markers,
+            dict(zip(maskings, MASKING_LINES * 3, strict=False)))
+
+
+def _draw_runs(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
+    for _, path in f.paths.groupby("run", sort=True):
+        first = path.iloc[0]
+        ax.plot(path[X], path[Y], color=colour[first["method"]], ls=line[first["masking"]],
+                lw=0.6, alpha=0.3, zorder=1)
+    for _, r in f.finals.iterrows():
+        c = colour[r["method"]]
+        xerr = r.get("gen/kl_se") if pd.notna(r.get("gen/kl_se")) else None
+        yerr = r.get("gen/reward_se") if pd.notna(r.get("gen/reward_se")) else None
+        ax.errorbar([r[X]], [r[Y]], xerr=xerr, yerr=yerr, marker=marker[r["β"]], ms=4,
+                    color=c, mfc="none" if r["flag"] else c, elinewidth=0.6, capsize=1.5,
+                    alpha=0.8, ls="none", zorder=2)
+    for _, front in f.fronts.groupby("series", sort=True):
+        first = front.iloc[0]
+        ax.plot(front[X], front[Y], color=colour[first["method"]], ls=line[first["masking"]],
+                lw=1.6, zorder=3)
+
+
+def _draw_baselines(ax, f: Frontier) -> None:
+    if f.reference is not None:
+        ax.scatter([0], [f.reference], marker="*", s=120, color="black", zorder=5)
+    if f.baseline is not None:
+        b = f.baseline
+        ax.errorbar(b["kl"], b["reward"], yerr=b["reward_se"], color=methods.PALETTE[methods.BEST_OF_N],
+                    ls="--", lw=1.0, marker=".", ms=4, capsize=1.5, elinewidth=0.6, zorder=4)
+        for _, r in b.iterrows():
+            ax.annotate(f"N={r['n']:g}", (r["kl"], r["reward"]), fontsize=5,
+                        textcoords="offset points", xytext=(3, -6))
+
+
+def _legend(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
+    def entry(text, **kw):
+        return Line2D([], [], color=kw.pop("color", "grey"), label=text, **kw)
+
+    handles = [entry(m, color=c, lw=1.6) for m, c in colour.items()]
+    handles += [entry(f"β {b}", marker=mk, ls="none") for b, mk in marker.items()
+                if b and b in set(f.paths["β"])]
+    if (f.paths["β"] == "").any():
+        handles.append(entry(f"no β ({', '.join(sorted(methods.WITHOUT_BETA))})",
+                             marker=NO_BETA_MARKER, ls="none"))
+    if len(line) > 1:
+        handles += [entry(f"masking {m}", ls=ls) for m, ls in line.items()]
+    if (f.finals["flag"] != "").any():
+        handles.append(entry("hollow: degenerate or diverged run", marker="o", mfc="none", ls="none"))
+    handles += [entry("thin: a run's eval points", lw=0.6), entry("thick: front of cell means", lw=1.6)]
+    if f.reference is not None:
+        handles.append(entry("SFT reference", color="black", marker="*", ms=8, ls="none"))
+    handles.append(entry(f.baseline_note, color="black", ls="--" if f.baseline is not None else "none"))
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside
+
+
+def plot(f: Frontier):
+    """The figure of one model's Frontier."""
+    fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN + 2.4, 3.0))
+    colour, marker, line = _styles(f)
+    _draw_runs(ax, f, colour, marker, line)
+    _draw_baselines(ax, f)
+    _legend(ax, f, colour, marker, line)
+    ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.model}: reward vs KL")
+    return fig
 
 
 def draw(results: Path, out: Path) -> list[Path]:
     setup()
-    try:
-        curves = curves_or_fail(results, ["gen/reward", "gen/kl"])
-    except MissingData as err:
-        raise MissingData(f"reward-vs-KL frontier: {err} (only the controlled task has a "
-                          "ground-truth reward; the seed data has none)") from None
-    points = beta_label(curves.dropna(subset=["gen/reward", "gen/kl"]))
     paths = []
-    for model, frame in points.groupby("model.name", sort=True):
-        fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN + 1.1, 2.7))
-        sns.scatterplot(data=frame, x="gen/kl", y="gen/reward", hue="β", style="masking",
-                        palette="viridis", s=14, alpha=0.8, ax=ax,
-                        hue_order=sorted(frame["β"].unique(), key=float))
-        if REFERENCE in frame and frame[REFERENCE].notna().any():
-            ref = frame[REFERENCE].dropna().mean()
-            ax.scatter([0], [ref], marker="*", s=120, color="crimson", zorder=5, label="SFT reference")
-            ax.axhline(ref, color="crimson", lw=0.6, ls="--")
-        ax.set(xlabel=label("gen/kl"), ylabel=label("gen/reward"),
-               title=f"{model}: reward vs KL, every eval point")
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: no point hidden
-        paths += save(fig, out, f"frontier_{model}")
+    for f in frontiers(results):
+        paths += save(plot(f), out, f"frontier_{f.model}")
     return paths
 
 

@@ -1,5 +1,6 @@
 """Model size (parameters, log scale) against the objective, one line per beta, one panel per
-masking; points are means over fresh seed reruns with 95% t-interval error bars."""
+masking (per method and masking in a study of several methods); points are means over fresh seed
+reruns with 95% t-interval error bars."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 from matplotlib.ticker import FixedLocator, NullLocator
 
-from analysis.common import beta_label, compared_runs
+from analysis.common import beta_label, compared_runs, methods_apart
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
 from analysis.table import cell_estimates
 
@@ -20,7 +21,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     runs, metric = compared_runs(results)
     if runs["n_params"].nunique() < 2:
         raise MissingData("the model-size figure needs runs of at least two model sizes")
-    runs = beta_label(runs)
+    runs = beta_label(methods_apart(runs))
     maskings = sorted(runs["masking"].dropna().unique())
     fig, axes = plt.subplots(1, len(maskings), squeeze=False, sharey=True,
                              layout="constrained", figsize=(max(COLUMN_IN, 2.4 * len(maskings)), 2.6))

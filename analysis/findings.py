@@ -7,6 +7,12 @@ with its direction; one that contains 0 as "not separated (inconclusive)"; a com
 fewer than 2 runs on a side has no interval and says so. Cells whose estimate leaves out
 diverged or degenerate reruns, or whose best parameters sit at an edge of the searched range,
 are listed as caveats.
+
+A study of more than one method (analysis.methods) holds the method fixed in those comparisons
+and adds a "Methods" section: per model size and method its best cell by the sweep's objective
+(the metric less the penalty for gen/kl over the KL budget), with its 95% t-interval over seeds;
+each method's best cell against DPO's by the same Welch interval; and best-of-N (from
+results/<study>/baselines/best_of_n.csv) at the N whose KL is closest to DPO's best cell's.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import compared_runs
+from analysis.common import cell_keys, compared_runs
 from analysis.load import load_study_summaries
+from analysis.methods import WITHOUT_BETA, closest_n, read_best_of_n
 from analysis.style import label
+from analysis.table import cell_estimates
 from harness import stats
 
 AXES = {  # what is compared: (the varied column, the columns held fixed, how a level is named)
@@ -37,9 +45,11 @@ def _levels(runs: pd.DataFrame, column: str) -> list:
 def comparisons(runs: pd.DataFrame) -> list[dict]:
     """One record per comparison of neighbouring levels of each axis, the others held fixed."""
     out = []
+    several = "method" in runs and runs["method"].nunique() > 1
     for axis, (column, fixed, name) in AXES.items():
         if column not in runs or runs[column].nunique() < 2:
             continue
+        fixed = [*fixed, "method"] if several else fixed
         levels = _levels(runs, column)
         for held, group in runs.groupby(fixed, sort=True):
             where = ", ".join(f"{label(f)} {v:g}" if isinstance(v, float) else str(v)
@@ -85,6 +95,80 @@ def caveats(results: Path) -> list[str]:
     return out
 
 
+def _cell_name(cell: pd.Series, keys: list[str]) -> str:
+    parts = []
+    for k in keys:
+        if k == "dpo.beta" and cell["method"] not in WITHOUT_BETA:
+            parts.append(f"β {cell[k]:g}")
+        elif k == "dpo.label_smoothing" and cell[k] > 0:
+            parts.append(f"ε {cell[k]:g}")
+        elif k not in ("model.name", "method", "dpo.beta", "dpo.label_smoothing"):
+            parts.append(str(cell[k]))
+    return ", ".join(parts)
+
+
+def best_cells(runs: pd.DataFrame, direction: str) -> list[dict]:
+    """Per model size and method the best cell by mean objective: its name, its runs' objective
+    values and mean final gen/kl."""
+    keys = cell_keys(runs)
+    est = cell_estimates(runs, keys).sort_values("mean", ascending=direction != "maximize",
+                                                 kind="stable")
+    out = []
+    for _, cell in est.groupby(["model.name", "method"], sort=True).head(1).iterrows():
+        rows = runs[(runs[keys] == cell[keys]).all(axis=1)]
+        out.append({"model": cell["model.name"], "method": cell["method"], "cell": _cell_name(cell, keys),
+                    "values": rows["objective"].tolist(), "kl": rows["gen/kl"].mean()
+                    if "gen/kl" in rows else float("nan")})
+    return out
+
+
+def _interval(values: list[float]) -> str:
+    e = stats.estimate(values)
+    spread = "no interval" if e.low is None else f"[{e.low:.3g}, {e.high:.3g}]"
+    return f"{e.mean:.3g} {spread} (n {e.n})"
+
+
+def _best_of_n(results: Path, runs: pd.DataFrame, model: str, kl: float) -> str | None:
+    baseline = read_best_of_n(results)
+    if baseline is None or kl != kl:
+        return None
+    rows = baseline[(baseline["model.name"] == model) & baseline["study"].isin(set(runs["study"]))]
+    if rows.empty:
+        return None
+    r = closest_n(rows, kl)
+    what = "KL bound" if r["kl_kind"] == "bound" else "KL"
+    return (f"{model}: best-of-N at N={r['n']:g} ({what} {r['kl']:.3g} nats, the closest to DPO's "
+            f"{kl:.3g}): gen/reward {r['reward']:.3g} ± {r['reward_se']:.3g} (standard error)")
+
+
+def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: str) -> list[str]:
+    """The "Methods" section's lines; none for a study of one method."""
+    if "method" not in runs or runs["method"].nunique() < 2:
+        return []
+    best = best_cells(runs, direction)
+    found, compared = [], []
+    for b in best:
+        kl = f", final gen/kl {b['kl']:.3g} nats" if b["kl"] == b["kl"] else ""
+        found.append(f"{b['model']}, {b['method']} ({b['cell']}): {_interval(b['values'])}{kl}")
+        dpo = next((d for d in best if d["model"] == b["model"] and d["method"] == "DPO"), None)
+        if dpo is not None and b is not dpo:
+            compared.append(sentence({"where": b["model"], "a": b["method"], "b": "DPO",
+                                      "n_a": len(b["values"]), "n_b": len(dpo["values"]),
+                                      "diff": stats.mean(b["values"]) - stats.mean(dpo["values"]),
+                                      "interval": stats.welch(b["values"], dpo["values"])}, direction))
+    for dpo in (b for b in best if b["method"] == "DPO"):
+        line = _best_of_n(results, runs, dpo["model"], dpo["kl"])
+        compared += [line] if line else []
+    if not any(b["method"] == "DPO" for b in best):
+        compared.append("no DPO cell to compare with")
+    separated = sum("is better" in s for s in compared)
+    n_pairs = sum(" − DPO = " in s for s in compared)
+    return [f"## Methods ({separated} of {n_pairs} comparisons with DPO separated)", "",
+            f"Each method's best cell by the objective{budget}, mean over fresh seeds with its 95% "
+            "t-interval; then each against DPO's best cell (95% Welch interval).", "",
+            *[f"- {s}" for s in found], "", *[f"- {s}" for s in compared], ""]
+
+
 def findings(results: Path) -> str:
     runs, metric = compared_runs(results)
     cells = load_study_summaries(results)
@@ -101,6 +185,11 @@ def findings(results: Path) -> str:
         separated = sum("is better" in s for s in sentences)
         lines += [f"## {axis} ({separated} of {len(sentences)} comparisons separated)", ""]
         lines += [f"- {s}" for s in sentences] + [""]
+    budget = ""
+    if "kl_budget" in cells and cells["kl_budget"].notna().any():
+        budget = (f" ({metric} less {cells['kl_penalty'].dropna().iloc[0]:g} per nat of gen/kl "
+                  f"over the {cells['kl_budget'].dropna().iloc[0]:g}-nat KL budget)")
+    lines += method_section(results, runs, direction, budget)
     notes = caveats(results)
     lines += ["## Caveats", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]
     return "\n".join(lines)

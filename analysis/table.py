@@ -2,7 +2,8 @@
 seed reruns, never the search trial that picked the parameters), computed from those runs' own
 files: n, mean, median, sd and the 95% t-interval; beside it what is not averaged in (diverged
 and degenerate reruns), the search trial's own value and the best parameters, flagged when they
-sit at an edge of the cell's range. CSV and Markdown."""
+sit at an edge of the cell's range. A study of several methods has a `method` column (see
+analysis.methods). CSV and Markdown."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import KEYS, compared_runs
+from analysis.common import cell_keys, compared_runs
 from analysis.load import load_study_summaries
 from harness import stats
 
@@ -32,17 +33,20 @@ def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def results_table(results: Path) -> pd.DataFrame:
     runs, metric = compared_runs(results)
-    keys = [k for k in KEYS if k in runs]
-    table = cell_estimates(runs, keys).rename(columns={"mean": "objective mean"})
+    keys = cell_keys(runs)
     cells = load_study_summaries(results)
-    on = [k for k in keys if k in cells]
+    # A loss axis of the grid is in summary.csv as dpo.loss: match on it, show it as `method`.
+    loss = ["dpo.loss"] if "dpo.loss" in cells and "dpo.loss" in runs and runs["dpo.loss"].notna().all() \
+        else []
+    table = cell_estimates(runs, keys + loss).rename(columns={"mean": "objective mean"})
+    on = [k for k in keys + loss if k in cells]
     if cells.empty or not on:
-        return table
+        return table.drop(columns=loss)
     params = {c: c.removeprefix("param/") for c in cells if c.startswith("param/")}
     cells = cells.rename(columns={**FROM_STUDY, **params})
     extra = [c for c in [*FROM_STUDY.values(), *params.values()] if c in cells]
     table = table.merge(cells[on + extra].drop_duplicates(on), on=on, how="left")
-    return table.sort_values(keys, ignore_index=True)
+    return table.drop(columns=loss).sort_values(keys, ignore_index=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:

@@ -18,7 +18,7 @@ import yaml
 from analysis import fig_optuna, style, table
 from analysis.load import LABELS, load_curves, load_finals, load_study_summaries, load_wandb
 from analysis.style import MissingData
-from harness import metrics
+from harness import metrics, stats
 from tests.conftest import ROOT
 
 
@@ -371,3 +371,186 @@ def test_wandb_loader_with_the_api_mocked(capsys):
     assert "_runtime" not in finals
     out = capsys.readouterr().out
     assert out.count("no labels") == 1 and "1 of 3 runs" in out
+
+
+# --- Methods on the controlled task: synthetic run files written by hand --------------------------
+
+def _write_run(results: Path, study: str, cell: str, slot: str, *, loss="sigmoid", eps=0.0, beta=0.1,
+               masking="masked-sum", path=((0.0, 0.2), (1.0, 0.4)), degenerate=False) -> Path:
+    """One run's config.json, metrics.jsonl (an eval point per (gen/kl, gen/reward) of `path`)
+    and summary.json, as a sweep's seed rerun of `cell` writes them."""
+    rd = results / study / "runs" / cell / slot
+    rd.mkdir(parents=True)
+    labels = {"study": study, "cell": cell, "trial": 0, "role": "seeds", "masking": masking,
+              "seed": int(slot.removeprefix("seed")), "storage": None}
+    config = {"model": {"name": "tiny-xs"}, "labels": labels,
+              "dpo": {"loss": loss, "label_smoothing": eps, "beta": beta}}
+    rows = [{"step": 4 * i, "examples_seen": 16 * i, "gen/kl": kl, "gen/kl_se": 0.1,
+             "gen/reward": r, "gen/reward_se": 0.02, "gen/ref_reward": 0.2}
+            for i, (kl, r) in enumerate(path)]
+    (rd / "config.json").write_text(json.dumps(config))
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = {**rows[-1], **labels, "status": "finished", "n_params": 1000, "degenerate": degenerate}
+    (rd / "summary.json").write_text(json.dumps(summary))
+    return rd
+
+
+def _write_study(results: Path, study: str, cells: dict) -> Path:
+    """Runs of every cell (`{cell: (settings, [final (kl, reward) per seed], degenerate seeds)}`)
+    and the study's summary.csv, whose run_dirs name the non-degenerate ones (KL budget 4 nats)."""
+    rows = []
+    for cell, (settings, finals, bad) in cells.items():
+        dirs = [_write_run(results, study, cell, f"seed{k}", path=((0.0, 0.2), final), **settings,
+                           degenerate=k in bad) for k, final in enumerate(finals, start=1)]
+        rows.append({"cell": cell, "model.name": "tiny-xs", "dpo.beta": settings.get("beta", 0.1),
+                     "masking": settings.get("masking", "masked-sum"),
+                     "dpo.loss": settings.get("loss", "sigmoid"), "status": "done",
+                     "objective": "gen/reward", "direction": "maximize", "kl_budget": 4.0,
+                     "kl_penalty": 1.0, "seeds_degenerate": len(bad),
+                     "run_dirs": ";".join(str(d) for k, d in enumerate(dirs, start=1) if k not in bad)})
+    pd.DataFrame(rows).to_csv(results / study / "summary.csv", index=False)
+    return results
+
+
+def _best_of_n(results: Path, study: str) -> None:
+    """best_of_n.csv: N = 1, 4, 16, 64 with the KL bound log N − (N−1)/N."""
+    rows = [{"model.name": "tiny-xs", "n": n, "reward": 0.2 + 0.05 * i, "reward_se": 0.01,
+             "kl": math.log(n) - (n - 1) / n, "kl_kind": "bound"} for i, n in enumerate((1, 4, 16, 64))]
+    (results / study / "baselines").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(results / study / "baselines" / "best_of_n.csv", index=False)
+
+
+@pytest.fixture
+def methods_study(tmp_path):
+    """Study `m`: DPO at β 0.1 (3 seeds, KL 2, rewards 0.50/0.52/0.54; a 4th seed degenerate at
+    KL 25) and β 0.5 (rewards 0.30/0.31/0.32 at KL 1); IPO at β 0.1 (0.45/0.51/0.57 at KL 2: overlaps
+    DPO) and β 0.5 (reward 0.9 but KL 6: 2 nats over budget, objective −1.1); SLiC (hinge) at β 0.1
+    (0.20/0.21/0.22 at KL 1.5: clearly below DPO)."""
+    cells = {
+        "dpo-0.1": ({}, [(2.0, 0.50), (2.0, 0.52), (2.0, 0.54), (25.0, 0.9)], {4}),
+        "dpo-0.5": ({"beta": 0.5}, [(1.0, 0.30), (1.0, 0.31), (1.0, 0.32)], set()),
+        "ipo-0.1": ({"loss": "ipo"}, [(2.0, 0.45), (2.0, 0.51), (2.0, 0.57)], set()),
+        "ipo-0.5": ({"loss": "ipo", "beta": 0.5}, [(6.0, 0.9), (6.0, 0.9), (6.0, 0.9)], set()),
+        "hinge-0.1": ({"loss": "hinge"}, [(1.5, 0.20), (1.5, 0.21), (1.5, 0.22)], set()),
+    }
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    return _write_study(tmp_path / "results", "m", cells)
+
+
+def test_method_names_from_the_config():
+    """dpo.loss (and label smoothing) name the method; unknown losses keep their name; a frame
+    without dpo.loss is the default loss, DPO."""
+    from analysis.methods import add_method, method_of
+
+    assert method_of("sigmoid") == "DPO" and method_of("sigmoid", 0.1) == "cDPO"
+    assert method_of("ipo") == "IPO" and method_of("hinge") == "SLiC (hinge)"
+    assert method_of("sft") == "Preferred-FT" and method_of("robust", 0.1) == "robust"
+    assert method_of(None) == "DPO" and method_of(float("nan")) == "DPO"
+    assert list(add_method(pd.DataFrame({"dpo.beta": [0.1]}))["method"]) == ["DPO"]
+    frame = pd.DataFrame({"dpo.loss": ["sigmoid", "sigmoid", "apo_zero"], "dpo.label_smoothing": [0, 0.2, 0]})
+    assert list(add_method(frame)["method"]) == ["DPO", "cDPO", "apo_zero"]
+
+
+def test_pareto_front_by_hand():
+    """Of A(1, .3) B(2, .5) C(3, .4) D(.5, .1) E(2, .45) F(4, .6): C is dominated by B (more KL,
+    less reward), E by B (same KL, less reward); the front is D, A, B, F in KL order."""
+    from analysis.methods import pareto_front
+
+    pts = pd.DataFrame({"name": list("ABCDEF"), "gen/kl": [1, 2, 3, 0.5, 2, 4],
+                        "gen/reward": [0.3, 0.5, 0.4, 0.1, 0.45, 0.6]})
+    assert list(pareto_front(pts)["name"]) == ["D", "A", "B", "F"]
+    assert list(pareto_front(pts.iloc[[1, 4]])["name"]) == ["B"]
+
+
+def test_frontier_with_and_without_best_of_n(methods_study, tmp_path):
+    """Without best_of_n.csv the figure is drawn and its legend says the file is missing; with
+    it, best-of-N is drawn at each N (labelled N=1..64, KL an upper bound). A file with other
+    columns is refused, naming itself."""
+    from analysis import fig_frontier
+
+    (f,) = fig_frontier.frontiers(methods_study)
+    assert f.baseline is None and "no baselines/best_of_n.csv" in f.baseline_note
+    assert {p.name for p in fig_frontier.draw(methods_study, tmp_path / "a")} == {
+        "frontier_tiny-xs.png", "frontier_tiny-xs.pdf"}
+    _best_of_n(methods_study, "m")
+    (f,) = fig_frontier.frontiers(methods_study)
+    assert list(f.baseline["n"]) == [1, 4, 16, 64] and f.baseline_note == "best-of-N (KL: upper bound)"
+    ax = fig_frontier.plot(f).axes[0]
+    assert sorted(t.get_text() for t in ax.texts) == ["N=1", "N=16", "N=4", "N=64"]
+    assert "best-of-N (KL: upper bound)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    csv = methods_study / "m" / "baselines" / "best_of_n.csv"
+    pd.read_csv(csv).rename(columns={"kl": "KL"}).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="best_of_n.csv: columns .* expected exactly"):
+        fig_frontier.frontiers(methods_study)
+
+
+def test_frontier_draws_degenerate_runs_and_fronts(methods_study):
+    """Every seed rerun is drawn, the degenerate one (KL 25, left out of its cell's estimate)
+    hollow; each method's front is over cell means without it: DPO's runs through β 0.5 (1, .31)
+    and β 0.1 (2, .52); IPO's β 0.1 (2, .51) and β 0.5 (6, .9); SLiC's single cell."""
+    from analysis import fig_frontier
+
+    (f,) = fig_frontier.frontiers(methods_study)
+    assert len(f.finals) == 16 and list(f.finals.loc[f.finals["flag"] != "", "gen/kl"]) == [25.0]
+    fronts = {s: list(zip(g["gen/kl"], g["gen/reward"].round(6), strict=True))
+              for s, g in f.fronts.groupby("series")}
+    assert fronts == {"DPO": [(1.0, 0.31), (2.0, 0.52)], "IPO": [(2.0, 0.51), (6.0, 0.9)],
+                      "SLiC (hinge)": [(1.5, 0.21)]}
+    ax = fig_frontier.plot(f).axes[0]
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and line.get_xdata().size]
+    assert [list(line.get_xdata()) for line in hollow] == [[25.0]]
+    assert f.reference == pytest.approx(0.2)
+
+
+def test_frontier_single_method_keeps_maskings_apart(tmp_path):
+    """A DPO-only study over two maskings: one front per masking, drawn in its own line style."""
+    from analysis import fig_frontier
+
+    (tmp_path / "r" / "d").mkdir(parents=True)
+    results = _write_study(tmp_path / "r", "d", {
+        "sum": ({"masking": "masked-sum"}, [(1.0, 0.3), (1.0, 0.3)], set()),
+        "mean": ({"masking": "masked-mean"}, [(2.0, 0.2), (2.0, 0.2)], set())})
+    (f,) = fig_frontier.frontiers(results)
+    assert sorted(f.fronts["series"]) == ["DPO · masked-mean", "DPO · masked-sum"]
+    styles = {line.get_linestyle() for line in fig_frontier.plot(f).axes[0].lines if line.get_linewidth() == 1.6}
+    assert styles == {"-", "--"}
+
+
+def test_methods_in_findings_and_table(methods_study):
+    """findings.md: each method's best cell by the objective (IPO's is β 0.1: β 0.5's reward 0.9
+    is 2 nats over the KL budget); IPO against DPO overlaps (not separated), SLiC (hinge) is
+    clearly below (0.21 − 0.52 = −0.31, DPO better); best-of-N at N=16, whose KL bound 1.84 is the
+    closest to DPO's KL 2. The table gains a `method` column, one row per cell."""
+    from analysis import findings
+
+    _best_of_n(methods_study, "m")
+    text = findings.findings(methods_study)
+    assert "## Methods (1 of 2 comparisons with DPO separated)" in text
+    assert "- tiny-xs, IPO (β 0.1, masked-sum): 0.51 [" in text
+    assert "- tiny-xs, DPO (β 0.1, masked-sum): 0.52 [" in text
+    ipo = next(s for s in text.splitlines() if s.startswith("- tiny-xs: IPO − DPO"))
+    assert ipo.endswith("not separated (inconclusive)") and "-0.01 [" in ipo
+    slic = next(s for s in text.splitlines() if s.startswith("- tiny-xs: SLiC (hinge) − DPO"))
+    d = stats.welch([0.20, 0.21, 0.22], [0.50, 0.52, 0.54])
+    assert f"-0.31 [{d.low:+.3g}, {d.high:+.3g}]" in slic and slic.endswith("DPO is better")
+    assert "best-of-N at N=16 (KL bound 1.84 nats, the closest to DPO's 2)" in text
+    assert "gen/reward 0.3 ± 0.01" in text
+    df = table.results_table(methods_study)
+    assert list(df.columns[:3]) == ["model.name", "method", "dpo.beta"]
+    assert list(zip(df["method"], df["dpo.beta"], df["n"], strict=True)) == [
+        ("DPO", 0.1, 3), ("DPO", 0.5, 3), ("IPO", 0.1, 3), ("IPO", 0.5, 3), ("SLiC (hinge)", 0.1, 3)]
+    assert list(df["degenerate reruns"]) == [1, 0, 0, 0, 0]
+
+
+def test_per_masking_figures_keep_methods_apart(methods_study, tmp_path):
+    """Figures with a column per masking get one per method and masking in a study of several
+    methods (never an average over methods); a study of one method keeps its masking names."""
+    from analysis import fig_heatmap
+    from analysis.common import compared_runs, methods_apart
+
+    runs, _ = compared_runs(methods_study)
+    assert set(methods_apart(runs)["masking"]) == {"DPO · masked-sum", "IPO · masked-sum",
+                                                   "SLiC (hinge) · masked-sum"}
+    assert set(methods_apart(runs[runs["method"] == "DPO"])["masking"]) == {"masked-sum"}
+    assert {p.name for p in fig_heatmap.draw(methods_study, tmp_path)} == {
+        "heatmap_beta_masking.png", "heatmap_beta_masking.pdf"}
