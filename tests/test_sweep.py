@@ -251,3 +251,22 @@ def test_recorded_storage_urls_open_anywhere_and_hold_no_password(tmp_path, monk
     assert without_password("postgresql://bob:s3cret@db.example:5432/dpo") == \
         "postgresql://bob@db.example:5432/dpo"
     assert without_password("postgresql:///dpo") == "postgresql:///dpo"
+
+
+def test_workers_start_on_different_model_sizes(tmp_path, seed_data):
+    """Worker k of K scans the cells from the k-th K-th of the list: in a size grid the two
+    workers of a machine first need different SFT checkpoints and pair sets, built side by side;
+    a worker alone goes in grid order."""
+    from harness.config.load import load_experiment
+    from harness.sweep.schedule import Sweep, first_cell
+
+    grid = {"model.name": ["tiny-xs", "tiny-s"], "dpo.beta": [0.1, 0.5]}
+    exp = load_experiment(experiment(tmp_path, seed_data, {"grid": grid, "trials": 1}))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert [c.id for c in exp.cells][:2] == ["beta=0.1,name=tiny-xs", "beta=0.1,name=tiny-s"]
+    first = [Sweep(exp, url, tmp_path, w, 2).next_work()[1].id for w in (0, 1)]
+    assert first == ["beta=0.1,name=tiny-xs", "beta=0.1,name=tiny-s"]
+    assert Sweep(exp, url, tmp_path).next_work()[1].id == "beta=0.1,name=tiny-xs"
+    assert first_cell(exp.cells, 3, 2) == 1  # worker 3 of 2 (several machines): the second size
+    one_size = exp.cells[::2]  # tiny-xs only: k/K of the way down
+    assert [first_cell(one_size, w, 2) for w in (0, 1)] == [0, 1]

@@ -37,6 +37,21 @@ class _QuietSurplus(logging.Filter):
 logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
 
 
+def first_cell(cells: list[Cell], worker: int, workers: int) -> int:
+    """Where worker k of K starts scanning the cells: at the first cell of the k-th model size
+    when the grid has several (so that the shared work each worker needs first, an SFT checkpoint
+    and a pair set, is built side by side rather than waited for), else k/K of the way down the
+    list. Either way the trials of one cell tend to run one after another, each seeing the ones
+    before. One worker goes in grid order."""
+    if workers < 2:
+        return 0
+    sizes = [dict(c.values).get("model.name") for c in cells]
+    distinct = list(dict.fromkeys(sizes))
+    if len(distinct) > 1:
+        return sizes.index(distinct[worker % len(distinct)])
+    return (worker % workers) * len(cells) // workers
+
+
 class Sweep:
     def __init__(self, exp: Experiment, storage_url: str, results_dir: Path, worker: int = 0,
                  workers: int = 1):
@@ -50,6 +65,8 @@ class Sweep:
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
         self.study_dir = self.results_dir / exp.study
+        start = first_cell(exp.cells, worker, workers)
+        self.cells = exp.cells[start:] + exp.cells[:start]
 
     def search_study(self, cell: Cell, seed: int | None = None):
         return make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", seed)
@@ -133,7 +150,7 @@ class Sweep:
     def next_work(self):
         """(study, cell, role, slot) of the next trial to run, or None when nothing is left."""
         spec = self.exp.spec
-        for cell in self.exp.cells:
+        for cell in self.cells:
             search = self.search_study(cell)
             if faults.cell_failure(search, spec.max_failures):
                 continue
@@ -144,7 +161,7 @@ class Sweep:
                 return study, cell, "search", slot
         if spec.seeds < 2:
             return None
-        for cell in self.exp.cells:
+        for cell in self.cells:
             search = self.search_study(cell)
             if count(search, "RUNNING", "WAITING") or count(search, "COMPLETE", "PRUNED") < spec.trials:
                 continue  # the search is still going: its best trial is not final yet
