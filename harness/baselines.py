@@ -118,8 +118,8 @@ def settings(configs: dict[str, RunConfig], n_max: int) -> dict:
         for name, cfg in configs.items()}}
 
 
-def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64, force: bool = False,
-                  device: str | None = None) -> Path:
+def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64,
+                  force: bool = False) -> Path:
     """Write <results_dir>/<study>/baselines/best_of_n.csv (skipped when it exists for the same
     settings, unless `force`); returns its path."""
     import pandas as pd
@@ -140,8 +140,8 @@ def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64, for
         return out
     rows = []
     for name, cfg in configs.items():
-        dev = pick_device(device or cfg.train.device)
-        rewards = sample_rewards(cfg, n_max, dev, lambda msg: print(msg, file=sys.stderr))
+        rewards = sample_rewards(cfg, n_max, pick_device(cfg.train.device),
+                                 lambda msg: print(msg, file=sys.stderr))
         rows += best_of_n_rows(name, rewards, n_max)
     df = pd.DataFrame(rows, columns=COLUMNS)
     cache.atomic_write(out, df.to_csv(index=False))

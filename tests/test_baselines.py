@@ -84,9 +84,11 @@ def test_baselines_end_to_end(tmp_path, capsys):
     pd.testing.assert_frame_equal(pd.read_csv(csv), df)
 
 
-def test_baselines_need_a_task_with_a_reward(tmp_path, capsys):
-    """A study without a ground-truth reward is refused before anything is trained, naming
-    task.name, with exit code 2."""
+def test_baselines_need_a_task_with_a_reward_and_a_sample(tmp_path, capsys):
+    """A study without a ground-truth reward, or --n-max 0, is refused before anything is
+    trained, naming task.name or --n-max, with exit code 2."""
     assert main(["baselines", str(tiny_study(tmp_path, task="none")), "--n-max", "4"]) == 2
     assert "task.name: best-of-N needs a task with a ground-truth reward" in capsys.readouterr().err
+    assert main(["baselines", str(tiny_study(tmp_path)), "--n-max", "0"]) == 2
+    assert "--n-max 0: at least 1 sample per prompt" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
