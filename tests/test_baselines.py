@@ -49,7 +49,7 @@ def tiny_study(tmp_path, task: str = "controlled"):
         "name": "bon", "model": {"name": "tiny-xs", "tokenizer_vocab_size": 512},
         "task": {"name": task, "n_sft_texts": 200, "n_train_prompts": 4, "n_val_prompts": 2,
                  "n_eval_prompts": 5, "max_new_tokens": 12},
-        "sft": {"steps": 60, "batch_size": 8, "lr": 4.0e-3, "warmup_steps": 5},
+        "sft": {"steps": 40, "batch_size": 8, "lr": 5.0e-3, "warmup_steps": 4},
         "data": {"max_length": 128},
         "gen_eval": {"max_new_tokens": 12},
         "tracking": {"results_dir": str(tmp_path / "results"), "progress": False},
