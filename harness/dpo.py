@@ -6,7 +6,8 @@ Pure functions with shapes in the docstrings. Notation (Rafailov et al. 2023, ar
     h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]     (the "log-ratio margin")
 
 Most losses are a function of h alone; the others read the log-ratios or policy log-probs of each
-side (`PairLogps`), and `sft` (Preferred-FT) only the chosen responses' per-token NLL. Every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
+side (`PairLogps`), and `sft` (Preferred-FT) only the chosen responses' per-token NLL.
+Every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
 Losses return per-pair values: callers take means.
 """
 

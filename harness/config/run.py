@@ -134,7 +134,7 @@ class DPOConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_settings(self) -> DPOConfig:
-        """A loss refuses the reduction and label smoothing it is not defined for."""
+        """A loss refuses the reduction, label smoothing and NLL term it is not defined for."""
         from harness.dpo import check_loss_settings
 
         check_loss_settings(self.loss, self.reduction, self.label_smoothing, self.sft_weight)
