@@ -3,6 +3,7 @@
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
     harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices 0,1] [--storage URL] [--study NAME]
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
+    harness baselines EXPERIMENT.yaml [--n-max 64] [--force]   (best-of-N from the SFT reference)
     torchrun --nproc-per-node K -m harness train EXPERIMENT.yaml   (one run, data-parallel)
     harness bench [--cases a,b] [--steps N]   (harness bench --help)
     harness dashboard --project P [--entity E] [--study S] [--dry-run]
@@ -127,6 +128,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baselines(args: argparse.Namespace) -> int:
+    from harness.baselines import run_baselines
+    from harness.config import load_experiment
+
+    exp = load_experiment(args.experiment, args.study)
+    run_baselines(exp, args.results_dir or exp.base.tracking.results_dir, args.n_max, args.force)
+    return 0
+
+
 def _study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL (default: $DPO_HARNESS_STORAGE, else "
@@ -189,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the rows as JSON")
     _study_options(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("baselines", help="best-of-N sampling from a study's SFT reference: "
+                                         "results/<study>/baselines/best_of_n.csv")
+    p.add_argument("experiment", help="the study's experiment YAML")
+    p.add_argument("--n-max", type=int, default=64,
+                   help="samples per gen-eval prompt; N runs over 1, 2, 4, ... up to it (default 64)")
+    p.add_argument("--force", action="store_true", help="sample again even when the CSV is up to date")
+    p.add_argument("--study", default=None, help="study name (default: the experiment's name)")
+    p.add_argument("--results-dir", default=None, help="default: the experiment's tracking.results_dir")
+    p.set_defaults(func=cmd_baselines)
+
     p = sub.add_parser("dashboard", help="a wandb workspace for a study (needs wandb-workspaces)")
     p.add_argument("--project", required=True, help="wandb project, e.g. dpo-harness")
     p.add_argument("--entity", default=None, help="wandb entity (default: your default entity)")

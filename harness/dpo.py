@@ -6,7 +6,8 @@ Pure functions with shapes in the docstrings. Notation (Rafailov et al. 2023, ar
     h = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]     (the "log-ratio margin")
 
 Most losses are a function of h alone; the others read the log-ratios or policy log-probs of each
-side (`PairLogps`). Every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
+side (`PairLogps`), and `sft` (Preferred-FT) only the chosen responses' per-token NLL.
+Every implicit reward is β·(log π(y|x) − log π_ref(y|x)) (paper §5).
 Losses return per-pair values: callers take means.
 """
 
@@ -118,6 +119,7 @@ class PairLogps:
     policy_rejected: torch.Tensor
     ref_chosen: torch.Tensor
     ref_rejected: torch.Tensor
+    chosen_nll: torch.Tensor | None = None  # [P] per-token NLL of y_w (`per_token_nll`), if given
 
     @property
     def chosen_ratio(self) -> torch.Tensor:  # log π(y_w|x) − log π_ref(y_w|x)
@@ -205,12 +207,25 @@ def dpop_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return -F.logsigmoid(p.beta * (x.margin - p.dpop_lambda * penalty))
 
 
+def sft_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+    """Preferred-FT (the DPO paper's baseline, §6): supervised fine-tuning on the chosen responses
+    only, −(1/|y_w|)·log π(y_w|x), the per-token NLL of y_w whatever the reduction. [P] → [P].
+
+    Neither the rejected response nor the reference enters the loss (β is unused); the implicit
+    rewards are still reported, as for every loss.
+    """
+    if x.chosen_nll is None:
+        raise ValueError("the sft loss needs chosen_nll, the chosen responses' per-token NLL")
+    return x.chosen_nll
+
+
 @dataclass(frozen=True)
 class Loss:
     fn: Callable[[PairLogps, LossParams], torch.Tensor]
     uses_label_smoothing: bool = False  # reads ε; any other loss refuses ε > 0
     per_token: bool = False  # defined on per-token averaged log-probs: needs reduction `mean`
     reference_free: bool = False  # the loss does not read the reference log-probs
+    nll_only: bool = False  # the loss is the chosen responses' NLL: an NLL term on top is refused
 
 
 LOSSES: dict[str, Loss] = {
@@ -221,21 +236,27 @@ LOSSES: dict[str, Loss] = {
     "simpo": Loss(simpo_loss, per_token=True, reference_free=True),
     "apo_zero": Loss(apo_zero_loss),
     "dpop": Loss(dpop_loss),
+    "sft": Loss(sft_loss, reference_free=True, nll_only=True),
 }
 
 
-def _check_loss(loss: str, label_smoothing: float, field: str) -> None:
+def _check_loss(loss: str, label_smoothing: float, sft_weight: float, prefix: str) -> None:
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
     if label_smoothing and not LOSSES[loss].uses_label_smoothing:
         users = " and ".join(n for n, s in LOSSES.items() if s.uses_label_smoothing)
+        field = f"{prefix}label_smoothing"
         raise ValueError(f"{field}: {label_smoothing} applies to the {users} losses only, "
                          f"not {loss!r}; set {field}: 0")
+    if sft_weight and LOSSES[loss].nll_only:
+        raise ValueError(f"{prefix}sft_weight: {sft_weight} adds the chosen responses' NLL, which "
+                         f"the {loss} loss already is; set {prefix}sft_weight: 0")
 
 
-def check_loss_settings(loss: str, reduction: str, label_smoothing: float) -> None:
+def check_loss_settings(loss: str, reduction: str, label_smoothing: float,
+                        sft_weight: float = 0.0) -> None:
     """Refuse settings a loss is not defined for, naming the `dpo.*` field to change."""
-    _check_loss(loss, label_smoothing, "dpo.label_smoothing")
+    _check_loss(loss, label_smoothing, sft_weight, "dpo.")
     if LOSSES[loss].per_token and reduction != "mean":
         raise ValueError(f"dpo.reduction: {reduction!r} does not suit the {loss} loss, which is "
                          "defined on per-token averaged log-probs; set dpo.reduction: mean")
@@ -268,10 +289,11 @@ def dpo_loss(
     All inputs [P] sequence log-probs. Returns (losses [P], chosen_rewards [P],
     rejected_rewards [P]) with reward = β·(log π − log π_ref) (paper §5) for every loss.
     With sft_weight w > 0 (RPO, Pang et al. 2024, arXiv 2404.19733) each pair's loss
-    gains w · chosen_nll, the per-token NLL of its chosen response ([P], see `per_token_nll`).
+    gains w · chosen_nll, the per-token NLL of its chosen response ([P], see `per_token_nll`);
+    the `sft` loss is chosen_nll alone.
     """
-    _check_loss(loss, label_smoothing, "label_smoothing")
-    x = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    _check_loss(loss, label_smoothing, sft_weight, "")
+    x = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll)
     losses = LOSSES[loss].fn(x, LossParams(beta, label_smoothing, simpo_gamma, dpop_lambda))
     if sft_weight:
         if chosen_nll is None:

@@ -14,7 +14,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
-from harness.dpo import check_loss_settings, dpo_loss, model_logps, pair_metrics, per_token_nll
+from harness.dpo import (
+    LOSSES,
+    check_loss_settings,
+    dpo_loss,
+    model_logps,
+    pair_metrics,
+    per_token_nll,
+)
 
 Batch = dict[str, torch.Tensor]
 
@@ -33,7 +40,7 @@ class StepSettings:
     sft_weight: float = 0.0  # RPO: weight of the chosen responses' per-token NLL; 0 = off
 
     def __post_init__(self):
-        check_loss_settings(self.loss, self.reduction, self.label_smoothing)
+        check_loss_settings(self.loss, self.reduction, self.label_smoothing, self.sft_weight)
 
     @classmethod
     def from_config(cls, cfg) -> StepSettings:
@@ -69,7 +76,7 @@ def dpo_batch(policy, reference, ref_logps: torch.Tensor | None, idx: torch.Tens
         else:
             rc, rr = ref_logps[idx, 0].to(device), ref_logps[idx, 1].to(device)
     nll = None
-    if s.sft_weight:  # RPO's NLL term: per counted token of each chosen sequence
+    if s.sft_weight or LOSSES[s.loss].nll_only:  # RPO's NLL term, or the sft loss itself
         n_chosen = batch["loss_mask"][: len(pc), 1:].sum(-1)
         nll = per_token_nll(pc, n_chosen, s.reduction)
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, s.beta, s.loss, s.label_smoothing,

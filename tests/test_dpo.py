@@ -147,7 +147,8 @@ def test_every_registered_loss_runs_and_has_gradients():
     pc = torch.randn(5, requires_grad=True)
     pr = torch.randn(5, requires_grad=True)
     for name in dpo.LOSSES:
-        losses, _, _ = dpo.dpo_loss(pc, pr, torch.randn(5), torch.randn(5), beta=0.3, loss=name)
+        losses, _, _ = dpo.dpo_loss(pc, pr, torch.randn(5), torch.randn(5), beta=0.3, loss=name,
+                                    chosen_nll=-pc)  # per-token NLL of mean-reduced log-probs
         assert losses.shape == (5,) and torch.isfinite(losses).all()
         (gc,) = torch.autograd.grad(losses.sum(), pc)
         assert gc.abs().sum() > 0, name
@@ -163,7 +164,7 @@ def test_loss_at_equal_policy_and_reference_is_log2():
 
 def test_unknown_loss_lists_valid_names():
     """An unknown loss name is an error naming every valid one."""
-    with pytest.raises(ValueError, match="apo_zero, dpop, hinge, ipo, robust, sigmoid, simpo"):
+    with pytest.raises(ValueError, match="apo_zero, dpop, hinge, ipo, robust, sft, sigmoid, simpo"):
         dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss="kto")
 
 

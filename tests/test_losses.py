@@ -1,5 +1,6 @@
-"""The loss registry worked by hand: robust, simpo, apo_zero, dpop and the RPO NLL term, each loss's
-gradient direction, and the config rules that tie losses to reduction and label smoothing."""
+"""The loss registry worked by hand: robust, simpo, apo_zero, dpop, sft (Preferred-FT) and the RPO
+NLL term, each loss's gradient direction, and the config rules that tie losses to reduction, label
+smoothing and the NLL term."""
 
 import math
 
@@ -23,12 +24,22 @@ def sig(z: float) -> float:
 # One pair, worked by hand: log π(y_w) = −1.2, log π(y_l) = −2.0, log π_ref(y_w) = −1.0,
 # log π_ref(y_l) = −1.5. Chosen log-ratio −0.2, rejected −0.5, so h = 0.3. The policy made the
 # chosen response less likely than the reference (by 0.2): DPO-Positive's penalty is on.
+# The chosen response has 3 counted tokens: its per-token NLL is 1.2 / 3 = 0.4.
 LOGPS = dict(pc=-1.2, pr=-2.0, rc=-1.0, rr=-1.5)
 H, CHOSEN_RATIO, REJECTED_RATIO = 0.3, -0.2, -0.5
+CHOSEN_TOKENS = torch.tensor([3])
 
 
-def run(loss: str, beta: float, pc: float = LOGPS["pc"], **kw) -> torch.Tensor:
+def chosen_nll(pc: torch.Tensor) -> torch.Tensor:
+    """The per-token NLL of the summed chosen log-prob `pc` over its 3 counted tokens."""
+    return dpo.per_token_nll(pc, CHOSEN_TOKENS, "sum")
+
+
+def run(loss: str, beta: float, pc: float = LOGPS["pc"], nll: bool = True, **kw) -> torch.Tensor:
+    """The hand-worked pair's loss; the chosen NLL is passed (as the step does) unless nll=False."""
     t = {k: torch.tensor([v], dtype=torch.float64) for k, v in {**LOGPS, "pc": pc}.items()}
+    if nll:
+        kw.setdefault("chosen_nll", chosen_nll(t["pc"]))
     losses, _, _ = dpo.dpo_loss(t["pc"], t["pr"], t["rc"], t["rr"], beta=beta, loss=loss, **kw)
     return losses
 
@@ -52,6 +63,8 @@ def hand_value(loss: str) -> tuple[float, dict]:
         return 1 - sig(0.5 * CHOSEN_RATIO) + sig(0.5 * REJECTED_RATIO), dict(beta=0.5)
     if loss == "dpop":  # −log σ(β(h − λ·max(0, −1.0 + 1.2))), β = 0.5, λ = 5: −log σ(−0.35)
         return -logsig(0.5 * (H - 5.0 * 0.2)), dict(beta=0.5, dpop_lambda=5.0)
+    if loss == "sft":  # Preferred-FT: −log π(y_w) / |y_w| = 1.2 / 3 = 0.4
+        return 0.4, dict(beta=0.5)
     raise AssertionError(f"no hand-worked value for loss {loss!r}")
 
 
@@ -77,7 +90,7 @@ def test_loss_falls_when_the_chosen_logp_rises(loss):
     _, kw = hand_value(loss)
     pc = torch.tensor([LOGPS["pc"]], dtype=torch.float64, requires_grad=True)
     others = [torch.tensor([LOGPS[k]], dtype=torch.float64) for k in ("pr", "rc", "rr")]
-    losses, _, _ = dpo.dpo_loss(pc, *others, loss=loss, **kw)
+    losses, _, _ = dpo.dpo_loss(pc, *others, loss=loss, chosen_nll=chosen_nll(pc), **kw)
     (grad,) = torch.autograd.grad(losses.sum(), pc)
     assert grad.item() < 0, loss
     assert run(loss, pc=LOGPS["pc"] + 0.01, **kw).item() < run(loss, **kw).item()
@@ -92,10 +105,11 @@ def test_robust_at_zero_flip_rate_is_dpo_and_refuses_half():
 
 @pytest.mark.parametrize("loss", sorted(dpo.LOSSES))
 def test_reference_free_flag_is_true_to_the_loss(loss):
-    """A loss marked reference_free (simpo) gives the same value under another reference; every
-    other loss changes with it."""
+    """A loss marked reference_free (simpo, sft) gives the same value under another reference;
+    every other loss changes with it."""
     _, kw = hand_value(loss)
     pc, pr = torch.tensor([-1.2]), torch.tensor([-2.0])
+    kw["chosen_nll"] = chosen_nll(pc)
     a, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.5]), loss=loss, **kw)
     b, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-0.5]), torch.tensor([-2.5]), loss=loss, **kw)
     assert (a.item() == b.item()) == dpo.LOSSES[loss].reference_free
@@ -118,12 +132,12 @@ def test_sft_weight_adds_the_chosen_per_token_nll():
     got = run("sigmoid", 0.5, sft_weight=0.5, chosen_nll=nll)
     assert got.item() == pytest.approx(-logsig(0.15) + 0.5 * 0.4, rel=1e-12)
     with pytest.raises(ValueError, match="chosen_nll"):
-        run("sigmoid", 0.5, sft_weight=0.5)
+        run("sigmoid", 0.5, sft_weight=0.5, nll=False)
 
 
-def test_dpo_batch_counts_chosen_tokens_for_the_nll_term():
-    """In a micro-batch with summed log-probs, the NLL term divides each chosen row's log-prob by
-    its own counted tokens (from loss_mask, shifted by one): loss(w) − loss(0) = w·(−logp / n)."""
+def tiny_batch():
+    """A 1-layer GPT-2 and one micro-batch of 2 pairs (rows 0, 1 chosen; 2, 3 rejected) whose
+    chosen rows count 5 and 3 tokens (loss_mask at positions 3..7 and 5..7, shifted by one)."""
     torch.manual_seed(0)
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -134,14 +148,75 @@ def test_dpo_batch_counts_chosen_tokens_for_the_nll_term():
     loss_mask[0, 3:8] = loss_mask[1, 5:8] = loss_mask[2, 3:6] = loss_mask[3, 4:8] = True
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long),
              "loss_mask": loss_mask}
-    ref = torch.tensor([[-3.0, -4.0], [-2.0, -5.0]])
-    idx = torch.tensor([0, 1])
+    return model, batch
+
+
+REF = torch.tensor([[-3.0, -4.0], [-2.0, -5.0]])  # cached reference log-probs of the 2 pairs
+
+
+def test_dpo_batch_counts_chosen_tokens_for_the_nll_term():
+    """In a micro-batch with summed log-probs, the NLL term divides each chosen row's log-prob by
+    its own counted tokens (from loss_mask, shifted by one): loss(w) − loss(0) = w·(−logp / n)."""
+    model, batch = tiny_batch()
+    ref, idx = REF, torch.tensor([0, 1])
     base = StepSettings(beta=0.1, reduction="sum", precision="fp32")
     rpo = StepSettings(beta=0.1, reduction="sum", precision="fp32", sft_weight=2.0)
     l0, m = dpo_batch(model, None, ref, idx, batch, base, "cpu")
     l1, _ = dpo_batch(model, None, ref, idx, batch, rpo, "cpu")
     counts = torch.tensor([5.0, 3.0])  # chosen rows 0 and 1: positions 3..7 and 5..7
     torch.testing.assert_close(l1 - l0, 2.0 * -m["logps/chosen"] / counts)
+
+
+def test_sft_loss_ignores_rejected_reference_and_beta():
+    """Preferred-FT on the hand-worked pair is the chosen NLL per token, 1.2 / 3 = 0.4, whatever
+    the rejected log-prob, the reference and β; the implicit rewards are still reported as
+    β·(log π − log π_ref): 0.5·(−0.2) = −0.1 and 0.5·(−0.5) = −0.25."""
+    pc = torch.tensor([-1.2], dtype=torch.float64)
+    losses, cr, rj = dpo.dpo_loss(pc, torch.tensor([-2.0]), torch.tensor([-1.0]),
+                                  torch.tensor([-1.5]), beta=0.5, loss="sft",
+                                  chosen_nll=chosen_nll(pc))
+    assert losses.item() == pytest.approx(0.4, rel=1e-12)
+    assert (cr.item(), rj.item()) == (pytest.approx(-0.1), pytest.approx(-0.25))
+    other, _, _ = dpo.dpo_loss(pc, torch.tensor([-9.0]), torch.tensor([0.0]), torch.tensor([-0.1]),
+                               beta=3.0, loss="sft", chosen_nll=chosen_nll(pc))
+    assert other.item() == pytest.approx(0.4, rel=1e-12)
+    with pytest.raises(ValueError, match="the sft loss needs chosen_nll"):
+        run("sft", 0.5, nll=False)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_dpo_batch_sft_loss_is_the_chosen_nll_per_counted_token(reduction):
+    """In a micro-batch, the sft loss of each pair is −log π(y_w) over its counted tokens (5 and
+    3) with summed log-probs, and −log π(y_w) itself with per-token averaged ones."""
+    model, batch = tiny_batch()
+    s = StepSettings(beta=0.1, loss="sft", reduction=reduction, precision="fp32")
+    losses, m = dpo_batch(model, None, REF, torch.tensor([0, 1]), batch, s, "cpu")
+    counts = torch.tensor([5.0, 3.0]) if reduction == "sum" else torch.ones(2)
+    torch.testing.assert_close(losses, -m["logps/chosen"] / counts)
+    assert torch.allclose(m["rewards/chosen"], 0.1 * (m["logps/chosen"] - REF[:, 0]))
+
+
+def test_training_with_sft_raises_the_chosen_logp():
+    """Twenty Adam steps on the sft loss of one micro-batch make both chosen responses more
+    likely under the policy."""
+    model, batch = tiny_batch()
+    s = StepSettings(beta=0.1, loss="sft", reduction="sum", precision="fp32")
+    idx = torch.tensor([0, 1])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _, before = dpo_batch(model, None, REF, idx, batch, s, "cpu")
+    for _ in range(20):
+        losses, _ = dpo_batch(model, None, REF, idx, batch, s, "cpu")
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step()
+    _, after = dpo_batch(model, None, REF, idx, batch, s, "cpu")
+    assert (after["logps/chosen"] > before["logps/chosen"] + 0.5).all()
+
+
+def test_step_settings_refuse_the_nll_term_with_sft():
+    """The sft loss already is the chosen NLL: an RPO weight on top is refused by the step too."""
+    with pytest.raises(ValueError, match="set dpo.sft_weight: 0"):
+        StepSettings(loss="sft", sft_weight=1.0)
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])
@@ -168,6 +243,10 @@ def test_per_token_losses_refuse_sum_in_the_config(tmp_path, loss):
         ("dpo:\n  simpo_gamma: -0.5\n", "dpo.simpo_gamma"),
         ("dpo:\n  dpop_lambda: -1\n", "dpo.dpop_lambda"),
         ("dpo:\n  sft_weight: -1\n", "dpo.sft_weight"),
+        ("dpo:\n  loss: sft\n  label_smoothing: 0.1\n",
+         "dpo.label_smoothing: 0.1 applies to the sigmoid and robust losses only, not 'sft'"),
+        ("dpo:\n  loss: sft\n  sft_weight: 0.5\n",
+         "dpo.sft_weight: 0.5 adds the chosen responses' NLL, which the sft loss already is"),
     ],
 )
 def test_bad_loss_settings_are_config_errors(tmp_path, text, needle):

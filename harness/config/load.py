@@ -156,12 +156,17 @@ class Experiment:
 
 
 def _check_search_by(path: Path, raw: dict[str, Any], spec) -> None:
-    """search_by names grid axes and their values, and re-ranges parameters of `search`."""
+    """search_by names grid axes (of any grid) and their values, and re-ranges parameters of
+    `search`."""
+    axes: dict[str, set[str]] = {}
+    for grid in spec.grids:
+        for axis, values in grid.items():
+            axes.setdefault(axis, set()).update(str(v) for v in values)
     for axis, by_value in spec.search_by.items():
         where = f"{path}: sweep.search_by.{axis}"
-        if axis not in spec.grid:
-            raise ConfigError(f"{where}: not a grid axis (grid: {', '.join(spec.grid) or 'none'})")
-        values = {str(v) for v in spec.grid[axis]}
+        if axis not in axes:
+            raise ConfigError(f"{where}: not a grid axis (grid: {', '.join(axes) or 'none'})")
+        values = axes[axis]
         for value, params in by_value.items():
             if str(value) not in values:
                 raise ConfigError(f"{where}.{value}: not a value of the grid axis "
@@ -172,6 +177,49 @@ def _check_search_by(path: Path, raw: dict[str, Any], spec) -> None:
                                       f"can be re-ranged ({', '.join(spec.search) or 'none'})")
                 for extreme in p.extremes():
                     build_config(apply_overrides(raw, {name: extreme}), where=f"{where}.{value}.{name}")
+
+
+def _grid_name(spec, k: int) -> str:
+    """How errors name grid k: `sweep.grid` for a single grid, `sweep.grid[k]` in a list."""
+    return f"sweep.grid[{k}]" if isinstance(spec.grid, list) else "sweep.grid"
+
+
+def _check_grids(path: Path, raw: dict[str, Any], spec) -> None:
+    """Every value of every axis, applied with the first value of each other axis of its grid
+    (a loss may need another axis of its grid, e.g. `ipo` its `masking: masked-mean`)."""
+    for k, grid in enumerate(spec.grids):
+        where = f"{path}: {_grid_name(spec, k)}"
+        for i, value in enumerate(grid.get("masking", [])):
+            if value not in MASKINGS:
+                raise ConfigError(f"{where}.masking[{i}]: {value!r} is not one of "
+                                  f"{', '.join(MASKINGS)}")
+        first = {axis: values[0] for axis, values in grid.items()}
+        for axis, values in grid.items():
+            for i, value in enumerate(values):
+                cell = Cell(tuple({**first, axis: value}.items()))
+                build_config(apply_overrides(raw, cell.overrides()), where=f"{where}.{axis}[{i}]")
+
+
+def _cells(path: Path, spec) -> list[Cell]:
+    """The union of each grid's Cartesian product, in order; a cell that appears twice (the same
+    id, or the same config values) is an error naming both places."""
+    cells: list[Cell] = []
+    seen: dict[str, tuple[Cell, int]] = {}
+    for k, grid in enumerate(spec.grids):
+        axes = list(grid.items())
+        for combo in itertools.product(*[v for _, v in axes]):
+            cell = Cell(tuple(zip([a for a, _ in axes], combo, strict=True)))
+            values = json.dumps(sorted(cell.overrides().items()), default=str)
+            for key in (f"id {cell.id}", f"values {values}"):
+                if key in seen:
+                    other, j = seen[key]
+                    raise ConfigError(
+                        f"{path}: {_grid_name(spec, k)}: cell {cell.id} duplicates cell {other.id} "
+                        f"of {_grid_name(spec, j)} (the same {key.split()[0]}); each cell may "
+                        "appear once")
+                seen[key] = (cell, k)
+            cells.append(cell)
+    return cells
 
 
 def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
@@ -186,22 +234,15 @@ def load_experiment(path: str | Path, study: str | None = None) -> Experiment:
     raw.pop("sweep")
     if study:
         spec.study = study
-    for axis, values in spec.grid.items():
-        for i, value in enumerate(values):
-            if axis == "masking" and value not in MASKINGS:
-                raise ConfigError(f"{path}: sweep.grid.masking[{i}]: {value!r} is not one of "
-                                  f"{', '.join(MASKINGS)}")
-            if axis != "masking":
-                build_config(apply_overrides(raw, {axis: value}), where=f"{path}: sweep.grid.{axis}[{i}]")
+    _check_grids(path, raw, spec)
     for name, p in spec.search.items():
         for value in p.extremes():
             build_config(apply_overrides(raw, {name: value}), where=f"{path}: sweep.search.{name}")
     _check_search_by(path, raw, spec)
-    axes = list(spec.grid.items())
-    cells = [Cell(tuple(zip([a for a, _ in axes], combo, strict=True)))
-             for combo in itertools.product(*[v for _, v in axes])]
+    cells = _cells(path, spec)
     for cell in cells:
-        logged = metrics.enabled(build_config(apply_overrides(raw, cell.overrides()), str(path)))
+        cfg = build_config(apply_overrides(raw, cell.overrides()), f"{path}: sweep.grid cell {cell.id}")
+        logged = metrics.enabled(cfg)
         if spec.objective.kl_budget is not None and "gen/kl" not in logged:
             raise ConfigError(f"{path}: sweep.objective.kl_budget: runs of cell {cell.id} log no "
                               "gen/kl (generation metrics are off)")

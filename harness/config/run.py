@@ -80,7 +80,7 @@ class ModelConfig(_Section):
 
 class DPOConfig(_Section):
     beta: float = 0.1  # strength of the KL constraint (paper's beta); 0.01..1 (SimPO: 2..10)
-    # A name in harness.dpo.LOSSES: sigmoid, robust, ipo, hinge, simpo, apo_zero, dpop
+    # A name in harness.dpo.LOSSES: sigmoid, robust, ipo, hinge, simpo, apo_zero, dpop, sft
     # (formulas in the README's "Losses"). ipo and simpo need reduction: mean.
     loss: str = "sigmoid"
     # Assumed share of flipped labels, for sigmoid (conservative DPO) and robust; 0..0.5
@@ -134,10 +134,10 @@ class DPOConfig(_Section):
 
     @model_validator(mode="after")
     def _loss_settings(self) -> DPOConfig:
-        """A loss refuses the reduction and label smoothing it is not defined for."""
+        """A loss refuses the reduction, label smoothing and NLL term it is not defined for."""
         from harness.dpo import check_loss_settings
 
-        check_loss_settings(self.loss, self.reduction, self.label_smoothing)
+        check_loss_settings(self.loss, self.reduction, self.label_smoothing, self.sft_weight)
         return self
 
 

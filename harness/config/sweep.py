@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from harness.config.base import Strict
 
@@ -62,10 +62,17 @@ class PrunerSpec(Strict):
     n_warmup_steps: int = 0  # steps before a trial can be pruned
 
 
+# One grid: {axis: values}, axes being dotted config fields (dpo.beta, model.name, ...) or
+# `masking`, each a non-empty list; its cells are the Cartesian product of the axes.
+Grid = dict[str, Annotated[list[Any], Field(min_length=1)]]
+_GRID, _GRIDS = TypeAdapter(Grid), TypeAdapter(Annotated[list[Grid], Field(min_length=1)])
+
+
 class SweepSpec(Strict):
     study: str | None = None  # default: the experiment's `name`
-    # Grid axes: dotted config fields (dpo.beta, model.name, ...) or `masking`, each a list.
-    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
+    # One grid, or a list of grids whose cells are the union of each grid's product, in order
+    # (e.g. one grid for DPO over beta, another for a loss without beta); a cell twice is an error.
+    grid: Grid | list[Grid] = Field(default_factory=dict)
     seeds: int = 1  # each cell's best parameters run with train.seed + 0..seeds-1
     search: dict[str, ParamSpec] = Field(default_factory=dict)  # Optuna space inside each cell
     # Ranges that depend on the cell: {grid axis: {grid value: {parameter: its range there}}},
@@ -79,6 +86,18 @@ class SweepSpec(Strict):
     # A cell whose trials fail this many times in a row (an error, not a kill) is marked failed
     # and skipped; the sweep finishes the other cells and exits non-zero naming it.
     max_failures: int = 2
+
+    @field_validator("grid", mode="wrap")
+    @classmethod
+    def _grid(cls, v: Any, handler) -> Grid | list[Grid]:
+        # Validated as the one form it is, so errors name `grid.<axis>` or `grid.<i>.<axis>`
+        # rather than listing how it fails both forms of the union.
+        return _GRIDS.validate_python(v) if isinstance(v, list) else _GRID.validate_python(v)
+
+    @property
+    def grids(self) -> list[Grid]:
+        """The grids, a single one included: [grid] or the list."""
+        return self.grid if isinstance(self.grid, list) else [self.grid]
 
     @field_validator("seeds", "trials", "max_failures")
     @classmethod
