@@ -238,8 +238,10 @@ class GenEvalConfig(_Section):
     # sweep reports such seed reruns apart instead of averaging them in. null: never flagged.
     kl_ceiling: float | None = 20.0
     # ... or whose final fraction of samples that parse in the task's language (gen/parsed, the
-    # controlled task) falls below this: the policy has left the language. null: never flagged.
-    parsed_floor: float | None = 0.5
+    # controlled task) falls below this: the policy has left the language. The SFT reference
+    # parses ~0.94 on the controlled task, and DPO lowers it as it learns (~0.55 at 3 nats of KL
+    # in one measured run): the floor flags samples that mostly stopped parsing. null: never.
+    parsed_floor: float | None = 0.25
 
 
 class TrackingConfig(_Section):
