@@ -12,6 +12,7 @@ from harness import cache
 from harness.bench import trl_path
 from harness.bench.agree import GUARD_STEPS, PathsDisagree
 from harness.bench.cases import CASES, DEFAULT_CASES, TRL_CASES, TRL_ONLY, available
+from harness.bench.gen import GEN_CASES, bench_gen, gen_table
 from harness.bench.measure import (
     bench_case,
     child_main,
@@ -84,6 +85,21 @@ def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: 
     return report
 
 
+def run_gen(out_dir: Path) -> dict:
+    """`--gen`: the sampling benchmark (harness/bench/gen.py) and its JSON report."""
+    results, skipped = bench_gen(list(GEN_CASES))
+    report = {"machine": machine(), "generation": results, "skipped": skipped,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-gen-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    cache.atomic_write(path, json.dumps(report, indent=2))
+    print(gen_table(results))
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    print(f"\nwritten: {path}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -100,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results/bench", help="directory for the JSON report")
     p.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of "
                    "each path for CASE instead of benchmarking")
+    p.add_argument("--gen", action="store_true", help="time harness.generate.sample against "
+                   "transformers' generate(do_sample=True) on the same prompts instead (tiny-s, and "
+                   "SmolLM2-135M-Instruct when available)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -111,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print(profile_case(CASES[args.profile]))
         return 0
     default = TRL_CASES if args.baseline == "trl" else DEFAULT_CASES
+    if args.gen:
+        run_gen(Path(args.out))
+        return 0
     names = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:

@@ -42,10 +42,10 @@ def unavailable() -> str | None:
 
 def mismatch(case: Case) -> str | None:
     """None if TRL's DPOTrainer computes what this case computes, else why it does not."""
-    if case.reduction != "sum":
-        return f"TRL's DPOTrainer sums log-probs over the completion; {case.name} takes the {case.reduction}"
     if not case.mask_prompt:
         return f"TRL's DPOTrainer never counts prompt tokens; {case.name} does"
+    if case.reduction != "sum":
+        return f"TRL's DPOTrainer sums log-probs over the completion; {case.name} takes the {case.reduction}"
     if case.bf16 or case.checkpointing:
         return f"the TRL baseline runs in fp32 without gradient checkpointing; {case.name} does not"
     return None
