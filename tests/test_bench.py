@@ -317,8 +317,9 @@ def test_until_eos_by_hand():
 
 def test_gen_times_both_samplers(tmp_path, monkeypatch, capsys):
     """`harness bench --gen` on tiny-s (2 prompts, 4 new tokens, 1 run): both samplers produce
-    between 1 and 4 tokens per prompt, the ratio is harness over transformers tokens/s, and the
-    JSON report and table hold it."""
+    between 1 and 4 tokens per prompt, and the same tokens (both sample the model's own
+    distribution with torch.multinomial from the same seed: a top-k or a temperature in either
+    would differ); the ratio is harness over transformers tokens/s; the report and table hold it."""
     real = gen.bench_gen
     monkeypatch.setattr(cli, "bench_gen", lambda names: real(["tiny-s"], 2, 4, 1))
     from harness.cli import main
@@ -330,4 +331,5 @@ def test_gen_times_both_samplers(tmp_path, monkeypatch, capsys):
         assert 2 <= r[name]["tokens"] <= 8 and r[name]["seconds"] > 0
         assert r[name]["tokens_per_s"] == pytest.approx(r[name]["tokens"] / r[name]["seconds"])
     assert r["ratio"] == pytest.approx(r["harness"]["tokens_per_s"] / r["transformers"]["tokens_per_s"])
+    assert r["same_samples"] is True
     assert "tiny-s" in capsys.readouterr().out

@@ -5,8 +5,9 @@ Both sample from the model's distribution exactly (temperature 1, no top-k / top
 same left-padded batch of the first train prompts of the seed data, up to the same number of
 new tokens. A generated token is one of a row's continuation up to and including its eos (what
 `sample` returns; `generate` pads the rows that finished first, and those pads are not counted).
-The two draw different samples (different random streams), so the rates, not the token counts,
-are compared. Runs alternate between the two after one short warm-up of each.
+Both draw with torch.multinomial from the same probabilities and the same seed, so they are
+expected to draw the same tokens and so do the same work: the report says whether they did
+(`same_samples`). Runs alternate between the two after one short warm-up of each.
 """
 
 from __future__ import annotations
@@ -63,12 +64,15 @@ def time_gen(model, prompts, eos_id: int, pad_id: int, max_new_tokens: int, repe
     for run in samplers.values():
         run(0, 4)  # warm-up
     runs: dict[str, list[tuple[int, float]]] = {name: [] for name in samplers}
+    same = True
     for r in range(repeats):
+        drawn = {}
         for name in (list(samplers) if r % 2 == 0 else list(samplers)[::-1]):
             t0 = time.perf_counter()
-            rows = samplers[name](r + 1, max_new_tokens)
-            runs[name].append((sum(len(row) for row in rows), time.perf_counter() - t0))
-    out = {}
+            drawn[name] = samplers[name](r + 1, max_new_tokens)
+            runs[name].append((sum(len(row) for row in drawn[name]), time.perf_counter() - t0))
+        same = same and drawn["harness"] == drawn["transformers"]
+    out: dict = {"same_samples": same}
     for name, rs in runs.items():
         tokens, seconds = sum(n for n, _ in rs), sum(s for _, s in rs)
         out[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
@@ -101,4 +105,6 @@ def gen_table(results: list[dict]) -> str:
             ratio = f"{r['ratio']:.2f}x" if name == "harness" else ""
             lines.append(f"{r['model']:24} {name:13} {p['tokens']:7d} {p['seconds']:8.2f} "
                          f"{p['tokens_per_s']:8.1f} {ratio:>7}")
+        same = "the same tokens" if r["same_samples"] else "different tokens"
+        lines.append(f"{r['model']}: both samplers drew {same} from the same seeds")
     return "\n".join(lines)
