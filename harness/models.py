@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -320,9 +321,48 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
+CPUINFO = Path("/proc/cpuinfo")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # /proc/cpuinfo flags of native bf16
+
+
+def capability(device: torch.device) -> dict:
+    """What `device` does natively. cuda: {"device", "bf16_native"} from
+    torch.cuda.is_bf16_supported(). cpu: also "isa" (torch's dispatch level, e.g. AVX2, AVX512)
+    and "flags" (those of BF16_CPU_FLAGS that /proc/cpuinfo lists; None when it cannot be read).
+    A CPU runs bf16 matmuls natively only with AMX or AVX512-BF16; on AVX2 torch emulates them
+    (slower than fp32). bf16_native is None when unknown (no /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return {"device": "cuda", "bf16_native": bool(torch.cuda.is_bf16_supported())}
+    if device.type != "cpu":
+        return {"device": device.type, "bf16_native": None}
+    flags = _cpu_flags(CPUINFO)
+    native = None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags))
+    return {"device": "cpu", "isa": torch.backends.cpu.get_cpu_capability(), "flags": flags,
+            "bf16_native": native}
+
+
+@functools.lru_cache(maxsize=4)  # autocast asks every step; the file does not change
+def _cpu_flags(cpuinfo: Path) -> list[str] | None:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    present = set(line.partition(":")[2].split())
+    return [f for f in BF16_CPU_FLAGS if f in present]
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """`auto` -> bf16 where bf16 matmuls are native (cuda with bf16 support, a CPU with AMX or
+    AVX512-BF16), else fp32; `fp32` and `bf16` as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device.type in ("cuda", "cpu") and capability(device)["bf16_native"] else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on cuda for `auto`, on any device for `bf16`; fp32 otherwise."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (resolve_precision)."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

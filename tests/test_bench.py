@@ -3,6 +3,7 @@ agreement guard (harness/bench/agree.py) passes a clean run and fires on a wrong
 wrong reduction, a wrong β and an optimizer that does not step, and the report has what README
 quotes. (Speed is measured by `make bench`, never asserted here.)"""
 
+import copy
 import dataclasses
 import json
 import math
@@ -10,8 +11,10 @@ import math
 import pytest
 import torch
 
+from harness import data as hdata
+from harness import models as hmodels
 from harness import step as hstep
-from harness.bench import agree, cases, cli, measure, paths
+from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
 
 LN2 = math.log(2)
 _loaded: dict = {}
@@ -195,3 +198,138 @@ def test_profile_prints_both_paths():
     text = measure.profile_case(cases.CASES["tiny-live-mean"], rows=5)
     assert "tiny-live-mean / harness" in text and "tiny-live-mean / naive" in text
     assert "aten::" in text  # real profiler rows
+
+
+# ----------------------------------------------------------------------------- bf16 by CPU, TRL
+
+
+def _cpu_flags(monkeypatch, tmp_path, flags: str):
+    """/proc/cpuinfo with these flags (the harness reads a file once per path)."""
+    path = tmp_path / f"cpuinfo-{abs(hash(flags))}"
+    path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(hmodels, "CPUINFO", path)
+
+
+def test_bf16_cases_skipped_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
+    """On an AVX2-only CPU a bf16 case is skipped with the reason (unless --force-bf16), an fp32
+    case is not; with AMX (or AVX512-BF16) the bf16 case runs."""
+    bf16, fp32 = cases.CASES["tiny-live-mean-bf16"], cases.CASES["tiny-live-mean"]
+    _cpu_flags(monkeypatch, tmp_path, "fpu sse2 avx avx2 fma")
+    reason = cases.available(bf16)
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert reason.startswith(f"bf16 emulated on this CPU ({isa}): no AMX or AVX512-BF16")
+    assert "--force-bf16" in reason
+    assert cases.available(bf16, force_bf16=True) is None and cases.available(fp32) is None
+    _cpu_flags(monkeypatch, tmp_path, "avx2 avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert cases.available(bf16) is None
+    _cpu_flags(monkeypatch, tmp_path, "avx2 avx512f avx512_bf16")
+    assert cases.available(bf16) is None
+
+
+def test_cli_skips_bf16_and_a_missing_trl_with_their_reasons(monkeypatch, tmp_path, capsys):
+    """`--baseline trl` without trl installed and a bf16 case on an AVX2 CPU: both skipped,
+    each with its reason (pip install -e '.[trl]'; bf16 emulated), recorded in the report
+    with the CPU's capability; no case runs."""
+    import importlib.util
+
+    _cpu_flags(monkeypatch, tmp_path, "avx2 fma")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "trl" else real_find_spec(name, *a))
+    monkeypatch.setattr(cli, "padding_report", lambda: {
+        "tokenizer": "t", "file_order": {"padding_fraction": 0.2},
+        "length_grouped": {"padding_fraction": 0.05}})
+    monkeypatch.setattr(cli, "bench_case", lambda *a: pytest.fail("a skipped case ran"))
+    from harness.cli import main
+
+    assert main(["bench", "--cases", "tiny-live-mean-bf16", "--baseline", "trl", "--no-memory",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    assert report["skipped"]["baseline trl"] == trl_path.TRL_MISSING
+    assert "pip install -e '.[trl]'" in trl_path.TRL_MISSING
+    assert report["skipped"]["tiny-live-mean-bf16"].startswith("bf16 emulated on this CPU")
+    assert report["machine"]["capability"]["flags"] == [] and report["results"] == []
+    err = capsys.readouterr().err
+    assert "skip the trl baseline: trl is not installed: pip install -e '.[trl]'" in err
+
+
+def test_trl_runs_only_the_cases_it_computes():
+    """TRL's DPOTrainer sums log-probs over the completion, in fp32 here: mean, prompt-counting
+    and bf16 cases get no trl row, each with the reason; the sum cases get one."""
+    assert "takes the mean" in trl_path.mismatch(cases.CASES["tiny-live-mean"])
+    assert "never counts prompt tokens" in trl_path.mismatch(cases.CASES["tiny-live-mean-unmasked"])
+    assert "fp32" in trl_path.mismatch(dataclasses.replace(cases.CASES["tiny-live-sum"], bf16=True))
+    assert all(trl_path.mismatch(cases.CASES[name]) is None for name in cases.TRL_CASES)
+
+
+def test_trl_batches_compared_position_by_position():
+    """The first-batch check counts the positions where TRL's collation differs from the
+    harness's: none for the same rows, one for a changed token, every one for another width."""
+    ids = torch.tensor([[5, 6, 7, 0], [5, 8, 0, 0]])
+    attn = (torch.arange(4) < torch.tensor([[3], [2]])).long()
+    loss = torch.tensor([[False, True, True, False], [False, True, False, False]])
+    harness = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    trl = {"input_ids": ids.clone(), "attention_mask": attn.clone(), "completion_mask": loss.long()}
+    assert trl_path.batch_differences(trl, harness) == 0
+    trl["input_ids"][1, 1] = 9
+    assert trl_path.batch_differences(trl, harness) == 1
+    trl["completion_mask"][0, 1] = 0  # a completion token taken for prompt
+    assert trl_path.batch_differences(trl, harness) == 2
+    wider = {k: torch.nn.functional.pad(v, (0, 1)) for k, v in trl.items()}
+    assert trl_path.batch_differences(wider, harness) == 10
+
+
+@pytest.mark.skipif(trl_path.unavailable() is not None, reason=trl_path.TRL_MISSING)
+def test_trl_path_computes_the_harness_step(tmp_path):
+    """TRL's DPOTrainer on a tiny model (tiny-xs, the seed data's first two batches, live
+    reference, sum): its first collated batch is the harness's, its per-sequence log-probs
+    equal the harness's, and its loss after one update (step 2, which has left ln 2 by far more
+    than the tolerance at this learning rate) equals the harness path's within 1e-5."""
+    case = cases.CASES["tiny-live-sum"]
+    cfg, tok, items = cases.load_items(case, 16)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 1e-3})})
+    torch.manual_seed(0)
+    model = hmodels.build_tiny_model("tiny-xs", len(tok), 1024, tok.eos_token_id, tok.pad_token_id)
+    bats = list(hdata.batches(items, list(range(16)), 8, tok.pad_token_id, True, drop_last=True))
+    harness = paths.HarnessPath(model, cfg, bats)
+    logps = harness.logps(bats[0][1])
+    losses = [harness.step(*b) for b in bats]
+    tr = trl_path.trainer(case, copy.deepcopy(model), tok, cfg, items, 2, str(tmp_path))
+    first = next(iter(tr.get_train_dataloader()))
+    assert trl_path.batch_differences(first, bats[0][1]) == 0
+    with torch.no_grad():
+        trl_logps = torch.cat(tr.compute_ref_log_probs(tr.model, first))
+    assert torch.allclose(trl_logps, logps, atol=1e-3, rtol=0)  # sums of ~100 tokens
+    tr.train()
+    assert tr.step_losses[0] == pytest.approx(LN2, abs=1e-6) and len(tr.step_times) == 2
+    assert abs(losses[1] - LN2) > 100 * agree.LOSS_TOLERANCE
+    assert tr.step_losses[1] == pytest.approx(losses[1], abs=agree.LOSS_TOLERANCE)
+
+
+# ----------------------------------------------------------------------------- sampling speed
+
+
+def test_until_eos_by_hand():
+    assert gen.until_eos([5, 3, 2, 0, 0], eos_id=2) == [5, 3, 2]
+    assert gen.until_eos([5, 3, 4], eos_id=2) == [5, 3, 4]
+    assert gen.until_eos([2, 2], eos_id=2) == [2]
+
+
+def test_gen_times_both_samplers(tmp_path, monkeypatch, capsys):
+    """`harness bench --gen` on tiny-s (2 prompts, 4 new tokens, 1 run): both samplers produce
+    between 1 and 4 tokens per prompt, and the same tokens (both sample the model's own
+    distribution with torch.multinomial from the same seed: a top-k or a temperature in either
+    would differ); the ratio is harness over transformers tokens/s; the report and table hold it."""
+    real = gen.bench_gen
+    monkeypatch.setattr(cli, "bench_gen", lambda names: real(["tiny-s"], 2, 4, 1))
+    from harness.cli import main
+
+    assert main(["bench", "--gen", "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("bench-gen-*.json")).read_text())
+    [r] = report["generation"]
+    for name in ("harness", "transformers"):
+        assert 2 <= r[name]["tokens"] <= 8 and r[name]["seconds"] > 0
+        assert r[name]["tokens_per_s"] == pytest.approx(r[name]["tokens"] / r[name]["seconds"])
+    assert r["ratio"] == pytest.approx(r["harness"]["tokens_per_s"] / r["transformers"]["tokens_per_s"])
+    assert r["same_samples"] is True
+    assert "tiny-s" in capsys.readouterr().out

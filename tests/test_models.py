@@ -2,6 +2,7 @@
 local directory and a GGUF file, saved weights, device choice."""
 
 import importlib.util
+import itertools
 import warnings
 from pathlib import Path
 
@@ -124,16 +125,73 @@ def test_explicit_device_must_be_there(monkeypatch):
     assert hm.pick_device("mps") == torch.device("mps")
 
 
-def test_autocast_is_bf16_only_when_asked_or_auto_on_cuda():
-    """autocast: `auto` is a no-op on cpu (fp32 matmuls), `bf16` autocasts cpu matmuls to bf16,
-    `fp32` never autocasts."""
+_CPUINFO_FILES = itertools.count()
+AVX2_FLAGS = "flags\t\t: fpu sse2 avx avx2 fma\n"
+AMX_FLAGS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+
+
+def _cpuinfo(monkeypatch, tmp_path, text: str | None):
+    """/proc/cpuinfo replaced by `text` (None: the file is absent); a new file each time, as
+    the flags are read once per file."""
+    path = tmp_path / f"cpuinfo-{next(_CPUINFO_FILES)}"
+    if text is not None:
+        path.write_text("processor\t: 0\nmodel name\t: Test CPU\n" + text)
+    monkeypatch.setattr(hm, "CPUINFO", path)
+
+
+def test_capability_reads_the_cpu_flags(monkeypatch, tmp_path):
+    """The CPU's bf16 flags come from /proc/cpuinfo: native with AMX or AVX512-BF16, not with
+    AVX2 alone, unknown (None) without the file; the ISA is torch's dispatch level."""
     cpu = torch.device("cpu")
-    with hm.autocast(cpu, "auto"):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    with hm.autocast(cpu, "fp32"):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-    with hm.autocast(cpu, "bf16"):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
+    _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
+    amx = hm.capability(cpu)
+    assert amx["flags"] == ["avx512_bf16", "amx_bf16", "amx_tile"] and amx["bf16_native"] is True
+    assert amx["isa"] == torch.backends.cpu.get_cpu_capability()
+    _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
+    assert hm.capability(cpu) | {"isa": "?"} == {"device": "cpu", "isa": "?", "flags": [],
+                                                  "bf16_native": False}
+    _cpuinfo(monkeypatch, tmp_path, None)
+    assert hm.capability(cpu)["flags"] is None and hm.capability(cpu)["bf16_native"] is None
+    _cpuinfo(monkeypatch, tmp_path, "flags\t\t: avx2 amx_tile\n")  # AMX tiles without the bf16 unit
+    assert hm.capability(cpu)["bf16_native"] is False
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch, tmp_path):
+    """`auto` resolves to bf16 on a CPU with AMX and on cuda with bf16 support, to fp32 on an
+    AVX2 CPU, on a CPU whose flags are unknown, on cuda without bf16, and on mps; `fp32` and
+    `bf16` are kept as given on every device."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
+    assert hm.resolve_precision(cpu, "auto") == "bf16"
+    assert hm.resolve_precision(cpu, "fp32") == "fp32"
+    _cpuinfo(monkeypatch, tmp_path, None)
+    assert hm.resolve_precision(cpu, "auto") == "fp32"
+    _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
+    assert hm.resolve_precision(cpu, "auto") == "fp32"
+    assert hm.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert hm.capability(cuda) == {"device": "cuda", "bf16_native": True}
+    assert hm.resolve_precision(cuda, "auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert hm.resolve_precision(cuda, "auto") == "fp32"
+    assert hm.resolve_precision(torch.device("mps"), "auto") == "fp32"
+
+
+def test_autocast_follows_the_resolved_precision(monkeypatch, tmp_path):
+    """autocast: `auto` runs cpu matmuls in fp32 on an AVX2 CPU and in bf16 on an AMX one,
+    `bf16` always autocasts, `fp32` never."""
+    cpu = torch.device("cpu")
+
+    def matmul_dtype(precision):
+        with hm.autocast(cpu, precision):
+            return torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype
+
+    _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
+    assert matmul_dtype("auto") == torch.float32 and matmul_dtype("fp32") == torch.float32
+    assert matmul_dtype("bf16") == torch.bfloat16
+    _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
+    assert matmul_dtype("auto") == torch.bfloat16 and matmul_dtype("fp32") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     with warnings.catch_warnings():  # "CUDA is not available": only the settings are checked
         warnings.simplefilter("ignore")
         auto_cuda = hm.autocast(torch.device("cuda"), "auto")

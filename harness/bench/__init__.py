@@ -15,6 +15,10 @@ reference forward 2 N; 6 N with a cached one) over the fp32 matmul rate measured
 Before any timing is reported the paths must agree (harness/bench/agree.py: log-probs, the first
 gradient norm, the losses over three steps or more), or the benchmark fails: it must not be fast
 because it computes something else.
+
+`--baseline trl` adds TRL's DPOTrainer on the same batches as a third path (trl_path.py, held to
+the same agreement); `--gen` times sampling instead (gen.py). bf16 cases run only on a CPU with
+native bf16 (harness.models.capability), unless `--force-bf16`.
 """
 
 

@@ -57,15 +57,18 @@ def tolerances(bf16: bool) -> Tolerances:
 
 @dataclass(frozen=True)
 class Check:
-    """One quantity measured on both paths and their difference, in the tolerance's unit."""
+    """One quantity measured on both paths and their difference, in the tolerance's unit. `naive`
+    holds the value of the path the harness is compared with: `other` names it (the notebook's
+    path, or TRL's DPOTrainer with `--baseline trl`)."""
 
-    quantity: str  # what was compared: "policy log-prob", "gradient norm" or "loss"
+    quantity: str  # what was compared: "policy log-prob", "gradient norm", "loss" or "batch"
     where: str  # e.g. "first batch, rejected row 3"
     naive: float
     harness: float
     diff: float
     tolerance: float
     unit: str  # of diff and tolerance
+    other: str = "naive"  # the path `naive` was measured on: naive | trl
 
     @property
     def ok(self) -> bool:
@@ -75,18 +78,19 @@ class Check:
         return asdict(self) | {"ok": self.ok}
 
     def describe(self) -> str:
-        return (f"{self.quantity} ({self.where}): naive {self.naive:.7g}, harness {self.harness:.7g}, "
+        return (f"{self.quantity} ({self.where}): {self.other} {self.naive:.7g}, harness {self.harness:.7g}, "
                 f"difference {self.diff:.3g} {self.unit} > tolerance {self.tolerance:g}")
 
 
 class PathsDisagree(RuntimeError):
-    """The harness path computed something else than the notebook's path."""
+    """The harness path computed something else than the notebook's path (or TRL's)."""
 
     def __init__(self, case: str, checks: list[Check]):
         self.case, self.checks = case, checks
-        bad = "; ".join(c.describe() for c in checks if not c.ok)
-        super().__init__(f"{case}: the harness path disagrees with the notebook's path, so its "
-                         f"timing is not reported: {bad}")
+        bad = [c for c in checks if not c.ok]
+        other = "TRL's DPOTrainer" if any(c.other == "trl" for c in bad) else "the notebook's path"
+        super().__init__(f"{case}: the harness path disagrees with {other}, so its timing is not "
+                         f"reported: {'; '.join(c.describe() for c in bad)}")
 
 
 def require(case: str, checks: list[Check]) -> None:
@@ -96,7 +100,7 @@ def require(case: str, checks: list[Check]) -> None:
 
 
 def logps_check(naive: torch.Tensor, harness: torch.Tensor, counted: torch.Tensor,
-                reduction: str, tolerance: float) -> Check:
+                reduction: str, tolerance: float, other: str = "naive") -> Check:
     """naive, harness: [2B] policy log-probs (chosen rows, then rejected); counted: [2B] counted
     tokens of each row. The worst row, its difference per counted token."""
     per_token = (naive.float() - harness.float()).abs()
@@ -106,7 +110,7 @@ def logps_check(naive: torch.Tensor, harness: torch.Tensor, counted: torch.Tenso
     half = len(naive) // 2
     row = f"chosen row {i}" if i < half else f"rejected row {i - half}"
     return Check("policy log-prob", f"{reduction}, first batch, worst row: {row}", float(naive[i]),
-                 float(harness[i]), float(per_token[i]), tolerance, "nats per counted token")
+                 float(harness[i]), float(per_token[i]), tolerance, "nats per counted token", other)
 
 
 def grad_norm_check(naive: float, harness: float, rtol: float) -> Check:
@@ -114,10 +118,11 @@ def grad_norm_check(naive: float, harness: float, rtol: float) -> Check:
     return Check("gradient norm", "after the first backward", naive, harness, diff, rtol, "relative")
 
 
-def loss_check(naive: list[float], harness: list[float], tolerance: float) -> Check:
+def loss_check(naive: list[float], harness: list[float], tolerance: float,
+               other: str = "naive") -> Check:
     """The step whose losses differ most, of the steps so far (the bench runs GUARD_STEPS or
     more)."""
     diffs = [math.inf if math.isnan(a - b) else abs(a - b) for a, b in zip(naive, harness, strict=True)]
     i = max(range(len(diffs)), key=diffs.__getitem__)
     return Check("loss", f"step {i + 1}, the worst of steps 1-{len(diffs)}", naive[i], harness[i],
-                 diffs[i], tolerance, "absolute")
+                 diffs[i], tolerance, "absolute", other)

@@ -33,10 +33,13 @@ CASES = {
     "tiny-live-mean": Case("tiny-live-mean", "tiny-50k", "model", "mean", True),
     "tiny-cache-mean": Case("tiny-cache-mean", "tiny-50k", "cache", "mean", True),
     "tiny-live-sum": Case("tiny-live-sum", "tiny-50k", "model", "sum", True),
+    "tiny-cache-sum": Case("tiny-cache-sum", "tiny-50k", "cache", "sum", True),
     "tiny-live-mean-unmasked": Case("tiny-live-mean-unmasked", "tiny-50k", "model", "mean", False),
     "tiny-live-mean-bf16": Case("tiny-live-mean-bf16", "tiny-50k", "model", "mean", True, bf16=True),
     "smollm2-live-mean": Case("smollm2-live-mean", SMOLLM2, "model", "mean", True),
     "smollm2-cache-mean": Case("smollm2-cache-mean", SMOLLM2, "cache", "mean", True),
+    "smollm2-live-sum": Case("smollm2-live-sum", SMOLLM2, "model", "sum", True),
+    "smollm2-cache-sum": Case("smollm2-cache-sum", SMOLLM2, "cache", "sum", True),
     "smollm2-live-mean-bf16": Case("smollm2-live-mean-bf16", SMOLLM2, "model", "mean", True, bf16=True),
     "smollm2-cache-mean-bf16": Case("smollm2-cache-mean-bf16", SMOLLM2, "cache", "mean", True, bf16=True),
     "smollm2-cache-mean-ckpt": Case("smollm2-cache-mean-ckpt", SMOLLM2, "cache", "mean", True,
@@ -44,7 +47,11 @@ CASES = {
     "smollm2-live-mean-bf16-ckpt": Case("smollm2-live-mean-bf16-ckpt", SMOLLM2, "model", "mean", True,
                                         bf16=True, checkpointing=True),
 }
-DEFAULT_CASES = list(CASES)
+# The cases TRL's DPOTrainer computes too (fp32, log-probs summed over the completion): the
+# default of `--baseline trl`; the others run without it.
+TRL_CASES = ["tiny-live-sum", "tiny-cache-sum", "smollm2-live-sum", "smollm2-cache-sum"]
+TRL_ONLY = {"tiny-cache-sum", "smollm2-live-sum", "smollm2-cache-sum"}  # not in the default run
+DEFAULT_CASES = [name for name in CASES if name not in TRL_ONLY]
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -62,8 +69,19 @@ def run_config(case: Case):
     return load_config(SEED_EXPERIMENT, overrides)
 
 
-def available(case: Case) -> str | None:
-    """None if the case can run here, else the reason it cannot."""
+def available(case: Case, force_bf16: bool = False) -> str | None:
+    """None if the case can run here, else the reason it cannot. A bf16 case needs a CPU that
+    runs bf16 matmuls natively (AMX or AVX512-BF16), unless `force_bf16`: elsewhere torch
+    emulates them and the case measures the emulation."""
+    if case.bf16 and not force_bf16:
+        cap = hmodels.capability(torch.device("cpu"))
+        if cap["bf16_native"] is None:
+            return ("bf16 support of this CPU unknown (no /proc/cpuinfo to read AMX or AVX512-BF16 "
+                    "from); --force-bf16 runs it anyway")
+        if not cap["bf16_native"]:
+            return (f"bf16 emulated on this CPU ({cap['isa']}): no AMX or AVX512-BF16 in "
+                    "/proc/cpuinfo, so its bf16 matmuls are slower than fp32; --force-bf16 runs it "
+                    "anyway")
     if case.model == SMOLLM2:
         if hmodels.packaged_gguf(SMOLLM2) is None and (os.environ.get("HF_HUB_OFFLINE") == "1"
                                                       or not hmodels._hub_reachable()):
@@ -81,7 +99,11 @@ def load_items(case: Case, n_pairs: int):
 
 def load(case: Case, n_pairs: int):
     """(model, batches of 8 train pairs in file order, run config, n_params)."""
-    cfg, tokenizer, items = load_items(case, n_pairs)
+    return build(case, *load_items(case, n_pairs))
+
+
+def build(case: Case, cfg, tokenizer, items):
+    """load's result from load_items's: the case's model (seeded) and the batches of `items`."""
     torch.manual_seed(0)
     if case.model == "tiny-50k":
         # tiny-s's body with a real-sized (GPT-2) vocabulary: the LM head dominates, as in
@@ -95,5 +117,3 @@ def load(case: Case, n_pairs: int):
     bs = cfg.train.batch_size
     bats = list(hdata.batches(items, list(range(len(items))), bs, pad, case.mask_prompt, drop_last=True))
     return model, bats, cfg, hmodels.count_params(model)
-
-

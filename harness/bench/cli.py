@@ -9,8 +9,10 @@ import time
 from pathlib import Path
 
 from harness import cache
+from harness.bench import trl_path
 from harness.bench.agree import GUARD_STEPS, PathsDisagree
-from harness.bench.cases import CASES, DEFAULT_CASES, available
+from harness.bench.cases import CASES, DEFAULT_CASES, TRL_CASES, TRL_ONLY, available
+from harness.bench.gen import GEN_CASES, bench_gen, gen_table
 from harness.bench.measure import (
     bench_case,
     child_main,
@@ -26,7 +28,7 @@ def table(results: list[dict], rate: float) -> str:
              f"{'case':26} {'path':8} {'tok/s':>7} {'s/step':>7} {'MFU':>6} {'RSS GB':>7}"
              f" {'speedup':>8}"]
     for r in results:
-        for name in ("naive", "harness"):
+        for name in (n for n in ("naive", "harness", "trl") if n in r["paths"]):
             p = r["paths"][name]
             rss = f"{p['peak_rss_gb']:.2f}" if "peak_rss_gb" in p else "-"
             sp = f"{r['speedup']:.2f}x" if name == "harness" else ""
@@ -34,24 +36,38 @@ def table(results: list[dict], rate: float) -> str:
                          f"{p['step_s']:7.2f} {p['mfu']:6.1%} {rss:>7} {sp:>8}")
     for r in results:
         checks = ", ".join(f"{c['quantity']} {c['diff']:.2g} (tolerance "
-                           f"{c['tolerance']:g} {c['unit']})" for c in r["agreement"])
+                           f"{c['tolerance']:g} {c['unit']})" for c in r["agreement"]
+                           if c.get("other", "naive") == "naive")
         lines.append(f"{r['case']['name']}: paths agree: {checks}")
+        trl = [c for c in r["agreement"] if c.get("other") == "trl"]
+        if trl:
+            agreed = ", ".join(f"{c['quantity']} {c['diff']:.2g}" for c in trl)
+            rss = f", peak RSS {r['rss_ratio_vs_trl']:.2f}x" if "rss_ratio_vs_trl" in r else ""
+            lines.append(f"{r['case']['name']}: trl agrees ({agreed}); harness / trl: tokens/s "
+                         f"{r['speedup_vs_trl']:.2f}x{rss}")
+        elif "trl_skipped" in r:
+            lines.append(f"{r['case']['name']}: no trl row: {r['trl_skipped']}")
     return "\n".join(lines)
 
 
-def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: Path) -> dict:
+def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: Path,
+              baseline: str | None = None, force_bf16: bool = False) -> dict:
     rate = matmul_rate()
     print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s", file=sys.stderr)
     results, skipped = [], {}
+    trl = baseline == "trl"
+    if trl and trl_path.unavailable():
+        skipped["baseline trl"], trl = trl_path.unavailable(), False
+        print(f"skip the trl baseline: {skipped['baseline trl']}", file=sys.stderr)
     for name in cases:
         case = CASES[name]
-        reason = available(case)
+        reason = available(case, force_bf16)
         if reason:
             skipped[name] = reason
             print(f"skip {name}: {reason}", file=sys.stderr)
             continue
         t0 = time.time()
-        results.append(bench_case(case, steps, warmup, rate, memory))
+        results.append(bench_case(case, steps, warmup, rate, memory, trl))
         print(f"{name}: {results[-1]['speedup']:.2f}x in {time.time() - t0:.0f}s", file=sys.stderr)
     report = {"machine": machine(), "matmul_flops": rate, "results": results, "skipped": skipped,
               "padding": padding_report(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -69,17 +85,40 @@ def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: 
     return report
 
 
+def run_gen(out_dir: Path) -> dict:
+    """`--gen`: the sampling benchmark (harness/bench/gen.py) and its JSON report."""
+    results, skipped = bench_gen(list(GEN_CASES))
+    report = {"machine": machine(), "generation": results, "skipped": skipped,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bench-gen-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    cache.atomic_write(path, json.dumps(report, indent=2))
+    print(gen_table(results))
+    for name, reason in skipped.items():
+        print(f"skipped {name}: {reason}")
+    print(f"\nwritten: {path}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default=",".join(DEFAULT_CASES),
-                   help=f"comma-separated, from: {', '.join(CASES)}")
+    p.add_argument("--cases", help=f"comma-separated, from: {', '.join(CASES)} (default: all but "
+                   f"{', '.join(sorted(TRL_ONLY))}; with --baseline trl: {', '.join(TRL_CASES)})")
+    p.add_argument("--baseline", choices=["trl"], help="also run TRL's DPOTrainer on the same "
+                   "batches (fp32, summed log-probs: the *-sum cases), in a child process; needs "
+                   "pip install -e '.[trl]'")
+    p.add_argument("--force-bf16", action="store_true", help="run the bf16 cases on a CPU without "
+                   "native bf16 (no AMX / AVX512-BF16: torch emulates it, slower than fp32)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per path (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
     p.add_argument("--out", default="results/bench", help="directory for the JSON report")
     p.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of "
                    "each path for CASE instead of benchmarking")
+    p.add_argument("--gen", action="store_true", help="time harness.generate.sample against "
+                   "transformers' generate(do_sample=True) on the same prompts instead (tiny-s, and "
+                   "SmolLM2-135M-Instruct when available)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -90,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown case {args.profile}; valid: {', '.join(CASES)}")
         print(profile_case(CASES[args.profile]))
         return 0
-    names = [c.strip() for c in args.cases.split(",") if c.strip()]
+    default = TRL_CASES if args.baseline == "trl" else DEFAULT_CASES
+    if args.gen:
+        run_gen(Path(args.out))
+        return 0
+    names = [c.strip() for c in (args.cases or ",".join(default)).split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
@@ -98,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps {args.steps} --warmup {args.warmup}: at least 1 measured step and "
                 f"{GUARD_STEPS} in all (the paths' losses are compared at step {GUARD_STEPS})")
     try:
-        run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out))
+        run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out), args.baseline,
+                  args.force_bf16)
     except PathsDisagree as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

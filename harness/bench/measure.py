@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
-from harness.bench import agree
+from harness import models as hmodels
+from harness.bench import agree, trl_path
 from harness.bench.cases import CASES, Case, available, load, load_items
 from harness.bench.paths import make_path
 
@@ -52,6 +53,9 @@ def peak_rss_child(case: Case, path: str, steps: int) -> float:
 
 def child_main(case_json: str, path: str, steps: int) -> None:
     case = Case(**json.loads(case_json))
+    if path == "trl":
+        print(json.dumps(trl_path.child_main(case, steps)))
+        return
     model, bats, cfg, _ = load(case, 8 * steps)
     runner = make_path(path, model, cfg, bats)
     del model  # each path holds its own copies, as in a real run
@@ -85,9 +89,11 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -> dict:
-    """Both paths on the same batches, interleaved step by step; raises PathsDisagree (and
-    reports no timing) unless agree.py's guard holds."""
+def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
+               trl: bool = False) -> dict:
+    """Both paths on the same batches, interleaved step by step, and with `trl` TRL's DPOTrainer
+    on them in a child process; raises PathsDisagree (and reports no timing) unless agree.py's
+    guard holds."""
     if steps < 1 or steps + warmup < agree.GUARD_STEPS:
         raise ValueError(f"steps {steps}, warm-up {warmup}: at least 1 measured step and "
                          f"{agree.GUARD_STEPS} in all (the agreement guard compares step "
@@ -99,11 +105,38 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool) -
     tol = agree.tolerances(case.bf16)
     first = bats[0][1]
     counted = first["loss_mask"][:, 1:].sum(-1)
-    checks = [agree.logps_check(paths[0].logps(first), paths[1].logps(first), counted,
-                                cfg.dpo.reduction, tol.logp)]
+    harness_logps = paths[1].logps(first)
+    checks = [agree.logps_check(paths[0].logps(first), harness_logps, counted, cfg.dpo.reduction,
+                                tol.logp)]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
-    return report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
+    result = report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
+    if trl:
+        del paths, model  # the child's memory is its own, but the machine's is shared
+        gc.collect()
+        add_trl(result, case, run, harness_logps, counted, tol, rate)
+    return result
+
+
+def add_trl(result: dict, case: Case, run: dict, harness_logps, counted, tol, rate: float) -> None:
+    """TRL's DPOTrainer on the same batches (a child process): its agreement checks, its row
+    and the ratios harness / trl of tokens/s and peak RSS; or why the case has none."""
+    reason = trl_path.mismatch(case)
+    if reason:
+        result["trl_skipped"] = reason
+        return
+    out = trl_path.run_child(case, len(run["losses"]["harness"]))
+    checks = trl_path.checks(out, harness_logps, counted, run["losses"]["harness"],
+                             case.reduction, tol)
+    agree.require(case.name, checks)
+    result["agreement"] += [c.record() for c in checks]
+    result["losses"]["trl"] = out["losses"]
+    fpt = (8 if case.reference == "model" else 6) * result["n_params"]
+    h = result["paths"]["harness"]
+    t = result["paths"]["trl"] = trl_path.report(out, result["warmup"], run["tokens"], fpt, rate)
+    result["speedup_vs_trl"] = h["tokens_per_s"] / t["tokens_per_s"]
+    if "peak_rss_gb" in h:
+        result["rss_ratio_vs_trl"] = h["peak_rss_gb"] / t["peak_rss_gb"]
 
 
 def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
@@ -219,6 +252,7 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "capability": hmodels.capability(torch.device("cpu"))}
 
 

@@ -157,7 +157,7 @@ class TrainConfig(_Section):
     log_every: int = 1  # optimizer steps between train metric logs
     seed: int = 123  # one seed for data order, init and dropout
     device: str = "auto"  # auto (cuda > mps > cpu), or cpu, cuda, cuda:1, mps
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on cuda only
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where native (cuda; AMX/AVX512-BF16 cpu), else fp32
     num_threads: int | None = None  # torch CPU threads; null = torch's default
     save_model: bool = True  # final policy weights into the run directory (safetensors)
     drop_last: bool = True  # drop the last partial train batch of an epoch (as the seed notebook)
