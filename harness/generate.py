@@ -8,6 +8,7 @@ Log-probs are sequence sums over the continuation tokens (eos included when samp
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -16,16 +17,6 @@ import torch
 from harness import cache
 from harness.dpo import model_logps
 from harness.models import eval_mode
-
-
-def _cache_kwarg(model, out) -> dict:
-    """The KV cache of the previous call, under the name this transformers version takes
-    (`cache` in 5.x, `past_key_values` before)."""
-    import inspect
-
-    if "cache" in inspect.signature(model.forward).parameters and hasattr(out, "cache"):
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
 
 
 @torch.no_grad()
@@ -47,23 +38,40 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, seed, device) -> lis
         attn[i, P - len(p):] = 1
     ids, attn = ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    # Only the last position's logits are needed: the prompt pass skips the LM head elsewhere.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _params(model) else {}
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
+    cache_name = "cache" if "cache" in _params(model) and hasattr(out, "cache") else "past_key_values"
     done = torch.zeros(B, dtype=torch.bool)
-    result: list[list[int]] = [[] for _ in range(B)]
+    drawn = []  # [B] tokens per step; a row's continuation ends at its first eos
     for _ in range(max_new_tokens):
         probs = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
         tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        for i in range(B):
-            if not done[i]:
-                result[i].append(int(tok[i]))
+        drawn.append(tok)
         done |= tok == eos_id
         if bool(done.all()):
             break
         attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=pos,
-                    use_cache=True, **_cache_kwarg(model, out))
-    return result
+                    use_cache=True, **{cache_name: getattr(out, cache_name)}, **keep)
+    return [_until_eos(row, eos_id) for row in torch.stack(drawn, 1).tolist()] if drawn else [[] for _ in range(B)]
+
+
+def _until_eos(row: list[int], eos_id: int) -> list[int]:
+    return row[: row.index(eos_id) + 1] if eos_id in row else row
+
+
+def _params(model) -> set[str]:
+    """The keyword arguments the model's forward takes (looked up once per model class)."""
+    return _forward_params(type(model))
+
+
+@functools.lru_cache(maxsize=32)
+def _forward_params(cls) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.forward).parameters)
 
 
 @torch.no_grad()
