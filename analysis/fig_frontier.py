@@ -1,5 +1,5 @@
 """The reward-versus-KL frontier of the controlled task (the DPO paper's Figure 2, left), one
-figure per model size: x = gen/kl, y = gen/reward.
+figure per study and model size (`frontier_<study>_<model>`): x = gen/kl, y = gen/reward.
 
 Drawn for the runs each cell is compared on (analysis.common.best_runs) and the cells' degenerate
 seed reruns, which are shown hollow, never dropped: each run's path through its eval points (thin,
@@ -8,7 +8,9 @@ front over the cells' final points averaged over seeds (degenerate and diverged 
 the mean). Colour = method (analysis.methods), marker = β, line style = masking (when the figure
 holds more than one, each masking has its own front). The SFT reference is a star at KL 0 (its
 gen/ref_reward); best-of-N from results/<study>/baselines/best_of_n.csv is a dashed line with a
-point per N (its KL an upper bound), or the legend says the file is missing."""
+point per N (its KL an upper bound), or the legend says the file is missing. The KL axis ends a
+little past the unflagged runs and best-of-N: a degenerate run far beyond (hundreds of nats) is
+drawn at the right edge as a hollow triangle, and the figure says how many and how far."""
 
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ CELL = ["method", "β", "masking", "study", "cell"]  # what a cell's mean is tak
 @dataclass
 class Frontier:
     """What one model's figure plots (every frame has the columns the plot reads)."""
+    study: str
     model: str
     paths: pd.DataFrame  # every eval point of every shown run
     finals: pd.DataFrame  # one row per run: its last eval point, `flag` degenerate/diverged/""
@@ -94,11 +97,11 @@ def fronts(finals: pd.DataFrame, by_masking: bool) -> pd.DataFrame:
 
 
 def frontiers(results: Path) -> list[Frontier]:
-    """One Frontier per model size, in name order."""
+    """One Frontier per study and model size, in name order."""
     pts = shown_points(results)
     baseline = methods.read_best_of_n(results)
     out = []
-    for model, frame in pts.groupby("model.name", sort=True):
+    for (study, model), frame in pts.groupby(["study", "model.name"], sort=True):
         finals = frame.groupby("run", sort=True).tail(1).reset_index(drop=True)
         ref = frame[REFERENCE].dropna().mean() if REFERENCE in frame else None
         if baseline is None:
@@ -110,7 +113,7 @@ def frontiers(results: Path) -> list[Frontier]:
             note = f"best-of-N{' (KL: upper bound)' if bound else ''}" if len(bon) else \
                 "best-of-N: none for this model"
             bon = bon if len(bon) else None
-        out.append(Frontier(str(model), frame, finals, fronts(finals, frame["masking"].nunique() > 1),
+        out.append(Frontier(str(study), str(model), frame, finals, fronts(finals, frame["masking"].nunique() > 1),
                             None if ref is None or pd.isna(ref) else float(ref), bon, note))
     return out
 
@@ -175,6 +178,28 @@ def _legend(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside
 
 
+def kl_limit(f: Frontier) -> float:
+    """Where the KL axis ends: 15% past the unflagged runs' eval points and best-of-N (at least
+    1 nat), or past every point when that is within twice as far."""
+    ok = f.paths[f.paths["flag"] == ""][X]
+    inside = max([*ok.tolist(), *(f.baseline["kl"].tolist() if f.baseline is not None else []), 1.0])
+    every = max(f.paths[X].max(), inside)
+    return 1.15 * (every if every <= 2 * inside else inside)
+
+
+def _draw_beyond(ax, f: Frontier, xmax: float) -> None:
+    """Final points past the axis end: a hollow triangle at the edge, and how many and how far."""
+    far = f.finals[f.finals[X] > xmax]
+    if far.empty:
+        return
+    colour = methods.colours(f.paths["method"])
+    for _, r in far.iterrows():
+        ax.plot([xmax], [r[Y]], marker=">", ms=5, mfc="none", color=colour[r["method"]],
+                ls="none", zorder=2, clip_on=False)
+    ax.annotate(f"{len(far)} run(s) beyond, KL up to {far[X].max():.0f} nats", (0.99, 0.02),
+                xycoords="axes fraction", ha="right", va="bottom", fontsize=6)
+
+
 def plot(f: Frontier):
     """The figure of one model's Frontier."""
     fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN + 2.4, 3.0))
@@ -182,7 +207,10 @@ def plot(f: Frontier):
     _draw_runs(ax, f, colour, marker, line)
     _draw_baselines(ax, f)
     _legend(ax, f, colour, marker, line)
-    ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.model}: reward vs KL")
+    xmax = kl_limit(f)
+    ax.set_xlim(min(-0.03 * xmax, f.paths[X].min()), xmax)
+    _draw_beyond(ax, f, xmax)
+    ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.study} · {f.model}: reward vs KL")
     return fig
 
 
@@ -190,7 +218,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     setup()
     paths = []
     for f in frontiers(results):
-        paths += save(plot(f), out, f"frontier_{f.model}")
+        paths += save(plot(f), out, f"frontier_{f.study}_{f.model}")
     return paths
 
 

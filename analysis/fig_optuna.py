@@ -14,7 +14,7 @@ from pathlib import Path
 
 from matplotlib.ticker import MaxNLocator
 
-from analysis.load import load_study_summaries, run_dirs, run_info
+from analysis.load import in_scope, load_study_summaries, run_dirs, run_info
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
 
 
@@ -60,7 +60,7 @@ def storages(results: Path) -> tuple[dict[str, set[str]], list[str]]:
         out.setdefault(url, set()).update(studies)
     named = set().union(*used.values()) if used else set()
     for db in sorted(results.glob("*/optuna.db")):
-        if db.parent.name not in named:
+        if db.parent.name not in named and in_scope(db, results):
             out.setdefault(f"sqlite:///{db.resolve()}", set()).add(db.parent.name)
     return out, missing
 

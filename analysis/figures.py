@@ -18,6 +18,7 @@ from analysis import (
     findings,
     table,
 )
+from analysis.load import only_study, studies
 from analysis.style import MissingData
 
 SCRIPTS = {
@@ -28,6 +29,20 @@ SCRIPTS = {
 
 
 def main(results: Path, out: Path) -> int:
+    """Every figure into `out`; when `results` holds several studies, each study's into
+    out/<study>/ from its own runs only (a table or a finding never pools two studies)."""
+    several = studies(results)
+    if len(several) < 2:
+        return draw_all(results, out)
+    failed = 0
+    for study in several:
+        print(f"study {study}:")
+        with only_study(study):
+            failed += draw_all(results, out / study)
+    return 1 if failed else 0
+
+
+def draw_all(results: Path, out: Path) -> int:
     failed = 0
     for name, module in SCRIPTS.items():
         try:

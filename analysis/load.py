@@ -16,7 +16,10 @@ are read (config.json, metrics.jsonl, summary.json), never logs.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +42,37 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_STUDY: contextvars.ContextVar[str | None] = contextvars.ContextVar("study", default=None)
+
+
+@contextlib.contextmanager
+def only_study(study: str | None) -> Iterator[None]:
+    """Inside, every loader sees the runs, summary.csv and baselines of results/<study>/ only
+    (None: everything), so that figures and findings never pool two studies."""
+    token = _STUDY.set(study)
+    try:
+        yield
+    finally:
+        _STUDY.reset(token)
+
+
+def in_scope(path: Path, results: Path) -> bool:
+    """Whether `path` under `results` belongs to the study in scope (any, outside only_study)."""
+    study = _STUDY.get()
+    return study is None or Path(path).relative_to(results).parts[:1] == (study,)
+
+
+def studies(results: str | Path) -> list[str]:
+    """The studies under `results`: folders holding a sweep's summary.csv, sorted."""
+    return sorted(p.parent.name for p in Path(results).glob("*/summary.csv"))
+
+
 def run_dirs(results: str | Path) -> list[Path]:
-    """Every directory under `results` holding a config.json and a metrics.jsonl, sorted."""
+    """Every directory under `results` holding a config.json and a metrics.jsonl, sorted (of the
+    study in scope, see only_study)."""
     results = Path(results)
-    return sorted(p.parent for p in results.rglob("metrics.jsonl") if (p.parent / "config.json").exists())
+    return sorted(p.parent for p in results.rglob("metrics.jsonl")
+                  if (p.parent / "config.json").exists() and in_scope(p.parent, results))
 
 
 def _info(config: dict[str, Any], run: str) -> tuple[dict[str, Any], bool]:
@@ -132,6 +162,8 @@ def load_study_summaries(results: str | Path) -> pd.DataFrame:
     """The sweeps' per-cell tables (results/<study>/summary.csv), with a `study` column."""
     frames = []
     for path in sorted(Path(results).glob("*/summary.csv")):
+        if not in_scope(path, Path(results)):
+            continue
         df = pd.read_csv(path)
         df.insert(0, "study", path.parent.name)
         frames.append(df)

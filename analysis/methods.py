@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.load import in_scope
+
 NAMES = {"sigmoid": "DPO", "ipo": "IPO", "hinge": "SLiC (hinge)", "sft": "Preferred-FT"}
 WITHOUT_BETA = {"Preferred-FT"}  # methods whose loss has no β: no β marker or label
 BEST_OF_N = "best-of-N"
@@ -76,6 +78,8 @@ def read_best_of_n(results: Path) -> pd.DataFrame | None:
     study has one. A file whose columns are not exactly BEST_OF_N_COLUMNS is refused by name."""
     frames = []
     for path in sorted(Path(results).glob(f"*/{BEST_OF_N_FILE.as_posix()}")):
+        if not in_scope(path, Path(results)):
+            continue
         df = pd.read_csv(path)
         if list(df.columns) != BEST_OF_N_COLUMNS:
             raise ValueError(f"{path}: columns {list(df.columns)}; expected exactly "

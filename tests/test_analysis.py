@@ -471,12 +471,13 @@ def test_frontier_with_and_without_best_of_n(methods_study, tmp_path):
     (f,) = fig_frontier.frontiers(methods_study)
     assert f.baseline is None and "no baselines/best_of_n.csv" in f.baseline_note
     assert {p.name for p in fig_frontier.draw(methods_study, tmp_path / "a")} == {
-        "frontier_tiny-xs.png", "frontier_tiny-xs.pdf"}
+        "frontier_m_tiny-xs.png", "frontier_m_tiny-xs.pdf"}
     _best_of_n(methods_study, "m")
     (f,) = fig_frontier.frontiers(methods_study)
     assert list(f.baseline["n"]) == [1, 4, 16, 64] and f.baseline_note == "best-of-N (KL: upper bound)"
     ax = fig_frontier.plot(f).axes[0]
-    assert sorted(t.get_text() for t in ax.texts) == ["N=1", "N=16", "N=4", "N=64"]
+    assert sorted(t.get_text() for t in ax.texts if t.get_text().startswith("N=")) == [
+        "N=1", "N=16", "N=4", "N=64"]
     assert "best-of-N (KL: upper bound)" in [t.get_text() for t in ax.get_legend().get_texts()]
     csv = methods_study / "m" / "baselines" / "best_of_n.csv"
     pd.read_csv(csv).rename(columns={"kl": "KL"}).to_csv(csv, index=False)
@@ -497,9 +498,17 @@ def test_frontier_draws_degenerate_runs_and_fronts(methods_study):
     assert fronts == {"DPO": [(1.0, 0.31), (2.0, 0.52)], "IPO": [(2.0, 0.51), (6.0, 0.9)],
                       "SLiC (hinge)": [(1.5, 0.21)]}
     ax = fig_frontier.plot(f).axes[0]
-    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none" and line.get_xdata().size]
+    hollow = [line for line in ax.lines if line.get_markerfacecolor() == "none"
+              and line.get_xdata().size and line.get_marker() != ">"]
     assert [list(line.get_xdata()) for line in hollow] == [[25.0]]
     assert f.reference == pytest.approx(0.2)
+    # The axis ends past the unflagged runs (max KL 6) unless every point is within twice that:
+    # the degenerate run at 25 nats is then drawn at the edge, and the figure says so.
+    assert fig_frontier.kl_limit(f) == pytest.approx(1.15 * 6.0)
+    ax = fig_frontier.plot(f).axes[0]
+    edge = [line for line in ax.lines if line.get_marker() == ">"]
+    assert [list(line.get_xdata()) for line in edge] == [[pytest.approx(6.9)]]
+    assert "1 run(s) beyond, KL up to 25 nats" in [t.get_text() for t in ax.texts]
 
 
 def test_frontier_single_method_keeps_maskings_apart(tmp_path):
@@ -554,3 +563,24 @@ def test_per_masking_figures_keep_methods_apart(methods_study, tmp_path):
     assert set(methods_apart(runs[runs["method"] == "DPO"])["masking"]) == {"masked-sum"}
     assert {p.name for p in fig_heatmap.draw(methods_study, tmp_path)} == {
         "heatmap_beta_masking.png", "heatmap_beta_masking.pdf"}
+
+
+def test_two_studies_are_drawn_apart(tmp_path, capsys):
+    """Two studies with the same cell (DPO, tiny-xs, β 0.1, masked-sum): `make figures` draws each
+    into its own folder from its own runs, so neither table nor findings pools them (study `d`'s
+    seeds score 0.50/0.52/0.54, study `p`'s 0.10/0.11/0.12)."""
+    from analysis import figures
+
+    results = tmp_path / "results"
+    for study, finals in (("d", [(2.0, 0.50), (2.0, 0.52), (2.0, 0.54)]),
+                          ("p", [(1.0, 0.10), (1.0, 0.11), (1.0, 0.12)])):
+        (results / study).mkdir(parents=True)
+        _write_study(results, study, {"c": ({}, finals, set())})
+    assert figures.main(results, tmp_path / "out") == 0
+    for study, mean in (("d", 0.52), ("p", 0.11)):
+        table = pd.read_csv(tmp_path / "out" / study / "results_table.csv")
+        assert len(table) == 1 and table["n"].tolist() == [3], table
+        assert table["objective mean"].tolist() == [pytest.approx(mean)]
+        assert {p.name for p in (tmp_path / "out" / study).glob("frontier_*.png")} == {
+            f"frontier_{study}_tiny-xs.png"}
+    assert "study d:" in capsys.readouterr().out

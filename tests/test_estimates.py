@@ -55,6 +55,11 @@ def test_a_cell_is_estimated_from_fresh_reruns_without_degenerate_ones():
     # Without reruns a study reports its search trial and says so.
     assert _estimate(best, [], seeds=1)["estimate_from"] == "search trial"
     assert "objective_mean" not in _estimate(best, [], seeds=3)
+    # One trial per cell picked nothing: it counts as a seed beside the reruns (unless degenerate).
+    alone = _estimate(trial(0.4), done, seeds=5, selected=False)
+    assert alone["estimate_n"] == 4 and alone["objective_mean"] == pytest.approx(0.55)
+    assert alone["run_dirs"] == "/r/0.4;/r/0.5;/r/0.6;/r/0.7"
+    assert _estimate(trial(0.4, degenerate=True), done, seeds=5, selected=False)["estimate_n"] == 3
 
 
 def test_degenerate_is_a_kl_past_the_ceiling_or_samples_that_stop_parsing():

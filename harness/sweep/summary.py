@@ -54,20 +54,25 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
                 "seeds_done": len(done),
                 "seeds_diverged": sum(t.user_attrs.get("outcome") == "diverged" for t in reruns),
                 "seeds_degenerate": sum(bool(t.user_attrs.get("degenerate")) for t in done)})
-    row.update(_estimate(best, done, spec.seeds))
+    row.update(_estimate(best, done, spec.seeds, selected=spec.trials > 1))
     if row["status"] == "done" and len(done) + row["seeds_diverged"] < spec.seeds - 1:
         row["status"] = "incomplete"
     return row
 
 
-def _estimate(best, done: list, seeds: int) -> dict[str, Any]:
+def _estimate(best, done: list, seeds: int, selected: bool = True) -> dict[str, Any]:
     """The cell's reported value: from its fresh seed reruns only (never the search trial that
     picked the parameters: its value is biased upward by the selection), degenerate runs left out
-    and counted. A study without reruns (seeds: 1) reports its search trial, saying so."""
+    and counted. With one trial per cell (`selected` False) nothing was picked, so that trial is
+    one more fresh seed and counts too. A study without reruns (seeds: 1) reports its search
+    trial, saying so."""
     counted = [t for t in done if not t.user_attrs.get("degenerate")]
     source = "seed reruns"
     if seeds == 1:
         counted, source = [best], "search trial"
+    elif not selected:
+        counted = [t for t in [best] if not t.user_attrs.get("degenerate")] + counted
+        source = "every seed (one trial: no selection)"
     out: dict[str, Any] = {"estimate_from": source, "estimate_n": len(counted)}
     if counted:
         e = stats.estimate([t.value for t in counted])
