@@ -46,6 +46,11 @@ def results_table(results: Path) -> pd.DataFrame:
     cells = cells.rename(columns={**FROM_STUDY, **params})
     extra = [c for c in [*FROM_STUDY.values(), *params.values()] if c in cells]
     table = table.merge(cells[on + extra].drop_duplicates(on), on=on, how="left")
+    # A cell none of whose runs counts (every rerun degenerate or diverged, or the cell failed)
+    # is a row with n 0 and its counts, not a missing row.
+    if "estimate_n" in cells:
+        empty = cells[cells["estimate_n"].fillna(0) == 0][on + extra].assign(n=0)
+        table = pd.concat([table, empty], ignore_index=True) if len(empty) else table
     return table.drop(columns=loss).sort_values(keys, ignore_index=True)
 
 

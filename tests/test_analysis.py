@@ -584,3 +584,20 @@ def test_two_studies_are_drawn_apart(tmp_path, capsys):
         assert {p.name for p in (tmp_path / "out" / study).glob("frontier_*.png")} == {
             f"frontier_{study}_tiny-xs.png"}
     assert "study d:" in capsys.readouterr().out
+
+
+def test_a_cell_without_counted_runs_keeps_its_row(tmp_path):
+    """Every rerun of cell `bad` degenerate: the table still has its row, n 0 with no mean and
+    its 2 degenerate reruns, beside the counted cell."""
+    from analysis.table import results_table
+
+    results = tmp_path / "results"
+    (results / "d").mkdir(parents=True)
+    _write_study(results, "d", {"ok": ({}, [(2.0, 0.50), (2.0, 0.52), (2.0, 0.54)], set()),
+                                "bad": ({"beta": 0.5}, [(25.0, 0.1), (30.0, 0.1)], {1, 2})})
+    csv = results / "d" / "summary.csv"
+    pd.read_csv(csv).assign(estimate_n=[3, 0]).to_csv(csv, index=False)
+    table = results_table(results)
+    assert sorted(table["n"]) == [0, 3]
+    bad = table[table["dpo.beta"] == 0.5].iloc[0]
+    assert bad["degenerate reruns"] == 2 and pd.isna(bad["objective mean"])
