@@ -38,8 +38,12 @@ def results_table(results: Path) -> pd.DataFrame:
     # A loss axis of the grid is in summary.csv as dpo.loss: match on it, show it as `method`.
     loss = ["dpo.loss"] if "dpo.loss" in cells and "dpo.loss" in runs and runs["dpo.loss"].notna().all() \
         else []
-    table = cell_estimates(runs, keys + loss).rename(columns={"mean": "objective mean"})
-    on = [k for k in keys + loss if k in cells]
+    # Runs that all name their sweep cell are matched to summary.csv by (study, cell): exact, also
+    # for a list of grids, whose rows leave the axes a cell's grid does not set empty.
+    by_cell = not cells.empty and {"study", "cell"} <= set(runs) and runs[["study", "cell"]].notna().all().all()
+    ids = ["study", "cell"] if by_cell else []
+    table = cell_estimates(runs, keys + loss + ids).rename(columns={"mean": "objective mean"})
+    on = ids or [k for k in keys + loss if k in cells]
     if cells.empty or not on:
         return table.drop(columns=loss)
     params = {c: c.removeprefix("param/") for c in cells if c.startswith("param/")}
@@ -49,9 +53,10 @@ def results_table(results: Path) -> pd.DataFrame:
     # A cell none of whose runs counts (every rerun degenerate or diverged, or the cell failed)
     # is a row with n 0 and its counts, not a missing row.
     if "estimate_n" in cells:
-        empty = cells[cells["estimate_n"].fillna(0) == 0][on + extra].assign(n=0)
-        table = pd.concat([table, empty], ignore_index=True) if len(empty) else table
-    return table.drop(columns=loss).sort_values(keys, ignore_index=True)
+        shown = [k for k in keys if k in cells]
+        empty = cells[cells["estimate_n"].fillna(0) == 0][list(dict.fromkeys(shown + on + extra))]
+        table = pd.concat([table, empty.assign(n=0)], ignore_index=True) if len(empty) else table
+    return table.drop(columns=[*loss, *ids]).sort_values(keys, ignore_index=True)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
