@@ -55,10 +55,11 @@ def _sample(model, prompts, max_new_tokens, eos_id, pad_id, seed, device) -> lis
         pos = pos[:, -1:] + 1
         out = model(input_ids=tok.to(device)[:, None], attention_mask=attn, position_ids=pos,
                     use_cache=True, **{cache_name: getattr(out, cache_name)}, **keep)
-    return [_until_eos(row, eos_id) for row in torch.stack(drawn, 1).tolist()] if drawn else [[] for _ in range(B)]
+    return [until_eos(row, eos_id) for row in torch.stack(drawn, 1).tolist()] if drawn else [[] for _ in range(B)]
 
 
-def _until_eos(row: list[int], eos_id: int) -> list[int]:
+def until_eos(row: list[int], eos_id: int) -> list[int]:
+    """A continuation up to and including its first eos (all of it without one)."""
     return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
@@ -113,15 +114,17 @@ def kl_estimate(policy, reference, prompts, samples, pad_id, device) -> tuple[fl
 
 
 def reference_samples(reference, tokenizer, prompt_texts: list[str], max_new_tokens: int, seed: int,
-                      device, root: str | None = None) -> tuple[list[list[int]], bool]:
+                      device, root: str | None = None, digest: str | None = None
+                      ) -> tuple[list[list[int]], bool]:
     """The reference's samples of the eval prompts, drawn once per (reference weights, prompts,
     length, seed, eos/pad) and shared on disk by every run of that reference: every trial of a
-    sweep on one SFT checkpoint compares against the same samples. Returns (samples, reused)."""
+    sweep on one SFT checkpoint compares against the same samples. `digest`: the reference's
+    weights_digest when the caller has it. Returns (samples, reused)."""
     from harness.reference import weights_digest
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
-    key = cache.Key(weights_digest(reference), prompts, [max_new_tokens, seed, eos, pad])
+    key = cache.Key(digest or weights_digest(reference), prompts, [max_new_tokens, seed, eos, pad])
     path = cache.entry("reference-samples", key.hex(32), ".samples.json", root=root)
 
     def read(p):

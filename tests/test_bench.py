@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from harness import data as hdata
+from harness import generate
 from harness import models as hmodels
 from harness import step as hstep
 from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
@@ -310,6 +311,7 @@ def test_trl_path_computes_the_harness_step(tmp_path):
 
 
 def test_until_eos_by_hand():
+    assert gen.until_eos is generate.until_eos  # the sampler and the bench cut rows alike
     assert gen.until_eos([5, 3, 2, 0, 0], eos_id=2) == [5, 3, 2]
     assert gen.until_eos([5, 3, 4], eos_id=2) == [5, 3, 4]
     assert gen.until_eos([2, 2], eos_id=2) == [2]

@@ -19,7 +19,7 @@ import torch
 
 from harness import models as hmodels
 from harness.bench.cases import CASES, available, load_items
-from harness.generate import sample
+from harness.generate import sample, until_eos
 
 GEN_CASES = {"tiny-s": CASES["tiny-live-mean"], "SmolLM2-135M-Instruct": CASES["smollm2-live-mean"]}
 GEN_PROMPTS = 8  # prompts in the batch: the first train prompts of the seed data
@@ -34,11 +34,6 @@ def load_gen(name: str, n_prompts: int):
     torch.manual_seed(0)
     model, _ = hmodels.load_model(cfg.model, tokenizer, cfg.data.max_length)
     return model.eval(), tokenizer, [list(p.prompt_ids) for p in items[:n_prompts]]
-
-
-def until_eos(row: list[int], eos_id: int) -> list[int]:
-    """A continuation up to and including its first eos (all of it without one)."""
-    return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
 @torch.no_grad()
