@@ -43,15 +43,16 @@ def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: in
 
 
 def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings, pad_id: int,
-                 device, root: str | None = None, progress: bool = True, world: World = World()
-                 ) -> tuple[dict[str, torch.Tensor], Path, bool]:
+                 device, root: str | None = None, progress: bool = True, world: World = World(),
+                 digest: str | None = None) -> tuple[dict[str, torch.Tensor], Path, bool]:
     """Reference log-probs of all splits from the shared cache, computed under a lock by the first
     run that needs them (by every rank of a data-parallel run, each its share, gathered; rank 0
-    writes). Returns (log-probs per split, cache file, was it reused)."""
+    writes). `digest`: the model's weights_digest when the caller has it. Returns (log-probs per
+    split, cache file, was it reused)."""
     # The precision `auto` resolves to on this device: the same config on another machine may
     # compute in another precision, and must not read these log-probs.
     precision = hmodels.resolve_precision(torch.device(device), s.precision)
-    key = cache.Key(weights_digest(model), [s.mask_prompt, s.reduction, precision])
+    key = cache.Key(digest or weights_digest(model), [s.mask_prompt, s.reduction, precision])
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
     path = cache.entry("reference", key.hex(32), ".pt", root=root)

@@ -36,7 +36,7 @@ from harness.chaos import crash_point
 from harness.config import RunConfig
 from harness.generate import gen_eval, reference_samples
 from harness.prepare import Prepared, prepare
-from harness.reference import cached_logps
+from harness.reference import cached_logps, weights_digest
 from harness.sft import load_checkpoint
 from harness.step import StepSettings, dpo_batch, evaluate, pref_accuracy
 from harness.tracking import DATA_COUNTS, Tracker, new_run_dir, run_labels
@@ -134,6 +134,9 @@ class Models:
     step_reference: torch.nn.Module | None  # what the DPO step scores with (None: cached log-probs)
     ref_logps: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> [n, 2] when cached
     info: dict = field(default_factory=dict)
+    # weights_digest of the frozen start, hashed once: it keys the reference log-prob and sample
+    # caches (None when neither is used)
+    reference_digest: str | None = None
 
 
 def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
@@ -155,10 +158,12 @@ def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
     if live or metrics.gen_enabled(cfg):  # generation metrics need the model itself
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     m = Models(policy, policy, reference, reference if live else None, info=info)
+    if not live or metrics.gen_enabled(cfg):
+        m.reference_digest = weights_digest(policy)
     if not live:
         m.ref_logps, path, reused = cached_logps(policy, prep.splits, s, prep.tokenizer.pad_token_id,
                                                  device, cfg.dpo.reference_cache_dir,
-                                                 cfg.tracking.progress, world)
+                                                 cfg.tracking.progress, world, m.reference_digest)
         m.info.update({"reference_cache": str(path), "reference_cache_reused": reused})
     if cfg.train.gradient_checkpointing:
         hmodels.enable_checkpointing(policy)
@@ -205,7 +210,8 @@ class Evaluator:
                 if self.ref_samples is None:
                     self.ref_samples, reused = reference_samples(
                         m.reference, prep.tokenizer, prep.eval_prompts, cfg.gen_eval.max_new_tokens,
-                        cfg.gen_eval.seed, self.device, cfg.dpo.reference_cache_dir)
+                        cfg.gen_eval.seed, self.device, cfg.dpo.reference_cache_dir,
+                        m.reference_digest)
                     m.info["reference_samples_reused"] = reused
                 g, self.rows, _ = gen_eval(
                     m.policy, m.reference, prep.tokenizer, prep.eval_prompts, prep.reward_fn,
