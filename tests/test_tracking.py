@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from harness import metrics
 from harness.metrics import METRICS
@@ -125,19 +124,12 @@ def test_study_runs_share_one_wandb_folder_with_unique_names(seed_data, tmp_path
     `<cell>/<slot>`, all different (each cell has a `trial-000`); the group is the study and the
     job type the run's role."""
     from harness.sweep import run_sweep
+    from tests.test_sweep import experiment
 
-    raw = {
-        "name": "s",
-        "data": {"source": str(seed_data), "limit": 60, "max_length": 96},
-        "model": {"name": "tiny-xs"},
-        "train": {"max_steps": 1, "batch_size": 4, "eval_every": 4, "eval_batches": 1,
-                  "save_model": False, "test_at_end": False},
-        "tracking": {"results_dir": str(tmp_path / "results"), "progress": False},
-        "sweep": {"grid": {"dpo.beta": [0.1, 0.5]}, "trials": 1, "seeds": 2,
-                  "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}},
-    }
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    sweep = {"study": "s", "grid": {"dpo.beta": [0.1, 0.5]}, "trials": 1, "seeds": 2,
+             "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}}}
+    path = experiment(tmp_path, seed_data, sweep, data={"limit": 60, "max_length": 96},
+                      train={"max_steps": 1})
     run_sweep(path)
 
     study = tmp_path / "results" / "s"
