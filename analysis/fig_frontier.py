@@ -38,7 +38,7 @@ CELL = ["method", "β", "masking", "study", "cell"]  # what a cell's mean is tak
 @dataclass
 class Frontier:
     """What one model's figure plots (every frame has the columns the plot reads)."""
-    study: str
+    study: str  # "" for runs outside a sweep
     model: str
     paths: pd.DataFrame  # every eval point of every shown run
     finals: pd.DataFrame  # one row per run: its last eval point, `flag` degenerate/diverged/""
@@ -46,6 +46,11 @@ class Frontier:
     reference: float | None  # mean gen/ref_reward
     baseline: pd.DataFrame | None  # best-of-N rows of this model, by N
     baseline_note: str  # legend text for best-of-N
+
+    @property
+    def name(self) -> str:
+        """<study>_<model>, or <model> for runs outside a sweep: the figure's file name part."""
+        return f"{self.study}_{self.model}" if self.study else self.model
 
 
 def _true(value) -> bool:
@@ -107,7 +112,7 @@ def frontiers(results: Path) -> list[Frontier]:
         if baseline is None:
             bon, note = None, "best-of-N: no baselines/best_of_n.csv"
         else:
-            mine = (baseline["model.name"] == model) & baseline["study"].isin(set(frame["study"]))
+            mine = (baseline["model.name"] == model) & (baseline["study"] == study)
             bon = baseline[mine].sort_values("n", ignore_index=True)
             bound = (bon["kl_kind"] == "bound").any()
             note = f"best-of-N{' (KL: upper bound)' if bound else ''}" if len(bon) else \
@@ -187,12 +192,11 @@ def kl_limit(f: Frontier) -> float:
     return 1.15 * (every if every <= 2 * inside else inside)
 
 
-def _draw_beyond(ax, f: Frontier, xmax: float) -> None:
+def _draw_beyond(ax, f: Frontier, xmax: float, colour: dict) -> None:
     """Final points past the axis end: a hollow triangle at the edge, and how many and how far."""
     far = f.finals[f.finals[X] > xmax]
     if far.empty:
         return
-    colour = methods.colours(f.paths["method"])
     for _, r in far.iterrows():
         ax.plot([xmax], [r[Y]], marker=">", ms=5, mfc="none", color=colour[r["method"]],
                 ls="none", zorder=2, clip_on=False)
@@ -209,8 +213,8 @@ def plot(f: Frontier):
     _legend(ax, f, colour, marker, line)
     xmax = kl_limit(f)
     ax.set_xlim(min(-0.03 * xmax, f.paths[X].min()), xmax)
-    _draw_beyond(ax, f, xmax)
-    ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.study} · {f.model}: reward vs KL")
+    _draw_beyond(ax, f, xmax, colour)
+    ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.study + ' · ' if f.study else ''}{f.model}: reward vs KL")
     return fig
 
 
@@ -218,7 +222,7 @@ def draw(results: Path, out: Path) -> list[Path]:
     setup()
     paths = []
     for f in frontiers(results):
-        paths += save(plot(f), out, f"frontier_{f.study}_{f.model}")
+        paths += save(plot(f), out, f"frontier_{f.name}")
     return paths
 
 

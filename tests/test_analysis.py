@@ -601,3 +601,21 @@ def test_a_cell_without_counted_runs_keeps_its_row(tmp_path):
     assert sorted(table["n"]) == [0, 3]
     bad = table[table["dpo.beta"] == 0.5].iloc[0]
     assert bad["degenerate reruns"] == 2 and pd.isna(bad["objective mean"])
+
+
+def test_frontier_of_runs_outside_a_sweep(tmp_path):
+    """Runs without sweep labels (`harness train` alone) get `frontier_<model>`, titled by the
+    model alone."""
+    from analysis import fig_frontier
+
+    rd = _write_run(tmp_path / "results", "single", "c", "seed1")
+    for name in ("config.json", "summary.json"):
+        data = json.loads((rd / name).read_text())
+        data.update({k: None for k in LABELS} if name == "summary.json" else
+                    {"labels": dict.fromkeys(LABELS)})
+        (rd / name).write_text(json.dumps(data))
+    (f,) = fig_frontier.frontiers(tmp_path / "results")
+    assert (f.study, f.name) == ("", "tiny-xs")
+    assert fig_frontier.plot(f).axes[0].get_title() == "tiny-xs: reward vs KL"
+    assert {p.name for p in fig_frontier.draw(tmp_path / "results", tmp_path / "out")} == {
+        "frontier_tiny-xs.png", "frontier_tiny-xs.pdf"}
