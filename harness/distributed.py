@@ -130,7 +130,7 @@ def check_batch(world: World, batch_size: int) -> None:
 
 
 class Logps(torch.nn.Module):
-    """A causal LM whose forward returns sequence log-probs (harness.dpo.model_logps): what DDP
+    """A causal LM whose forward returns a batch's sequence log-probs (harness.packing.pair_logps): what DDP
     wraps, so that the log-prob path (which may skip the LM's own forward) still passes
     through DDP's forward and its gradients are averaged."""
 
@@ -138,10 +138,11 @@ class Logps(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, loss_mask, reduction: str) -> torch.Tensor:
-        from harness.dpo import model_logps
+    def forward(self, batch: dict[str, torch.Tensor], reduction: str, share_prompt: bool
+                ) -> torch.Tensor:
+        from harness.packing import pair_logps
 
-        return model_logps(self.model, input_ids, attention_mask, loss_mask, reduction)
+        return pair_logps(self.model, batch, reduction, share_prompt)
 
 
 def wrap(world: World, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from harness import cache
 from harness import models as hmodels
+from harness import packing
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
 from harness.distributed import World
@@ -37,7 +38,8 @@ def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: in
         for idx, batch in tqdm(it, total=math.ceil(len(items) / s.batch_size), desc=desc,
                                leave=False, disable=not progress):
             with hmodels.autocast(device, s.precision):
-                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.reduction)
+                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.reduction,
+                                                      s.share_prompt)
             out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     return out
 
@@ -52,7 +54,9 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
     # The precision `auto` resolves to on this device: the same config on another machine may
     # compute in another precision, and must not read these log-probs.
     precision = hmodels.resolve_precision(torch.device(device), s.precision)
-    key = cache.Key(digest or weights_digest(model), [s.mask_prompt, s.reduction, precision])
+    # Shared-prompt and two-row log-probs differ in rounding: a run reads the layout it computes.
+    shared = s.share_prompt and packing.supported(model)
+    key = cache.Key(digest or weights_digest(model), [s.mask_prompt, s.reduction, precision, shared])
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
     path = cache.entry("reference", key.hex(32), ".pt", root=root)

@@ -14,11 +14,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
+from harness.packing import pair_logps
 from harness.dpo import (
     LOSSES,
     check_loss_settings,
     dpo_loss,
-    model_logps,
     pair_metrics,
     per_token_nll,
 )
@@ -38,6 +38,7 @@ class StepSettings:
     simpo_gamma: float = 0.5  # SimPO's target margin γ (loss `simpo`)
     dpop_lambda: float = 50.0  # DPO-Positive's penalty weight λ (loss `dpop`)
     sft_weight: float = 0.0  # RPO: weight of the chosen responses' per-token NLL; 0 = off
+    share_prompt: bool = True  # each pair's prompt run once (harness.packing) where the model allows
 
     def __post_init__(self):
         check_loss_settings(self.loss, self.reduction, self.label_smoothing, self.sft_weight)
@@ -47,18 +48,21 @@ class StepSettings:
         d = cfg.dpo
         return cls(d.beta, d.loss, d.label_smoothing, d.mask_prompt, d.reduction,
                    cfg.train.precision, cfg.train.batch_size, d.simpo_gamma, d.dpop_lambda,
-                   d.sft_weight)
+                   d.sft_weight, cfg.train.share_prompt)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def concatenated_logps(model, batch: Batch, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass over chosen and rejected rows ([2B, T]) → (chosen [B], rejected [B])."""
-    args = (batch["input_ids"], batch["attention_mask"], batch["loss_mask"], reduction)
+def concatenated_logps(model, batch: Batch, reduction: str, share_prompt: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over a batch's pairs → (chosen [B], rejected [B]): each pair's prompt
+    once when `share_prompt` and the model allows it (harness.packing), else over the
+    [2B, T] chosen and rejected rows."""
+    args = (batch, reduction, share_prompt)
     # A DDP-wrapped harness.distributed.Logps returns the log-probs from its own forward.
-    logps = model(*args) if isinstance(model, DistributedDataParallel) else model_logps(model, *args)
+    logps = model(*args) if isinstance(model, DistributedDataParallel) else pair_logps(model, *args)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 
@@ -69,10 +73,10 @@ def dpo_batch(policy, reference, ref_logps: torch.Tensor | None, idx: torch.Tens
     frozen model (no_grad) or rows `idx` of cached log-probs `ref_logps` [n, 2]."""
     batch = to_device(batch, device)
     with hmodels.autocast(device, s.precision):
-        pc, pr = concatenated_logps(policy, batch, s.reduction)
+        pc, pr = concatenated_logps(policy, batch, s.reduction, s.share_prompt)
         if reference is not None:
             with torch.no_grad():
-                rc, rr = concatenated_logps(reference, batch, s.reduction)
+                rc, rr = concatenated_logps(reference, batch, s.reduction, s.share_prompt)
         else:
             rc, rr = ref_logps[idx, 0].to(device), ref_logps[idx, 1].to(device)
     nll = None

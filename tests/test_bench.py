@@ -14,7 +14,7 @@ import torch
 from harness import data as hdata
 from harness import generate
 from harness import models as hmodels
-from harness import step as hstep
+from harness import packing
 from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
 
 LN2 = math.log(2)
@@ -50,8 +50,8 @@ def _fault_in_settings(monkeypatch, **change):
     """The harness path's StepSettings changed after it is built, the notebook's path not."""
     init = paths.HarnessPath.__init__
 
-    def wrong(self, *args):
-        init(self, *args)
+    def wrong(self, *args, **kwargs):
+        init(self, *args, **kwargs)
         self.settings = dataclasses.replace(self.settings, **change)
 
     monkeypatch.setattr(paths.HarnessPath, "__init__", wrong)
@@ -72,19 +72,22 @@ def test_naive_logps_equal_harness_logps():
 
 
 def test_guard_fires_on_wrong_prompt_mask(monkeypatch):
-    """A harness path that counts prompt tokens (attention_mask where loss_mask belongs) still
-    gives ln 2 at step 1, but its log-probs differ and the bench refuses to report a timing."""
-    real = hstep.model_logps
-    monkeypatch.setattr(hstep, "model_logps",
-                        lambda model, ids, attn, mask, red: real(model, ids, attn, attn.bool(), red))
+    """A harness path that counts prompt tokens (attention_mask where loss_mask belongs, in the
+    shared-prompt layout) still gives ln 2 at step 1, but its log-probs differ and the bench
+    refuses to report a timing."""
+    real = packing.pack
+    monkeypatch.setattr(packing, "pack", lambda batch: real(
+        {**batch, "loss_mask": batch["attention_mask"].bool() & (torch.arange(
+            batch["input_ids"].shape[1]) > 0)}))
     case = cases.CASES["tiny-live-mean"]
     model, bats, cfg, _ = measure.load(case, 24)
     assert paths.make_path("harness", model, cfg, bats).step(*bats[0]) == pytest.approx(LN2, abs=1e-6)
     with pytest.raises(agree.PathsDisagree, match=r"policy log-prob .*tolerance 0\.0001") as err:
         _bench("tiny-live-mean")
-    [check] = err.value.checks
-    assert not check.ok and check.diff > 100 * agree.LOGP_TOLERANCE
-    assert check.naive != pytest.approx(check.harness, abs=1e-3)
+    harness, rows = err.value.checks
+    assert rows.ok and rows.path == "rows"  # the two-row layout, not patched, agrees
+    assert not harness.ok and harness.diff > 100 * agree.LOGP_TOLERANCE
+    assert harness.naive != pytest.approx(harness.harness, abs=1e-3)
 
 
 def test_guard_fires_on_wrong_reduction(monkeypatch, tmp_path, capsys):
@@ -109,10 +112,12 @@ def test_guard_fires_on_wrong_beta(monkeypatch):
     _fault_in_settings(monkeypatch, beta=2 * beta)
     with pytest.raises(agree.PathsDisagree, match="gradient norm") as err:
         _bench("tiny-cache-mean")
-    logp, norm, loss = err.value.checks
-    assert logp.ok and loss.ok and not norm.ok
-    assert norm.harness == pytest.approx(2 * norm.naive, rel=1e-5)
-    assert norm.diff == pytest.approx(1.0, rel=1e-5)
+    logp, logp_rows, *norms, loss_rows, loss = err.value.checks
+    assert logp.ok and logp_rows.ok and loss.ok and loss_rows.ok
+    assert {n.path for n in norms} == {"harness", "rows"}
+    for norm in norms:
+        assert not norm.ok and norm.harness == pytest.approx(2 * norm.naive, rel=1e-5)
+        assert norm.diff == pytest.approx(1.0, rel=1e-5)
 
 
 def test_guard_fires_when_the_optimizer_does_not_step(monkeypatch):
@@ -123,10 +128,12 @@ def test_guard_fires_when_the_optimizer_does_not_step(monkeypatch):
                         lambda self: self.opt.zero_grad(set_to_none=True))
     with pytest.raises(agree.PathsDisagree, match="loss") as err:
         _bench("tiny-live-sum")
-    *before, loss = err.value.checks
-    assert all(c.ok for c in before) and not loss.ok
-    assert loss.where.startswith("step 2") and loss.harness == pytest.approx(LN2, abs=1e-6)
-    assert loss.diff > 10 * agree.LOSS_TOLERANCE
+    *before, loss_rows, loss = err.value.checks
+    assert all(c.ok for c in before) and len(before) == 4  # log-probs and norms of both paths
+    for check in (loss_rows, loss):
+        assert not check.ok and check.where.startswith("step 2")
+        assert check.harness == pytest.approx(LN2, abs=1e-6)
+        assert check.diff > 10 * agree.LOSS_TOLERANCE
 
 
 def test_checks_by_hand():
@@ -165,19 +172,27 @@ def test_clean_run_passes_the_guard(tmp_path, monkeypatch, capsys):
                  "--no-memory", "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
     r = report["results"][0]
+    assert [(c["quantity"], c["path"]) for c in r["agreement"]] == [
+        ("policy log-prob", "harness"), ("policy log-prob", "rows"), ("gradient norm", "rows"),
+        ("gradient norm", "harness"), ("loss", "rows"), ("loss", "harness")]
+    assert all(c["ok"] and 0 <= c["diff"] <= c["tolerance"] for c in r["agreement"])
     checks = {c["quantity"]: c for c in r["agreement"]}
-    assert list(checks) == ["policy log-prob", "gradient norm", "loss"]
-    assert all(c["ok"] and 0 <= c["diff"] <= c["tolerance"] for c in checks.values())
     assert checks["policy log-prob"]["tolerance"] == agree.LOGP_TOLERANCE
     assert checks["loss"]["where"].endswith("the worst of steps 1-3")
-    for p in ("naive", "harness"):
+    # The shared-prompt path runs each prompt once: fewer positions than the two rows.
+    run = {p: r["paths"][p]["tokens_run_per_step"] for p in paths.PATHS}
+    assert run["naive"] == run["rows"] == r["tokens_per_step"] > run["harness"]
+    assert r["share_prompt_speedup"] > 0
+    for p in paths.PATHS:
         assert r["losses"][p][0] == pytest.approx(LN2, abs=1e-6)  # policy = reference
         assert LN2 - r["losses"][p][2] > agree.LOSS_TOLERANCE
         assert r["paths"][p]["tokens_per_s"] > 0 and r["paths"][p]["step_s"] > 0
     assert r["steps"] == 1 and r["warmup"] == 2 and r["cache_build_s"] == 0
     assert r["n_params"] > 6_000_000  # the 50k x 128 embedding is there
     assert report["matmul_flops"] > 0 and report["machine"]["cores"] >= 1
-    assert "tiny-live-mean: paths agree: policy log-prob" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "tiny-live-mean: paths agree: harness policy log-prob" in out
+    assert "tiny-live-mean: prompt shared / two rows: " in out
 
 
 def test_cli_refuses_too_few_steps_for_the_guard(capsys):

@@ -136,18 +136,20 @@ def test_sft_weight_adds_the_chosen_per_token_nll():
 
 
 def tiny_batch():
-    """A 1-layer GPT-2 and one micro-batch of 2 pairs (rows 0, 1 chosen; 2, 3 rejected) whose
-    chosen rows count 5 and 3 tokens (loss_mask at positions 3..7 and 5..7, shifted by one)."""
+    """A 1-layer GPT-2 and one micro-batch of 2 pairs (rows 0, 1 chosen; 2, 3 rejected; prompts
+    of 3 and 5 tokens) whose chosen rows count 5 and 3 tokens (loss_mask at positions 3..7 and
+    5..7, shifted by one)."""
     torch.manual_seed(0)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=31, n_positions=16, n_embd=8, n_layer=1,
                                        n_head=1)).eval()
     ids = torch.randint(1, 31, (4, 8))
+    ids[2, :3], ids[3, :5] = ids[0, :3], ids[1, :5]  # each pair's rows share its prompt
     loss_mask = torch.zeros(4, 8, dtype=torch.bool)
-    loss_mask[0, 3:8] = loss_mask[1, 5:8] = loss_mask[2, 3:6] = loss_mask[3, 4:8] = True
+    loss_mask[0, 3:8] = loss_mask[1, 5:8] = loss_mask[2, 3:6] = loss_mask[3, 5:8] = True
     batch = {"input_ids": ids, "attention_mask": torch.ones(4, 8, dtype=torch.long),
-             "loss_mask": loss_mask}
+             "loss_mask": loss_mask, "prompt_lens": torch.tensor([3, 5, 3, 5])}
     return model, batch
 
 

@@ -45,24 +45,28 @@ def notebook_batch_loss(policy, reference, batch, beta):
 
 
 def make_batch(V, B=4, seed=0):
-    """Random pairs with prompts of different lengths, responses right-padded with 0."""
+    """Random pairs (each pair's prompt shared by its two rows) with prompts of different
+    lengths, responses right-padded with 0."""
     g = torch.Generator().manual_seed(seed)
     prompt_lens = [5, 8, 3, 6][:B]
     chosen_lens = [7, 2, 9, 4][:B]
     rejected_lens = [3, 6, 5, 8][:B]
     T = max(p + max(c, r) for p, c, r in zip(prompt_lens, chosen_lens, rejected_lens, strict=True))
+    prompts = [torch.randint(1, V, (p,), generator=g) for p in prompt_lens]
     rows, masks, attn = [], [], []
     for lens in (chosen_lens, rejected_lens):
-        for p, n in zip(prompt_lens, lens, strict=True):
+        for prompt, p, n in zip(prompts, prompt_lens, lens, strict=True):
             ids = torch.zeros(T, dtype=torch.long)
-            ids[: p + n] = torch.randint(1, V, (p + n,), generator=g)
+            ids[:p] = prompt
+            ids[p : p + n] = torch.randint(1, V, (n,), generator=g)
             m = torch.zeros(T, dtype=torch.bool)
             m[p : p + n] = True
             a = torch.zeros(T, dtype=torch.long)
             a[: p + n] = 1
             rows.append(ids), masks.append(m), attn.append(a)
     ids, masks, attn = torch.stack(rows), torch.stack(masks), torch.stack(attn)
-    harness_batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": masks}
+    harness_batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": masks,
+                     "prompt_lens": torch.tensor(prompt_lens * 2)}
     notebook = {"chosen": ids[:B], "rejected": ids[B:], "chosen_mask": masks[:B], "rejected_mask": masks[B:]}
     return harness_batch, notebook
 

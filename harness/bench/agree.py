@@ -69,6 +69,7 @@ class Check:
     tolerance: float
     unit: str  # of diff and tolerance
     other: str = "naive"  # the path `naive` was measured on: naive | trl
+    path: str = "harness"  # the path `harness` was measured on: harness | rows (two-row layout)
 
     @property
     def ok(self) -> bool:
@@ -78,7 +79,7 @@ class Check:
         return asdict(self) | {"ok": self.ok}
 
     def describe(self) -> str:
-        return (f"{self.quantity} ({self.where}): {self.other} {self.naive:.7g}, harness {self.harness:.7g}, "
+        return (f"{self.quantity} ({self.where}): {self.other} {self.naive:.7g}, {self.path} {self.harness:.7g}, "
                 f"difference {self.diff:.3g} {self.unit} > tolerance {self.tolerance:g}")
 
 
@@ -100,7 +101,7 @@ def require(case: str, checks: list[Check]) -> None:
 
 
 def logps_check(naive: torch.Tensor, harness: torch.Tensor, counted: torch.Tensor,
-                reduction: str, tolerance: float, other: str = "naive") -> Check:
+                reduction: str, tolerance: float, other: str = "naive", path: str = "harness") -> Check:
     """naive, harness: [2B] policy log-probs (chosen rows, then rejected); counted: [2B] counted
     tokens of each row. The worst row, its difference per counted token."""
     per_token = (naive.float() - harness.float()).abs()
@@ -110,19 +111,21 @@ def logps_check(naive: torch.Tensor, harness: torch.Tensor, counted: torch.Tenso
     half = len(naive) // 2
     row = f"chosen row {i}" if i < half else f"rejected row {i - half}"
     return Check("policy log-prob", f"{reduction}, first batch, worst row: {row}", float(naive[i]),
-                 float(harness[i]), float(per_token[i]), tolerance, "nats per counted token", other)
+                 float(harness[i]), float(per_token[i]), tolerance, "nats per counted token", other,
+                 path)
 
 
-def grad_norm_check(naive: float, harness: float, rtol: float) -> Check:
+def grad_norm_check(naive: float, harness: float, rtol: float, path: str = "harness") -> Check:
     diff = 0.0 if naive == harness else abs(naive - harness) / abs(naive) if naive else math.inf
-    return Check("gradient norm", "after the first backward", naive, harness, diff, rtol, "relative")
+    return Check("gradient norm", "after the first backward", naive, harness, diff, rtol, "relative",
+                 path=path)
 
 
 def loss_check(naive: list[float], harness: list[float], tolerance: float,
-               other: str = "naive") -> Check:
+               other: str = "naive", path: str = "harness") -> Check:
     """The step whose losses differ most, of the steps so far (the bench runs GUARD_STEPS or
     more)."""
     diffs = [math.inf if math.isnan(a - b) else abs(a - b) for a, b in zip(naive, harness, strict=True)]
     i = max(range(len(diffs)), key=diffs.__getitem__)
     return Check("loss", f"step {i + 1}, the worst of steps 1-{len(diffs)}", naive[i], harness[i],
-                 diffs[i], tolerance, "absolute", other)
+                 diffs[i], tolerance, "absolute", other, path)

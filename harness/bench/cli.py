@@ -24,21 +24,27 @@ from harness.bench.measure import (
 
 
 def table(results: list[dict], rate: float) -> str:
-    lines = [f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s", "",
+    lines = [f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s (MFU: of this rate, counting the positions "
+             "each path runs; tok/s: each pair as two rows, speedup: against naive)", "",
              f"{'case':26} {'path':8} {'tok/s':>7} {'s/step':>7} {'MFU':>6} {'RSS GB':>7}"
              f" {'speedup':>8}"]
     for r in results:
-        for name in (n for n in ("naive", "harness", "trl") if n in r["paths"]):
+        for name in (n for n in ("naive", "rows", "harness", "trl") if n in r["paths"]):
             p = r["paths"][name]
             rss = f"{p['peak_rss_gb']:.2f}" if "peak_rss_gb" in p else "-"
-            sp = f"{r['speedup']:.2f}x" if name == "harness" else ""
+            sp = (f"{p['tokens_per_s'] / r['paths']['naive']['tokens_per_s']:.2f}x"
+                  if name in ("rows", "harness") else "")
             lines.append(f"{r['case']['name']:26} {name:8} {p['tokens_per_s']:7.0f} "
                          f"{p['step_s']:7.2f} {p['mfu']:6.1%} {rss:>7} {sp:>8}")
     for r in results:
-        checks = ", ".join(f"{c['quantity']} {c['diff']:.2g} (tolerance "
+        checks = ", ".join(f"{c.get('path', 'harness')} {c['quantity']} {c['diff']:.2g} (tolerance "
                            f"{c['tolerance']:g} {c['unit']})" for c in r["agreement"]
                            if c.get("other", "naive") == "naive")
         lines.append(f"{r['case']['name']}: paths agree: {checks}")
+        rows = r["paths"]["rows"]
+        lines.append(f"{r['case']['name']}: prompt shared / two rows: {r['share_prompt_speedup']:.2f}x "
+                     f"({r['paths']['harness']['tokens_run_per_step']:.0f} vs "
+                     f"{rows['tokens_run_per_step']:.0f} positions per step)")
         trl = [c for c in r["agreement"] if c.get("other") == "trl"]
         if trl:
             agreed = ", ".join(f"{c['quantity']} {c['diff']:.2g}" for c in trl)

@@ -21,7 +21,7 @@ from harness import data as hdata
 from harness import models as hmodels
 from harness.bench import agree, trl_path
 from harness.bench.cases import CASES, Case, available, load, load_items
-from harness.bench.paths import make_path
+from harness.bench.paths import PATHS, make_path
 
 
 def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
@@ -101,13 +101,15 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
     model, bats, cfg, n_params = load(case, 8 * (steps + warmup))
     if len(bats) < steps + warmup:
         raise RuntimeError(f"{case.name}: only {len(bats)} batches of seed data")
-    paths = [make_path("naive", model, cfg, bats), make_path("harness", model, cfg, bats)]
+    paths = [make_path(name, model, cfg, bats) for name in PATHS]
     tol = agree.tolerances(case.bf16)
     first = bats[0][1]
     counted = first["loss_mask"][:, 1:].sum(-1)
-    harness_logps = paths[1].logps(first)
-    checks = [agree.logps_check(paths[0].logps(first), harness_logps, counted, cfg.dpo.reduction,
-                                tol.logp)]
+    naive_logps = paths[0].logps(first)
+    harness_logps = paths[2].logps(first)
+    checks = [agree.logps_check(naive_logps, harness_logps, counted, cfg.dpo.reduction, tol.logp),
+              agree.logps_check(naive_logps, paths[1].logps(first), counted, cfg.dpo.reduction,
+                                tol.logp, path="rows")]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
     result = report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
@@ -140,13 +142,16 @@ def add_trl(result: dict, case: Case, run: dict, harness_logps, counted, tol, ra
 
 
 def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
-    """Every batch through both paths (who goes first alternates); a step's time is its
+    """Every batch through every path (the order reverses each step); a step's time is its
     forward, backward and optimizer update, without the gradient norm read after step 1.
-    Appends the gradient-norm and loss checks to `checks`, raising as soon as one fails."""
+    Appends each path's gradient-norm and loss checks against the first (naive) path to
+    `checks`, raising as soon as one fails."""
     losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
+    run: dict[str, list[int]] = {p.name: [] for p in paths}
     tokens: list[int] = []
     norms: dict[str, float] = {}
+    base, others = paths[0].name, [p.name for p in paths[1:]]
     for i, (idx, batch) in enumerate(bats):
         for p in paths if i % 2 == 0 else paths[::-1]:
             t0 = time.perf_counter()
@@ -159,14 +164,16 @@ def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol
             dt += time.perf_counter() - t0
             if i >= warmup:
                 times[p.name].append(dt)
+                run[p.name].append(p.tokens_run(batch))
         if i == 0:
-            checks.append(agree.grad_norm_check(norms["naive"], norms["harness"], tol.grad_norm))
-        loss = agree.loss_check(losses["naive"], losses["harness"], tol.loss)
-        agree.require(name, [*checks, loss])
+            checks += [agree.grad_norm_check(norms[base], norms[o], tol.grad_norm, path=o)
+                       for o in others]
+        loss = [agree.loss_check(losses[base], losses[o], tol.loss, path=o) for o in others]
+        agree.require(name, [*checks, *loss])
         if i >= warmup:
             tokens.append(int(batch["attention_mask"].sum()))
-    checks.append(loss)
-    return {"losses": losses, "times": times, "tokens": tokens}
+    checks += loss
+    return {"losses": losses, "times": times, "tokens": tokens, "tokens_run": run}
 
 
 def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: int, rate: float,
@@ -176,16 +183,20 @@ def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: i
               "warmup": len(losses["naive"]) - len(tokens),
               "tokens_per_step": statistics.mean(tokens), "cache_build_s": cache_s, "paths": {},
               "losses": losses, "agreement": [c.record() for c in checks],
-              "loss_max_abs_diff": checks[-1].diff}
+              "loss_max_abs_diff": max(c.diff for c in checks if c.quantity == "loss")}
     if case.bf16:
         result["bf16_logp_max_abs_diff"] = checks[0].diff
     flops_per_token = (8 if case.reference == "model" else 6) * n_params
     naive_flops_per_token = 8 * n_params  # the notebook always runs the reference
-    for name in ("naive", "harness"):
+    for name in PATHS:
+        # tokens/s counts each pair's tokens as two rows (the work asked of every path); MFU
+        # counts the positions the path's forward actually runs (each prompt once when shared).
         tps = sum(tokens) / sum(times[name])
         fpt = naive_flops_per_token if name == "naive" else flops_per_token
+        run_tps = sum(run["tokens_run"][name]) / sum(times[name])
         result["paths"][name] = {
-            "step_s": statistics.median(times[name]), "tokens_per_s": tps, "mfu": tps * fpt / rate,
+            "step_s": statistics.median(times[name]), "tokens_per_s": tps,
+            "mfu": run_tps * fpt / rate, "tokens_run_per_step": statistics.mean(run["tokens_run"][name]),
             "roofline_tokens_per_s": rate / fpt,
         }
     if memory:
@@ -193,7 +204,8 @@ def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: i
             result["paths"][name]["peak_rss_gb"] = peak_rss_child(case, name, 2) / 1e9
     h, n = result["paths"]["harness"], result["paths"]["naive"]
     result["speedup"] = h["tokens_per_s"] / n["tokens_per_s"]
-    result["roofline_fraction"] = h["tokens_per_s"] / h["roofline_tokens_per_s"]
+    result["share_prompt_speedup"] = h["tokens_per_s"] / result["paths"]["rows"]["tokens_per_s"]
+    result["roofline_fraction"] = h["mfu"]
     if memory:
         result["rss_ratio"] = h["peak_rss_gb"] / n["peak_rss_gb"]
     return result

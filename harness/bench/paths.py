@@ -1,16 +1,18 @@
-"""The two paths the benchmark compares on the same batches: the seed notebook's naive DPO step
-and the harness's (harness.step)."""
+"""The paths the benchmark compares on the same batches: the seed notebook's naive DPO step, and
+the harness's (harness.step) with each pair's prompt run once (`harness`, the default) or with
+chosen and rejected as two rows (`rows`, `train.share_prompt: false`)."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import torch
 import torch.nn.functional as F
 
 from harness import models as hmodels
-from harness import optim
+from harness import optim, packing
 from harness.step import StepSettings, concatenated_logps, dpo_batch
 
 # ----------------------------------------------------------------------------- the two paths
@@ -45,6 +47,10 @@ class _Path:
         loss = self.backward(idx, batch)
         self.update()
         return loss
+
+    def tokens_run(self, batch) -> int:
+        """Token positions this path's forward runs per model (not padding): both rows' prompts."""
+        return int(batch["attention_mask"].sum())
 
     def grad_norm(self) -> float:
         """The policy's gradient norm (all parameters, as `harness train` logs it)."""
@@ -94,9 +100,11 @@ class HarnessPath(_Path):
     name = "harness"
     device = torch.device("cpu")
 
-    def __init__(self, model, cfg, bats):
+    def __init__(self, model, cfg, bats, share_prompt: bool = True):
         self.policy = copy.deepcopy(model).train()
-        self.settings = StepSettings.from_config(cfg)
+        self.settings = dataclasses.replace(StepSettings.from_config(cfg), share_prompt=share_prompt)
+        if not share_prompt:
+            self.name = "rows"
         self.reference, self.cache, self.cache_s = None, None, 0.0
         if cfg.dpo.reference == "model":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -106,7 +114,8 @@ class HarnessPath(_Path):
             self.cache = torch.zeros(n, 2)
             with torch.no_grad(), hmodels.eval_mode(self.policy):
                 for idx, batch in bats:
-                    c, r = concatenated_logps(self.policy, batch, self.settings.reduction)
+                    c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+                                              self.settings.share_prompt)
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
             self.cache_s = time.perf_counter() - t0
         if cfg.train.gradient_checkpointing:
@@ -119,8 +128,16 @@ class HarnessPath(_Path):
         """The policy's log-probs of a batch's rows [2B] (chosen, then rejected), no step: the
         call dpo_batch makes, with the same settings and precision."""
         with hmodels.eval_mode(self.policy), hmodels.autocast(self.device, self.settings.precision):
-            c, r = concatenated_logps(self.policy, batch, self.settings.reduction)
+            c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+                                      self.settings.share_prompt)
         return torch.cat([c, r]).float()
+
+    def tokens_run(self, batch) -> int:
+        """Packed, each pair's prompt runs once (harness.packing)."""
+        n = super().tokens_run(batch)
+        if self.settings.share_prompt and packing.supported(self.policy):
+            n -= int(batch["prompt_lens"][: batch["input_ids"].shape[0] // 2].sum())
+        return n
 
     def backward(self, idx, batch) -> float:
         losses, _ = dpo_batch(self.policy, self.reference, self.cache, idx, batch, self.settings,
@@ -130,7 +147,13 @@ class HarnessPath(_Path):
         return float(loss.detach())
 
 
+PATHS = ("naive", "rows", "harness")
+
+
 def make_path(name: str, model, cfg, bats):
-    return NaivePath(model, cfg) if name == "naive" else HarnessPath(model, cfg, bats)
+    """One of PATHS."""
+    if name == "naive":
+        return NaivePath(model, cfg)
+    return HarnessPath(model, cfg, bats, share_prompt=name == "harness")
 
 

@@ -166,6 +166,10 @@ class TrainConfig(_Section):
     # Batches of pairs of similar length (sorted within chunks of 16 batches, batches shuffled):
     # less padding, different batch composition from the seed notebook's.
     group_by_length: bool = False
+    # Each pair as one row, its prompt run once for both responses (harness.packing): the same
+    # log-probs up to float rounding, fewer FLOPs. Applies to gpt2/llama-family models with sdpa
+    # or eager attention; others always run the two rows.
+    share_prompt: bool = True
     # Recompute activations in the backward pass: far less memory, about one more forward pass.
     gradient_checkpointing: bool = False
     # After training: greedy reference-vs-policy answers for the first N validation and test
