@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache
+from harness import cache, packing
 from harness import models as hmodels
-from harness import packing
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
 from harness.distributed import World

@@ -14,7 +14,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
-from harness.packing import pair_logps
 from harness.dpo import (
     LOSSES,
     check_loss_settings,
@@ -22,6 +21,7 @@ from harness.dpo import (
     pair_metrics,
     per_token_nll,
 )
+from harness.packing import pair_logps
 
 Batch = dict[str, torch.Tensor]
 

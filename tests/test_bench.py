@@ -12,9 +12,8 @@ import pytest
 import torch
 
 from harness import data as hdata
-from harness import generate
+from harness import generate, packing
 from harness import models as hmodels
-from harness import packing
 from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
 
 LN2 = math.log(2)
