@@ -67,9 +67,12 @@ paper: $(STAMP)
 	$(BIN)/harness sweep experiments/paper.yaml --workers $(WORKERS) $(ARGS)
 	$(BIN)/harness baselines experiments/paper.yaml
 
-# The DPO step against the seed notebook's path; a table, and JSON into results/bench/.
+# The DPO step against the seed notebook's path and TRL's DPOTrainer (the trl extra, installed here
+# when missing; without it the bench runs and says the baseline was skipped); a table, and JSON into
+# results/bench/.
 bench: $(STAMP)
-	$(BIN)/harness bench $(ARGS)
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q -e '.[trl]' || true
+	$(BIN)/harness bench --baseline trl $(ARGS)
 
 # The chaos test of the sweep: SIGKILLs at every crash point and at KILLS random moments, a killed
 # worker, a killed parent, divergence and a failing cell; prints what it tried and what held.

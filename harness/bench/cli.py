@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="harness bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", help=f"comma-separated, from: {', '.join(CASES)} (default: all but "
-                   f"{', '.join(sorted(TRL_ONLY))}; with --baseline trl: {', '.join(TRL_CASES)})")
+                   f"{', '.join(sorted(TRL_ONLY))}; with --baseline trl: all, TRL's row on "
+                   f"{', '.join(TRL_CASES)})")
     p.add_argument("--baseline", choices=["trl"], help="also run TRL's DPOTrainer on the same "
                    "batches (fp32, summed log-probs: the *-sum cases), in a child process; needs "
                    "pip install -e '.[trl]'")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown case {args.profile}; valid: {', '.join(CASES)}")
         print(profile_case(CASES[args.profile]))
         return 0
-    default = TRL_CASES if args.baseline == "trl" else DEFAULT_CASES
+    default = list(CASES) if args.baseline == "trl" else DEFAULT_CASES
     if args.gen:
         run_gen(Path(args.out))
         return 0
