@@ -601,6 +601,23 @@ def test_a_cell_without_counted_runs_keeps_its_row(tmp_path):
     assert sorted(table["n"]) == [0, 3]
     bad = table[table["dpo.beta"] == 0.5].iloc[0]
     assert bad["degenerate reruns"] == 2 and pd.isna(bad["objective mean"])
+    # The heatmap keeps its cell too: grey, "n=0" and why, where it would have no row at all.
+    import matplotlib.pyplot as plt
+
+    from analysis import fig_heatmap
+
+    drawn = []
+    real = fig_heatmap.save
+    fig_heatmap.save = lambda fig, out, name: drawn.append(fig) or real(fig, out, name)
+    try:
+        fig_heatmap.draw(results, tmp_path / "fig")
+    finally:
+        fig_heatmap.save = real
+    [ax] = [a for a in drawn[0].axes if a.get_title() == "tiny-xs"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0.1", "0.5"]
+    texts = [t.get_text() for t in ax.texts]
+    assert "n=0\n2 degenerate" in texts and any(t.startswith("0.520") for t in texts)
+    plt.close("all")
 
 
 def test_frontier_of_runs_outside_a_sweep(tmp_path):
