@@ -13,8 +13,9 @@ sequence's log-prob is the one the two-row layout gives, up to float rounding, w
 activations (and their backward) are computed once per pair instead of twice.
 
 Which models: the architectures in harness.dpo.HEAD_SLICE_MODEL_TYPES that take a custom 4D
-attention mask with position ids (sdpa or eager attention: flash attention takes no 4D mask);
-any other model falls back to the two-row layout (`supported`).
+attention mask with position ids (sdpa or eager attention: flash attention takes no 4D mask)
+and attend without a sliding window (a custom mask replaces the window); any other model falls
+back to the two-row layout (`supported`).
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ class Packed:
 def supported(model) -> bool:
     """Whether `model` computes packed rows exactly (see the module docstring)."""
     config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) \
+        else None
     return (getattr(config, "model_type", None) in HEAD_SLICE_MODEL_TYPES
             and getattr(config, "_attn_implementation", None) in ATTENTION
-            and model.get_output_embeddings() is not None)
+            and not window and model.get_output_embeddings() is not None)
 
 
 def pack(batch: dict[str, torch.Tensor], pad_id: int = 0) -> Packed:

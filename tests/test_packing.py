@@ -39,6 +39,25 @@ def _model(kind: str, attention: str):
 MODELS = [(k, a) for k in ("gpt2", "llama") for a in ("sdpa", "eager")]
 
 
+def _other_model(kind: str):
+    """A tiny model of another family harness.dpo.HEAD_SLICE_MODEL_TYPES names (sdpa)."""
+    import transformers
+
+    torch.manual_seed(0)
+    common = {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "bos_token_id": 0, "eos_token_id": 0,
+              "pad_token_id": 0,
+              "attn_implementation": "sdpa"}
+    config, model = {
+        "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    }[kind]
+    extra = {"sliding_window": None} if kind == "mistral" else {}
+    cfg = getattr(transformers, config)(**common, **extra)
+    return getattr(transformers, model)(cfg).eval()
+
+
 def test_pack_by_hand():
     """Pair (prompt 7 8, chosen 1 2, rejected 3): row 7 8 1 2 3, the rejected token at position
     2 (right after the prompt), scored from position 1 (the prompt's last token)."""
@@ -79,6 +98,28 @@ def test_packed_logps_equal_two_rows(kind, attention, mask_prompt, reduction):
                            reduction)
         packed = packing.packed_logps(model, packing.pack(batch), reduction)
     torch.testing.assert_close(packed, rows, atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2", "qwen3", "phi3", "gpt_neox", "olmo2"])
+def test_every_family_packing_claims_scores_as_two_rows(kind):
+    """Every other architecture `supported` accepts gives the two-row log-probs packed."""
+    model = _other_model(kind)
+    assert model.config.model_type == kind and packing.supported(model)
+    batch = collate(_pairs(), 0, False)
+    with torch.no_grad():
+        rows = model_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], "sum")
+        packed = packing.packed_logps(model, packing.pack(batch), "sum")
+    torch.testing.assert_close(packed, rows, atol=2e-5, rtol=1e-6)
+
+
+def test_a_sliding_window_runs_two_rows():
+    """Mistral's default 4,096-token window: a custom mask would replace it."""
+    import transformers
+
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     attn_implementation="sdpa")
+    assert cfg.sliding_window and not packing.supported(transformers.MistralForCausalLM(cfg))
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

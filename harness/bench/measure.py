@@ -112,7 +112,7 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
                                 tol.logp, path="rows")]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
-    result = report_case(case, run, checks, paths[1].cache_s, n_params, rate, memory)
+    result = report_case(case, run, checks, paths[2].cache_s, n_params, rate, memory)
     if trl:
         del paths, model  # the child's memory is its own, but the machine's is shared
         gc.collect()
