@@ -102,19 +102,20 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
     if len(bats) < steps + warmup:
         raise RuntimeError(f"{case.name}: only {len(bats)} batches of seed data")
     paths = [make_path(name, model, cfg, bats) for name in PATHS]
+    naive, rows, harness = paths  # PATHS' order: the first is the one the others are checked against
     tol = agree.tolerances(case.bf16)
     first = bats[0][1]
     counted = first["loss_mask"][:, 1:].sum(-1)
-    naive_logps = paths[0].logps(first)
-    harness_logps = paths[2].logps(first)
+    naive_logps = naive.logps(first)
+    harness_logps = harness.logps(first)
     checks = [agree.logps_check(naive_logps, harness_logps, counted, cfg.dpo.reduction, tol.logp),
-              agree.logps_check(naive_logps, paths[1].logps(first), counted, cfg.dpo.reduction,
+              agree.logps_check(naive_logps, rows.logps(first), counted, cfg.dpo.reduction,
                                 tol.logp, path="rows")]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
-    result = report_case(case, run, checks, paths[2].cache_s, n_params, rate, memory)
+    result = report_case(case, run, checks, harness.cache_s, n_params, rate, memory)
     if trl:
-        del paths, model  # the child's memory is its own, but the machine's is shared
+        del paths, naive, rows, harness, model  # the child's memory is its own, but the machine's is shared
         gc.collect()
         add_trl(result, case, run, harness_logps, counted, tol, rate)
     return result
