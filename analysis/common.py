@@ -21,6 +21,8 @@ def cell_keys(runs: pd.DataFrame) -> list[str]:
         keys.insert(1 if "model.name" in keys else 0, "method")
     if "dpo.label_smoothing" in runs and runs["dpo.label_smoothing"].nunique() > 1:
         keys.append("dpo.label_smoothing")
+    if "precision" in runs:  # bf16 and fp32 runs are different experiments: never one estimate
+        keys.append("precision")
     return keys
 
 
@@ -77,7 +79,8 @@ def beta_label(frame: pd.DataFrame) -> pd.DataFrame:
 
 def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
     """One row per compared run (see best_runs) with its final
-    `objective` value and its `method` (analysis.methods), and the objective's metric name.
+    `objective` value, its `method` (analysis.methods) and `precision`, and the objective's
+    metric name.
     Without sweeps: every finished run, scored on eval/rewards/accuracies."""
     finals = add_method(best_runs(results, finals_or_fail(results)))
     cells = load_study_summaries(results)
@@ -86,6 +89,8 @@ def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
         raise MissingData(f"the finished runs under {results} have no final {metric!r}")
     finals = finals.dropna(subset=[metric]).copy()
     finals["objective"] = finals[metric].astype(float)
+    # What each run computed in (summary.json); "unknown" for runs of an older harness.
+    finals["precision"] = finals["precision"].fillna("unknown") if "precision" in finals else "unknown"
     budget = cells["kl_budget"].dropna() if "kl_budget" in cells else pd.Series(dtype=float)
     if len(budget):  # the sweep's score: the metric less kl_penalty per nat of gen/kl over budget
         from harness.config import ObjectiveSpec

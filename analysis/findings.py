@@ -50,10 +50,12 @@ def comparisons(runs: pd.DataFrame) -> list[dict]:
         if column not in runs or runs[column].nunique() < 2:
             continue
         fixed = [*fixed, "method"] if several else fixed
+        fixed = [*fixed, "precision"] if "precision" in runs else fixed  # never across precisions
         levels = _levels(runs, column)
         for held, group in runs.groupby(fixed, sort=True):
             where = ", ".join(f"{label(f)} {v:g}" if isinstance(v, float) else str(v)
-                              for f, v in zip(fixed, held, strict=True))
+                              for f, v in zip(fixed, held, strict=True)
+                              if f != "precision" or runs["precision"].nunique() > 1)
             for lo, hi in zip(levels, levels[1:], strict=False):
                 a = group.loc[group[column] == hi, "objective"].tolist()
                 b = group.loc[group[column] == lo, "objective"].tolist()
@@ -83,7 +85,8 @@ def caveats(results: Path) -> list[str]:
     out = []
     for _, c in cells.iterrows():
         notes = []
-        for col, what in (("seeds_diverged", "diverged"), ("seeds_degenerate", "degenerate")):
+        for col, what in (("seeds_diverged", "diverged"), ("seeds_degenerate", "degenerate"),
+                          ("other_precision", "other-precision")):
             if col in c and c[col] == c[col] and int(c[col]):
                 notes.append(f"{int(c[col])} {what} rerun(s) left out")
         if "at_edge" in c and isinstance(c["at_edge"], str) and c["at_edge"]:
@@ -114,9 +117,11 @@ def best_cells(runs: pd.DataFrame, direction: str) -> list[dict]:
     est = cell_estimates(runs, keys).sort_values("mean", ascending=direction != "maximize",
                                                  kind="stable")
     out = []
-    for _, cell in est.groupby(["model.name", "method"], sort=True).head(1).iterrows():
+    by = ["model.name", "method"] + (["precision"] if "precision" in keys else [])
+    for _, cell in est.groupby(by, sort=True).head(1).iterrows():
         rows = runs[(runs[keys] == cell[keys]).all(axis=1)]
         out.append({"model": cell["model.name"], "method": cell["method"], "cell": _cell_name(cell, keys),
+                    "precision": cell.get("precision"),
                     "values": rows["objective"].tolist(), "kl": rows["gen/kl"].mean()
                     if "gen/kl" in rows else float("nan")})
     return out
@@ -150,7 +155,8 @@ def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: st
     for b in best:
         kl = f", final gen/kl {b['kl']:.3g} nats" if b["kl"] == b["kl"] else ""
         found.append(f"{b['model']}, {b['method']} ({b['cell']}): {_interval(b['values'])}{kl}")
-        dpo = next((d for d in best if d["model"] == b["model"] and d["method"] == "DPO"), None)
+        dpo = next((d for d in best if d["model"] == b["model"] and d["method"] == "DPO"
+                    and d["precision"] == b["precision"]), None)
         if dpo is not None and b is not dpo:
             compared.append(sentence({"where": b["model"], "a": b["method"], "b": "DPO",
                                       "n_a": len(b["values"]), "n_b": len(dpo["values"]),
@@ -169,6 +175,25 @@ def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: st
             *[f"- {s}" for s in found], "", *[f"- {s}" for s in compared], ""]
 
 
+def arithmetic(runs: pd.DataFrame) -> str:
+    """What the compared runs computed in and on what CPU capability, e.g. "Precision: bf16 (12
+    runs; cpu AVX512, native bf16)"; several precisions are listed, each compared only with
+    itself."""
+    parts = []
+    for precision, group in runs.groupby("precision", sort=True):
+        where = sorted({_capability(r) for r in group.to_dict("records")})
+        parts.append(f"{precision} ({len(group)} runs; {', '.join(where)})")
+    head = "Precision: " + "; ".join(parts)
+    return head + (" (each precision compared only with itself)" if len(parts) > 1 else "")
+
+
+def _capability(run: dict) -> str:
+    native = {True: "native bf16", False: "bf16 emulated"}.get(run.get("bf16_native"), "bf16 unknown")
+    isa = run.get("cpu_isa")
+    device = str(run.get("device") or "?").split(":")[0]
+    return f"{device} {isa}, {native}" if isinstance(isa, str) else f"{device}, {native}"
+
+
 def findings(results: Path) -> str:
     runs, metric = compared_runs(results)
     cells = load_study_summaries(results)
@@ -177,7 +202,7 @@ def findings(results: Path) -> str:
     lines = [f"# Findings: {label(metric)} ({metric})", "",
              "Each comparison: difference of mean objectives over fresh seed reruns with a 95% Welch "
              "t-interval; an interval containing 0 is not separated (inconclusive). Written by "
-             "`make figures` from the run files.", ""]
+             "`make figures` from the run files.", "", arithmetic(runs), ""]
     by_axis: dict[str, list[str]] = {}
     for c in comparisons(runs):
         by_axis.setdefault(c["axis"], []).append(sentence(c, direction))

@@ -1,6 +1,6 @@
-"""The results table: per cell the objective estimated from the runs the study counts (its fresh
-seed reruns, never the search trial that picked the parameters), computed from those runs' own
-files: n, mean, median, sd and the 95% t-interval; beside it what is not averaged in (diverged
+"""The results table: per cell (and per precision: bf16 and fp32 runs are never pooled) the
+objective estimated from the runs the study counts (its fresh seed reruns, never the search trial
+that picked the parameters), computed from those runs' own files: n, mean, median, sd and the 95% t-interval; beside it what is not averaged in (diverged
 and degenerate reruns), the search trial's own value and the best parameters, flagged when they
 sit at an edge of the cell's range. A study of several methods has a `method` column (see
 analysis.methods). CSV and Markdown."""
@@ -18,7 +18,8 @@ from harness import stats
 
 # Columns copied from the sweep's summary.csv (what the runs' files cannot say).
 FROM_STUDY = {"search_value": "search trial", "seeds_diverged": "diverged reruns", "seeds_degenerate":
-              "degenerate reruns", "at_edge": "at range edge", "estimate_from": "estimate from"}
+              "degenerate reruns", "other_precision": "other-precision reruns",
+              "at_edge": "at range edge", "estimate_from": "estimate from"}
 
 
 def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

@@ -6,6 +6,7 @@ kept. It holds:
 
 - `state.json`: {"format": 1,
                  "config": the resolved config it was saved under (RunConfig.to_dict()),
+                 "precision": what the run computed in (fp32 or bf16: train.precision resolved),
                  "progress": the loop's Progress as a dict (step, seen, tokens, micro_batches drawn
                              from the train stream (the data position), last_train, last_eval,
                              window: per-pair metric sums since the last train log, window_pairs),
@@ -18,8 +19,9 @@ kept. It holds:
                   cuda device or None, "python_rng": random.getstate()}.
 
 Resuming (`resume_point`) re-uses a checkpoint only when it was saved under the same config (the
-resolved config dicts compared apart from tracking.progress and tracking.tags) and metrics.jsonl
-still holds the rows it counted; anything else starts the run over.
+resolved config dicts compared apart from tracking.progress and tracking.tags), in the same
+precision (`auto` may resolve otherwise on another machine: a run never mixes two), and
+metrics.jsonl still holds the rows it counted; anything else starts the run over.
 """
 
 from __future__ import annotations
@@ -55,11 +57,11 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- save
 
 
-def save(run_dir: Path, config: dict, progress: dict, tracker: tracking.Tracker, policy,
-         optimizer: torch.optim.Optimizer, scheduler) -> Path:
+def save(run_dir: Path, config: dict, precision: str, progress: dict, tracker: tracking.Tracker,
+         policy, optimizer: torch.optim.Optimizer, scheduler) -> Path:
     """Write a checkpoint of the loop at `progress["step"]`, then remove every older one."""
     root = Path(run_dir) / tracking.CHECKPOINT
-    state = {"format": FORMAT, "config": config, "progress": progress,
+    state = {"format": FORMAT, "config": config, "precision": precision, "progress": progress,
              "metrics_lines": tracker.metrics_lines(), "tracker_last": tracker.last}
 
     def write(d: Path) -> None:
@@ -133,12 +135,12 @@ def same_config(saved: dict, config: dict) -> bool:
 # ----------------------------------------------------------------------------- resume
 
 
-def resume_point(run_dir: Path, config: dict) -> Checkpoint | None:
+def resume_point(run_dir: Path, config: dict, precision: str) -> Checkpoint | None:
     """The checkpoint to resume run_dir from, with metrics.jsonl cut back to its rows; or None,
     after clearing what an earlier attempt left (metrics, summary, checkpoints). Prints one line
     saying which when run_dir held an earlier attempt."""
     earlier = tracking.earlier_attempt(run_dir)
-    ckpt, why = _usable(run_dir, config)
+    ckpt, why = _usable(run_dir, config, precision)
     if ckpt is not None:
         p = ckpt.state["progress"]
         print(f"{run_dir}: resuming from the checkpoint at step {p['step']} ({p['seen']} pairs seen)",
@@ -150,7 +152,7 @@ def resume_point(run_dir: Path, config: dict) -> Checkpoint | None:
     return None
 
 
-def _usable(run_dir: Path, config: dict) -> tuple[Checkpoint | None, str]:
+def _usable(run_dir: Path, config: dict, precision: str) -> tuple[Checkpoint | None, str]:
     """(the checkpoint, "") when run_dir can resume from it, else (None, the reason)."""
     ckpt = latest(run_dir)
     if ckpt is None:
@@ -159,6 +161,9 @@ def _usable(run_dir: Path, config: dict) -> tuple[Checkpoint | None, str]:
         return None, f"checkpoint format {ckpt.state.get('format')}, not {FORMAT}"
     if not same_config(ckpt.state["config"], config):
         return None, "the checkpoint was saved under another config"
+    if ckpt.state.get("precision") != precision:
+        return None, (f"the checkpoint was computed in {ckpt.state.get('precision')}, this run "
+                      f"computes in {precision}")
     if not tracking.resume_files(run_dir, ckpt.state["metrics_lines"]):
         return None, f"{tracking.METRICS} holds fewer rows than the checkpoint counted"
     return ckpt, ""

@@ -352,16 +352,55 @@ def _cpu_flags(cpuinfo: Path) -> list[str] | None:
     return [f for f in BF16_CPU_FLAGS if f in present]
 
 
+PRECISION_ENV = "DPO_HARNESS_PRECISION"  # bf16 | fp32: what `auto` means for this whole process
+PRECISIONS = ("fp32", "bf16")
+
+
+def precision_override() -> str | None:
+    """$DPO_HARNESS_PRECISION when set (bf16 or fp32), else None. It replaces `auto`'s choice for
+    every run of the process (a test suite forced to bf16 on an AVX2 CPU, say); a config that
+    names fp32 or bf16 keeps its own."""
+    value = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in PRECISIONS:
+        raise ValueError(f"${PRECISION_ENV}={value!r}: expected one of {', '.join(PRECISIONS)}")
+    return value
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """`auto` -> bf16 where bf16 matmuls are native (cuda with bf16 support, a CPU with AMX or
-    AVX512-BF16), else fp32; `fp32` and `bf16` as given."""
+    """`auto` -> $DPO_HARNESS_PRECISION when set, else bf16 where bf16 matmuls are native (cuda
+    with bf16 support, a CPU with AMX or AVX512-BF16), else fp32; `fp32` and `bf16` as given."""
     if precision != "auto":
         return precision
+    forced = precision_override()
+    if forced is not None:
+        return forced
     return "bf16" if device.type in ("cuda", "cpu") and capability(device)["bf16_native"] else "fp32"
 
 
+def precision_record(device: torch.device, precision: str) -> dict:
+    """What a run's summary says of its arithmetic: `precision` (what it computed in),
+    `precision_setting` (train.precision as configured), `precision_source` (config, env or
+    auto), `bf16_native` and, on a CPU, `cpu_isa` (torch's dispatch level) and `cpu_bf16_flags`."""
+    cap = capability(device)
+    source = "config" if precision != "auto" else "env" if precision_override() else "auto"
+    out = {"precision": resolve_precision(device, precision), "precision_setting": precision,
+           "precision_source": source, "bf16_native": cap["bf16_native"]}
+    if device.type == "cpu":
+        out.update({"cpu_isa": cap["isa"], "cpu_bf16_flags": " ".join(cap["flags"] or []) or None})
+    return out
+
+
+def describe_precision(record: dict) -> str:
+    """One line for a run's header: `bf16 (auto: native bf16, AVX512)`."""
+    native = {True: "native bf16", False: "bf16 emulated", None: "bf16 support unknown"}[record["bf16_native"]]
+    where = f", {record['cpu_isa']}" if record.get("cpu_isa") else ""
+    return f"{record['precision']} ({record['precision_source']}: {native}{where})"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (resolve_precision)."""
+    """bf16 autocast for `bf16`, and for `auto` where it resolves to bf16 (resolve_precision)."""
     if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -82,10 +82,14 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     """
     world, device = distributed.setup(cfg.train.device)
     distributed.check_batch(world, cfg.train.batch_size)
+    # What the run computes in, and what the machine does natively: part of the result (a bf16
+    # run and an fp32 run are different experiments; a study never pools them, a resume never
+    # mixes them).
+    arithmetic = hmodels.precision_record(device, cfg.train.precision)
     if world.main:  # under torchrun, rank 0 alone touches the run files; all resume alike
         try:
             run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
-            start = (run_dir, checkpoint.resume_point(run_dir, cfg.to_dict()))
+            start = (run_dir, checkpoint.resume_point(run_dir, cfg.to_dict(), arithmetic["precision"]))
         except Exception as err:  # every rank raises it (a finished run_dir, say)
             start = err
     start = world.broadcast(start if world.main else None)
@@ -102,7 +106,9 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     progress = cfg.tracking.progress and world.main
     say = (lambda *a: print(*a, file=sys.stderr)) if progress else (lambda *a: None)
     started = time.time()
-    ends = {"resumed_from_step": resume.step if resume else None, "diverged_at_step": None}
+    say(f"precision: {hmodels.describe_precision(arithmetic)}")
+    ends = {"resumed_from_step": resume.step if resume else None, "diverged_at_step": None,
+            **arithmetic}
     try:
         with phases.timing() as spent:
             summary = _run(cfg, run_dir, device, tracker, say, on_eval, resume, world)
@@ -139,20 +145,29 @@ class Models:
     reference_digest: str | None = None
 
 
+def start_model(cfg: RunConfig, prep: Prepared, device) -> tuple[torch.nn.Module, dict]:
+    """The model DPO starts from, on `device` in eval mode without dropout: the SFT checkpoint
+    when the run has an SFT stage, else the configured model (seeded: a random init is the same
+    every time). The one builder of the frozen start: the policy's initial weights, the live
+    reference, and the samples' reference when the reference is cached."""
+    seed_everything(cfg.train.seed)
+    if prep.init_path is not None:
+        model = load_checkpoint(prep.init_path)
+        info = {"model_source": f"{cfg.model.name} after SFT ({prep.init_path})",
+                "n_params": hmodels.count_params(model)}
+    else:
+        model, info = hmodels.load_model(cfg.model, prep.tokenizer, cfg.data.max_length)
+        info = {k: info[k] for k in ("model_source", "n_params")}
+    hmodels.disable_dropout(model)
+    return model.to(device).eval(), info
+
+
 def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
                  world: distributed.World = distributed.World()) -> Models:
     """The policy (the SFT checkpoint or the configured model), its frozen copy, and the cached
     reference log-probs when dpo.reference is `cache`."""
-    seed_everything(cfg.train.seed)
-    if prep.init_path is not None:
-        policy = load_checkpoint(prep.init_path)
-        info = {"model_source": f"{cfg.model.name} after SFT ({prep.init_path})",
-                "n_params": hmodels.count_params(policy)}
-    else:
-        policy, info = hmodels.load_model(cfg.model, prep.tokenizer, cfg.data.max_length)
-        info = {k: info[k] for k in ("model_source", "n_params")}
-    hmodels.disable_dropout(policy)
-    policy.to(device).train()
+    policy, info = start_model(cfg, prep, device)
+    policy.train()
     live = cfg.dpo.reference == "model"
     reference = None
     if live or metrics.gen_enabled(cfg):  # generation metrics need the model itself
@@ -296,7 +311,8 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
 
     def save(p: Progress) -> None:
         if world.main:
-            checkpoint.save(run_dir, cfg.to_dict(), asdict(p), tracker, m.policy, optimizer, scheduler)
+            checkpoint.save(run_dir, cfg.to_dict(), hmodels.resolve_precision(device, t.precision),
+                            asdict(p), tracker, m.policy, optimizer, scheduler)
             crash_point("checkpoint")
         world.barrier()
 
@@ -448,10 +464,8 @@ def write_samples(cfg: RunConfig, m: Models, prep: Prepared, tracker: Tracker, d
 
     t = cfg.train
     reference = m.reference
-    if reference is None:  # cached reference: rebuild the starting model
-        seed_everything(t.seed)
-        reference, _ = hmodels.load_model(cfg.model, prep.tokenizer, cfg.data.max_length)
-        reference.to(device).eval()
+    if reference is None:  # cached reference: rebuild the start (the SFT checkpoint when there is one)
+        reference, _ = start_model(cfg, prep, device)
     prompts = [("validation", p.prompt) for p in prep.raw_splits["validation"][: t.sample_validation]]
     prompts += [("test", p.prompt) for p in prep.raw_splits["test"][: t.sample_test]]
     rows = side_by_side(m.policy, reference, prep.tokenizer, prompts, t.sample_max_new_tokens, device,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from harness.train import train
+from tests.precision import PRECISIONS
 from tests.runs import quick_config, read_metrics, without_perf
 
 # 6 steps of 4 pairs: train rows at steps 3 and 6 (so the train-metric window is part-full at a
@@ -34,15 +35,31 @@ def summary_of(run_dir) -> dict:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, seed_data):
-    """One uninterrupted run with checkpoints on (the reference the resumed run must equal)."""
-    tmp = tmp_path_factory.mktemp("finished")
-    run_dir = tmp / "a"
-    summary = train(quick_config(seed_data, tmp, **RESUMABLE), run_dir=run_dir)
-    return run_dir, summary
+def uncut(tmp_path_factory, seed_data):
+    """One uninterrupted run with checkpoints on per precision (the reference the resumed run
+    must equal), made when first asked for."""
+    made = {}
+
+    def get(precision: str = "fp32"):
+        if precision not in made:
+            tmp = tmp_path_factory.mktemp(f"finished-{precision}")
+            run_dir = tmp / "a"
+            cfg = quick_config(seed_data, tmp, **RESUMABLE, **{"train.precision": precision})
+            made[precision] = run_dir, train(cfg, run_dir=run_dir)
+        return made[precision]
+
+    return get
 
 
-def test_resumed_run_writes_the_uninterrupted_metrics_exactly(finished, seed_data, tmp_path, capsys):
+@pytest.fixture
+def finished(uncut):
+    return uncut("fp32")
+
+
+# A resumed run repeats the same operations on the same shapes: bit for bit in either precision.
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_resumed_run_writes_the_uninterrupted_metrics_exactly(uncut, seed_data, tmp_path, capsys,
+                                                              precision):
     """Cut off by KeyboardInterrupt at step 6 (after the step-4 checkpoint, and after rows of steps
     5-6 were written) and re-run on its directory with only tracking.tags changed, a run resumes
     from step 4: its metrics.jsonl equals the uninterrupted run's row for row and bit for bit
@@ -50,12 +67,13 @@ def test_resumed_run_writes_the_uninterrupted_metrics_exactly(finished, seed_dat
     after the checkpoint; the summary records resumed_from_step; the checkpoint (one, step 4,
     holding the loop's counters, window and data position) is kept with keep_checkpoint, while
     the uninterrupted run's checkpoint was deleted at its end by default."""
-    ref_dir, ref = finished
+    ref_dir, ref = uncut(precision)
     assert not (ref_dir / "checkpoint").exists()
-    assert ref["resumed_from_step"] is None
+    assert ref["resumed_from_step"] is None and ref["precision"] == precision
 
     run_dir = tmp_path / "b"
-    cfg = quick_config(seed_data, tmp_path, **RESUMABLE, **{"train.keep_checkpoint": True})
+    cfg = quick_config(seed_data, tmp_path, **RESUMABLE, **{"train.keep_checkpoint": True,
+                                                            "train.precision": precision})
     with pytest.raises(KeyboardInterrupt):
         train(cfg, run_dir=run_dir, on_eval=Hook(stop=6))
     assert summary_of(run_dir)["status"] == "interrupted"
@@ -131,3 +149,29 @@ def test_metrics_are_cut_back_to_the_rows_a_checkpoint_counted(tmp_path):
     assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
     assert not (tmp_path / "summary.json").exists()
     assert resume_files(tmp_path, 0) and path.read_text() == ""
+
+
+def test_a_checkpoint_in_another_precision_starts_over(seed_data, tmp_path, capsys, monkeypatch):
+    """The same config (train.precision auto) resolved to fp32 when the run was cut off and to
+    bf16 when it is run again (another machine; here $DPO_HARNESS_PRECISION): the run does not
+    continue fp32 weights in bf16; it says why, starts at step 0 and ends as a whole bf16 run."""
+    cfg = quick_config(seed_data, tmp_path, **RESUMABLE)
+    assert cfg.train.precision == "auto"
+    monkeypatch.setenv("DPO_HARNESS_PRECISION", "fp32")
+    run_dir = tmp_path / "d"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir=run_dir, on_eval=Hook(stop=3))
+    assert summary_of(run_dir)["precision"] == "fp32"
+    assert (run_dir / "checkpoint" / "step-00000002").exists()
+
+    capsys.readouterr()
+    monkeypatch.setenv("DPO_HARNESS_PRECISION", "bf16")
+    summary = train(cfg, run_dir=run_dir)
+    err = capsys.readouterr().err
+    assert "starting over (the checkpoint was computed in fp32, this run computes in bf16)" in err
+    assert summary["resumed_from_step"] is None
+    assert (summary["precision"], summary["precision_setting"], summary["precision_source"]) == \
+        ("bf16", "auto", "env")
+    whole = train(cfg, run_dir=tmp_path / "whole")
+    assert without_perf(read_metrics(run_dir)) == without_perf(read_metrics(tmp_path / "whole"))
+    assert whole["precision"] == "bf16"

@@ -2,7 +2,6 @@
 with the same global batch, within float tolerance, and only rank 0 writes the run's files."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import pytest
 
 from harness import distributed
 from harness.chaos import CRASH_ENV
+from tests.precision import BF16_U, assert_close
 from tests.runs import ROOT, SMOKE, read_metrics, without_perf
 
 # Cached reference log-probs (computed sharded and gathered), two micro-batches per optimizer
@@ -25,8 +25,8 @@ SETTINGS = {
 
 
 def run(seed_data, tmp_path, name: str, processes: int, crash_at: str | None = None,
-        code: int = 0) -> subprocess.CompletedProcess:
-    sets = {**SETTINGS, "data.source": str(seed_data),
+        code: int = 0, precision: str = "fp32") -> subprocess.CompletedProcess:
+    sets = {**SETTINGS, "data.source": str(seed_data), "train.precision": precision,
             "tracking.results_dir": str(tmp_path / "results"),
             "dpo.reference_cache_dir": str(tmp_path / f"cache-{name}")}
     args = [str(SMOKE), "--run-dir", str(tmp_path / name)]
@@ -44,27 +44,36 @@ def run(seed_data, tmp_path, name: str, processes: int, crash_at: str | None = N
     return out
 
 
-@pytest.mark.slow
-def test_two_cpu_ranks_train_the_single_process_run(seed_data, tmp_path):
-    one = run(seed_data, tmp_path, "one", 1)
-    two = run(seed_data, tmp_path, "two", 2)
+def same_run(tmp_path, precision: str) -> list[dict]:
+    """The metrics of run "two" (2 ranks) against run "one" (1 process), every logged value, to
+    the precision's tolerance (tests/precision.py); returns run two's rows."""
     single, ddp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     # One writer: as many rows as the single process, each step once.
     assert [r["step"] for r in ddp] == [r["step"] for r in single]
     compared = 0
     for a, b in zip(single, ddp, strict=True):
         assert a.keys() == b.keys()
-        for k, v in a.items():
-            if k.startswith("perf/") or not isinstance(v, float):
-                continue
-            assert math.isclose(v, b[k], rel_tol=1e-4, abs_tol=1e-6), (a["step"], k, v, b[k])
-            compared += 1
+        keys = [k for k, v in a.items() if not k.startswith("perf/") and isinstance(v, float)]
+        # Train rows average one step's 8 pairs; eval rows 2 batches of 4 pairs.
+        compared += assert_close(a, b, keys, precision, beta=0.1, pairs=8)
     assert compared > 50
     losses = [r["train/loss"] for r in ddp if "train/loss" in r]
     assert len(losses) == 5 and losses[-1] < losses[0]  # it trained
-    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert (summary["world_size"], summary["distributed_backend"]) == (2, "gloo")
-    assert json.loads((tmp_path / "one" / "summary.json").read_text())["world_size"] == 1
+    for name, world in (("two", 2), ("one", 1)):
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["world_size"] == world and summary["precision"] == precision
+    return ddp
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_the_single_process_run(seed_data, tmp_path):
+    """fp32: two gloo ranks give the single process's metrics to 1e-4 relative; rank 0 alone
+    writes; killed after a checkpoint and run again, the ranks resume to the uncut run exactly;
+    the sharded reference cache equals the one-process cache."""
+    one = run(seed_data, tmp_path, "one", 1)
+    two = run(seed_data, tmp_path, "two", 2)
+    ddp = same_run(tmp_path, "fp32")
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["distributed_backend"] == "gloo"
     # Rank 0 saved the mid-run checkpoint; the final report is printed once.
     assert list((tmp_path / "two" / "checkpoint").iterdir())
     assert two.stdout.count('"status"') == 1 and one.stdout.count('"status"') == 1
@@ -82,6 +91,22 @@ def test_two_cpu_ranks_train_the_single_process_run(seed_data, tmp_path):
     b = torch.load(next((tmp_path / "cache-two").rglob("*.pt")))
     for split in a:
         torch.testing.assert_close(a[split], b[split], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_in_bf16(seed_data, tmp_path):
+    """bf16 (forced, on any CPU): two ranks give the single process's metrics within bf16's
+    rounding (tests/precision.py), and the sharded reference cache the one-process cache to
+    relative 2**-8."""
+    run(seed_data, tmp_path, "one", 1, precision="bf16")
+    run(seed_data, tmp_path, "two", 2, precision="bf16")
+    same_run(tmp_path, "bf16")
+    import torch
+
+    a = torch.load(next((tmp_path / "cache-one").rglob("*.pt")))
+    b = torch.load(next((tmp_path / "cache-two").rglob("*.pt")))
+    for split in a:
+        torch.testing.assert_close(a[split], b[split], rtol=BF16_U, atol=0.0)
 
 
 def test_global_batch_must_split_over_the_processes():

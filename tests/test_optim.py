@@ -9,6 +9,7 @@ import torch
 
 from harness import optim
 from harness.train import train
+from tests.precision import PRECISIONS, assert_close
 from tests.runs import quick_config, read_metrics
 
 
@@ -115,42 +116,42 @@ def test_adamw_is_fused_on_cpu_with_the_given_settings():
 # ----------------------------------------------------------------------------- gradient accumulation
 
 
-def by_step(rows: list[dict], key: str) -> dict[int, float]:
-    return {r["step"]: r[key] for r in rows if key in r}
-
-
-def test_grad_accum_matches_one_big_batch(seed_data, tmp_path):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_grad_accum_matches_one_big_batch(seed_data, tmp_path, precision):
     """8 pairs x 1 micro-batch and 4 pairs x 2 micro-batches (same pairs: shuffle off) give the
     same run: the first step's gradient norm, every step's train loss (the later steps start from
-    the weights the earlier updates made), and the final validation and test metrics.
+    the weights the earlier updates made), and the final validation and test metrics. In fp32 to
+    1e-4 relative (gradient norm) and 1e-5 (losses, margins); in bf16 to the bounds of
+    tests/precision.py (relative 2**-8 for the gradient norm).
 
     The gradient norm is what a wrong accumulation changes: without dividing each micro-batch's
     loss by grad_accum the accumulated gradient is the sum of two half-batch means, twice the
     batch mean, so its norm would be twice the single-batch norm."""
     # Eval passes over whole splits: the same pairs for both batch sizes.
     common = {"train.shuffle": False, "train.max_steps": 4, "train.eval_every": 16,
-              "train.eval_batches": None, "train.save_model": False}
+              "train.eval_batches": None, "train.save_model": False, "train.precision": precision}
     one = train(quick_config(seed_data, tmp_path, **common, **{"train.batch_size": 8}),
                 run_dir=tmp_path / "one")
     two = train(quick_config(seed_data, tmp_path, **common,
                              **{"train.batch_size": 4, "train.grad_accum": 2}),
                 run_dir=tmp_path / "two")
+    assert one["precision"] == two["precision"] == precision
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-
-    g_one, g_two = by_step(rows_one, "train/grad_norm"), by_step(rows_two, "train/grad_norm")
-    assert sorted(g_one) == sorted(g_two) == [1, 2, 3, 4]
+    beta = 0.1
+    train_one = {r["step"]: r for r in rows_one if "train/loss" in r}
+    train_two = {r["step"]: r for r in rows_two if "train/loss" in r}
+    assert sorted(train_one) == sorted(train_two) == [1, 2, 3, 4]
     # Large enough that a doubled norm (the undivided loss) is far outside the tolerance.
-    assert g_one[1] > 1e-3
-    for step in g_one:
-        assert g_two[step] == pytest.approx(g_one[step], rel=1e-4), step
-    assert g_two[1] != pytest.approx(2 * g_one[1], rel=0.1)
+    assert train_one[1]["train/grad_norm"] > 1e-3
+    for step, a in train_one.items():
+        assert_close(a, train_two[step], ["train/grad_norm"], precision, beta, 8, rel=1e-4)
+        assert_close(a, train_two[step], ["train/loss"], precision, beta, 8, rel=0, abs_=1e-5)
+    assert train_two[1]["train/grad_norm"] != pytest.approx(2 * train_one[1]["train/grad_norm"], rel=0.1)
 
-    l_one, l_two = by_step(rows_one, "train/loss"), by_step(rows_two, "train/loss")
-    for step in l_one:
-        assert l_two[step] == pytest.approx(l_one[step], abs=1e-5), step
-    # Step 1 starts from the reference itself (loss ln 2); later steps do not: the updates count.
-    assert l_one[1] == pytest.approx(math.log(2), abs=1e-5)
-    assert abs(l_one[4] - math.log(2)) > 1e-4
+    # Step 1 starts from the reference itself (loss ln 2, in either precision: policy and
+    # reference round alike); later steps do not: the updates count.
+    assert train_one[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(train_one[4]["train/loss"] - math.log(2)) > 1e-4
     assert one["examples_seen"] == two["examples_seen"] == 32
-    for key in ("eval/loss", "eval/rewards/margins", "test/loss", "test/rewards/margins"):
-        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    keys = ("eval/loss", "eval/rewards/margins", "test/loss", "test/rewards/margins")
+    assert_close(one, two, keys, precision, beta, 8, rel=0, abs_=1e-5)

@@ -10,6 +10,7 @@ import pytest
 
 from harness.config import load_config
 from harness.train import train
+from tests.precision import PRECISIONS, assert_close
 from tests.runs import ROOT, SMOKE, quick_config, read_metrics, without_perf
 
 METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -61,20 +62,24 @@ def test_same_seed_repeats_metrics_exactly(seed_data, tmp_path):
     assert without_perf(read_metrics(a)) != without_perf(read_metrics(c))
 
 
-def test_reference_cache_gives_same_losses_and_is_reused(seed_data, tmp_path):
-    """`reference: cache` gives the frozen model's losses to 1e-6, and a second run reuses the file."""
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_reference_cache_gives_same_losses_and_is_reused(seed_data, tmp_path, precision):
+    """`reference: cache` gives the frozen model's losses and rewards (to 1e-6 in fp32, to bf16's
+    rounding in bf16: tests/precision.py), and a second run reuses the file."""
     live = tmp_path / "live"
-    train(quick_config(seed_data, tmp_path), run_dir=live)
+    train(quick_config(seed_data, tmp_path, **{"train.precision": precision}), run_dir=live)
     cached = tmp_path / "cached"
-    s1 = train(quick_config(seed_data, tmp_path, **{"dpo.reference": "cache"}), run_dir=cached)
-    assert s1["reference_cache_reused"] is False
+    s1 = train(quick_config(seed_data, tmp_path, **{"dpo.reference": "cache",
+                                                    "train.precision": precision}), run_dir=cached)
+    assert s1["reference_cache_reused"] is False and s1["precision"] == precision
+    compared = 0
     for x, y in zip(read_metrics(live), read_metrics(cached), strict=True):
-        for k in x:
-            if k.endswith("/loss") or "/rewards/" in k:
-                assert x[k] == pytest.approx(y[k], abs=1e-6), k
+        keys = [k for k in x if k.endswith("/loss") or "/rewards/" in k]
+        compared += assert_close(x, y, keys, precision, beta=0.1, pairs=4, rel=0, abs_=1e-6)
+    assert compared > 20
     again = tmp_path / "again"
-    s2 = train(quick_config(seed_data, tmp_path, **{"dpo.reference": "cache", "dpo.beta": 0.3}),
-               run_dir=again)
+    s2 = train(quick_config(seed_data, tmp_path, **{"dpo.reference": "cache", "dpo.beta": 0.3,
+                                                    "train.precision": precision}), run_dir=again)
     assert s2["reference_cache_reused"] is True
     assert s2["reference_cache"] == s1["reference_cache"]
 

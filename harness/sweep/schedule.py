@@ -24,7 +24,14 @@ from harness.chaos import crash_point
 from harness.config import Cell, Experiment
 from harness.sweep import faults
 from harness.sweep.storage import HEARTBEAT_S, host, open_storage, without_password
-from harness.sweep.study import count, make_study, objective_value, slot_seed, suggest
+from harness.sweep.study import (
+    count,
+    make_study,
+    objective_value,
+    pin_precision,
+    slot_seed,
+    suggest,
+)
 
 
 class _QuietSurplus(logging.Filter):
@@ -54,7 +61,7 @@ def first_cell(cells: list[Cell], worker: int, workers: int) -> int:
 
 class Sweep:
     def __init__(self, exp: Experiment, storage_url: str, results_dir: Path, worker: int = 0,
-                 workers: int = 1):
+                 workers: int = 1, quiet: bool = False):
         self.exp = exp
         self.worker = worker  # index of this worker process on this machine
         # One worker on a local file storage draws exactly the same trials after any restart;
@@ -65,6 +72,8 @@ class Sweep:
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
         self.study_dir = self.results_dir / exp.study
+        # Every run of the study computes in one precision (None: the grid varies it).
+        self.precision = pin_precision(exp, self.storage, (lambda m: None) if quiet else None)
         start = first_cell(exp.cells, worker, workers)
         self.cells = exp.cells[start:] + exp.cells[:start]
 
@@ -95,6 +104,8 @@ class Sweep:
             tags += [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in params.items()]
             cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_dir.name}", tags)
+            if self.precision is not None:
+                cfg.train.precision = self.precision
             # results_dir/runs/<name> is run_dir; wandb keeps the study's runs in results_dir/wandb.
             cfg.tracking.results_dir = str(self.study_dir)
             labels = {"study": exp.study, "cell": cell.id, "trial": trial.number, "role": role,
@@ -113,6 +124,7 @@ class Sweep:
                     raise RunPruned(f"pruned at step {step}")
 
             summary = faults.run_trial(trial, cfg, run_dir, on_eval, labels, role)
+            trial.set_user_attr("precision", summary.get("precision"))
             if summary.get("degenerate"):
                 trial.set_user_attr("degenerate", True)
             value = objective_value(exp.spec.objective, summary)

@@ -1,11 +1,13 @@
 """Optuna glue: one study per cell with its sampler and pruner, parameters from the search
-space, and the objective value of a run's metrics."""
+space, the objective value of a run's metrics, and the precision every run of a study computes in
+(recorded on the study-wide record `<study>`, a study without trials)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import sys
 from typing import Any
 
 from harness.config import Experiment, ObjectiveSpec, ParamSpec
@@ -76,3 +78,57 @@ def count(study, *states: str) -> int:
 
     wanted = {TrialState[s] for s in states}
     return sum(t.state in wanted for t in study.get_trials(deepcopy=False))
+
+
+PRECISION_AXIS = "train.precision"
+
+
+class PrecisionMismatch(ValueError):
+    """A study computes in one precision and this machine or this experiment asks another."""
+
+
+def pin_precision(exp: Experiment, storage, say=None) -> str | None:
+    """The precision every run of the study computes in: what `train.precision` resolved to
+    where the study started, recorded in the storage. A study continued elsewhere keeps it, so
+    that no estimate pools bf16 and fp32 runs: `auto` (and $DPO_HARNESS_PRECISION's override of
+    it) then yields to the record, saying so; an explicit train.precision that differs, or a
+    device that cannot compute in the recorded precision, is a PrecisionMismatch naming both.
+    None when the grid or the search varies train.precision itself (each run keeps its own)."""
+    import optuna
+    import torch
+
+    from harness import models as hmodels
+
+    if any(a == PRECISION_AXIS for c in exp.cells for a, _ in c.values) or \
+            any(PRECISION_AXIS in exp.space(c) for c in exp.cells):
+        return None
+    setting = exp.base.train.precision
+    try:
+        device = hmodels.pick_device(exp.base.train.device)
+    except (ValueError, RuntimeError):  # no run can start here: the precheck says why, per cell
+        return None
+    here = hmodels.resolve_precision(device, setting)
+    record = optuna.create_study(study_name=exp.study, storage=storage, load_if_exists=True)
+    recorded = record.user_attrs.get("precision")
+    if recorded is None:
+        cap = hmodels.precision_record(device, setting)
+        record.set_user_attr("precision", here)
+        record.set_user_attr("precision_capability", {k: v for k, v in cap.items() if k != "precision"})
+        return here
+    if recorded == here:
+        return here
+    where = f"study {exp.study} computes in {recorded} (the precision of its first runs)"
+    if setting != "auto":
+        raise PrecisionMismatch(f"{where}, but {exp.path} asks train.precision: {setting}; name "
+                                "another study (sweep.study or --study) to run it in another precision")
+    if recorded == "bf16" and (device.type not in ("cpu", "cuda") or
+                               (device.type == "cuda" and not torch.cuda.is_bf16_supported())):
+        raise PrecisionMismatch(f"{where}, which {device} cannot compute in; continue it on a "
+                                "machine that can, or name another study")
+    forced = hmodels.precision_override()
+    why = f"${hmodels.PRECISION_ENV}={forced}" if forced else f"train.precision auto on {device}"
+    (say or (lambda m: print(m, file=sys.stderr)))(
+        f"{where}: its runs keep {recorded} here, where {why} would pick {here}"
+        + (" (bf16 is emulated on this CPU: slower)" if recorded == "bf16" and device.type == "cpu"
+           and not hmodels.capability(device)["bf16_native"] else ""))
+    return recorded

@@ -1,7 +1,8 @@
-"""The study's results table: per cell its status, best trial, parameters (flagged when at an edge
-of the cell's range) and the objective estimated over fresh seed reruns (mean, median, sd, 95%
-t-interval; diverged, degenerate and failed runs counted apart, never averaged in); written to
-summary.csv and logged to wandb through the tracker interface."""
+"""The study's results table: per cell its status, precision, best trial, parameters (flagged when
+at an edge of the cell's range) and the objective estimated over fresh seed reruns (mean, median,
+sd, 95% t-interval; diverged, degenerate and failed runs, and runs computed in another precision
+than the study's, counted apart, never averaged in); written to summary.csv and logged to wandb
+through the tracker interface."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
     search = sweep.search_study(cell)
     trials = search.get_trials(deepcopy=False)
     diverged = [t for t in trials if t.user_attrs.get("outcome") == "diverged"]
-    row: dict[str, Any] = {"cell": cell.id, **dict(cell.values), "status": "done", "error": ""}
+    row: dict[str, Any] = {"cell": cell.id, **dict(cell.values), "status": "done", "error": "",
+                           "precision": sweep.precision}
     row.update({
         "trials": sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials),
         "pruned": sum(t.state.name == "PRUNED" for t in trials) - len(diverged),
@@ -54,18 +56,20 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
                 "seeds_done": len(done),
                 "seeds_diverged": sum(t.user_attrs.get("outcome") == "diverged" for t in reruns),
                 "seeds_degenerate": sum(bool(t.user_attrs.get("degenerate")) for t in done)})
-    row.update(_estimate(best, done, spec.seeds, selected=spec.trials > 1))
+    row.update(_estimate(best, done, spec.seeds, selected=spec.trials > 1, precision=sweep.precision))
     if row["status"] == "done" and len(done) + row["seeds_diverged"] < spec.seeds - 1:
         row["status"] = "incomplete"
     return row
 
 
-def _estimate(best, done: list, seeds: int, selected: bool = True) -> dict[str, Any]:
+def _estimate(best, done: list, seeds: int, selected: bool = True,
+              precision: str | None = None) -> dict[str, Any]:
     """The cell's reported value: from its fresh seed reruns only (never the search trial that
     picked the parameters: its value is biased upward by the selection), degenerate runs left out
     and counted. With one trial per cell (`selected` False) nothing was picked, so that trial is
     one more fresh seed and counts too. A study without reruns (seeds: 1) reports its search
-    trial, saying so."""
+    trial, saying so. With the study's `precision` given, a run that computed in another one (or
+    recorded none: an older harness) is left out and counted in `other_precision`."""
     counted = [t for t in done if not t.user_attrs.get("degenerate")]
     source = "seed reruns"
     if seeds == 1:
@@ -73,7 +77,11 @@ def _estimate(best, done: list, seeds: int, selected: bool = True) -> dict[str, 
     elif not selected:
         counted = [t for t in [best] if not t.user_attrs.get("degenerate")] + counted
         source = "every seed (one trial: no selection)"
-    out: dict[str, Any] = {"estimate_from": source, "estimate_n": len(counted)}
+    apart = [precision is not None and t.user_attrs.get("precision") != precision for t in counted]
+    other = [t for t, a in zip(counted, apart, strict=True) if a]
+    counted = [t for t, a in zip(counted, apart, strict=True) if not a]
+    out: dict[str, Any] = {"estimate_from": source, "estimate_n": len(counted),
+                           "other_precision": len(other)}
     if counted:
         e = stats.estimate([t.value for t in counted])
         out.update({"objective_mean": e.mean, "objective_median": e.median, "objective_sd": e.sd,

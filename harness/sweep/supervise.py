@@ -92,7 +92,7 @@ def _worker(path: str, study: str | None, storage_url: str, results_dir: str, th
     _stop_with_parent()
     exp = load_experiment(path, study)
     try:
-        return Sweep(exp, storage_url, Path(results_dir), worker, workers).work()
+        return Sweep(exp, storage_url, Path(results_dir), worker, workers, quiet=True).work()
     except KeyboardInterrupt:  # its trial is queued again; the parent reports the interruption
         sys.exit(130)
 
