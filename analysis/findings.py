@@ -118,9 +118,11 @@ def best_cells(runs: pd.DataFrame, direction: str) -> list[dict]:
                                                  kind="stable")
     out = []
     by = ["model.name", "method"] + (["precision"] if "precision" in keys else [])
+    several = "precision" in keys and runs["precision"].nunique() > 1
+    named = [k for k in keys if k != "precision" or several]  # precision named only if it varies
     for _, cell in est.groupby(by, sort=True).head(1).iterrows():
         rows = runs[(runs[keys] == cell[keys]).all(axis=1)]
-        out.append({"model": cell["model.name"], "method": cell["method"], "cell": _cell_name(cell, keys),
+        out.append({"model": cell["model.name"], "method": cell["method"], "cell": _cell_name(cell, named),
                     "precision": cell.get("precision"),
                     "values": rows["objective"].tolist(), "kl": rows["gen/kl"].mean()
                     if "gen/kl" in rows else float("nan")})
