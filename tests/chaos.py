@@ -2,12 +2,14 @@
 
 A small study of the real command line (two cells x two trials, two seeds, tiny-xs on the
 controlled task: SFT, pair sampling and cached reference log-probs all on) runs once without
-interruption. Then the same study, in a fresh results folder and cache, is SIGKILLed again and
-again, first at each named crash point (harness/chaos.py: inside SFT, pair sampling, reference
-caching, at an eval step, between a run's summary.json and Optuna's record, inside seed queuing),
-then at random moments, and restarted each time until it ends (runs checkpoint every 32 pairs, so
-a retried trial resumes its run). It holds when the final summary
-tables are equal (statuses, trial counts, parameters, objective values, run folder names).
+interruption. Then the same study, in a fresh results folder and cache, is SIGKILLed at each
+named crash point in turn (harness/chaos.py: inside SFT, pair sampling, reference caching, at an
+eval step, between a run's summary.json and Optuna's record, inside seed queuing), restarted after
+each; and another fresh copy is SIGKILLed at random moments (20-80% of the uninterrupted study's
+duration after each restart), restarted each time until it ends (runs checkpoint every 32 pairs,
+so a retried trial resumes its run). Each holds when every named point was really reached (or at
+least one random kill hit a running study) and the final summary table equals the uninterrupted
+one (statuses, trial counts, parameters, objective values, run folder names).
 
 The full test also kills one of two workers, interrupts two workers with Ctrl-C, kills the
 parent of two workers (the workers must stop), injects a diverging learning rate (counted, not averaged) and a cell that always fails
@@ -126,45 +128,64 @@ def alive(pid: int) -> bool:
 # ----------------------------------------------------------------------------- scenarios
 
 
-def uninterrupted(root: Path, report: list) -> pd.DataFrame:
+def uninterrupted(root: Path, report: list) -> tuple[pd.DataFrame, float]:
+    """The reference table, and how long the whole study took (the random kills' time scale)."""
     results = root / "calm"
     results.mkdir(parents=True)
     t0 = time.time()
     rc = finish(start(write_study(root), results), 1200)
-    report.append(("uninterrupted study", f"exit {rc} in {time.time() - t0:.0f}s", rc == 0))
-    return table(results)
+    took = time.time() - t0
+    report.append(("uninterrupted study", f"exit {rc} in {took:.0f}s", rc == 0))
+    return table(results), took
 
 
-def killed_again_and_again(root: Path, reference: pd.DataFrame, kills: int, rng: random.Random,
-                           points: tuple[str, ...], report: list) -> None:
-    """Kill at every named point, then `kills` random moments, restart until done; compare. Holds
-    only if every named point really was reached and killed, at least one random SIGKILL landed
-    on a running study, and the final table equals the uninterrupted one."""
+def _same_after_restart(study: Path, results: Path, reference: pd.DataFrame) -> tuple[int, bool]:
+    rc = finish(start(study, results), 1200)
+    same = rc == 0 and table(results).equals(reference)
+    if not same and rc == 0:
+        print(table(results).compare(reference), file=sys.stderr)
+    return rc, same
+
+
+def killed_at_every_point(root: Path, reference: pd.DataFrame, points: tuple[str, ...],
+                          report: list) -> None:
+    """Kill the study at each named point in turn, restarting it; then finish and compare. Holds
+    only if every point was really reached and killed there."""
     results, study = root / "chaos", write_study(root)
     results.mkdir(parents=True)
     crashed, missed = [], []
     for point in points:
         rc = finish(start(study, results, crash=point), 600)
-        (crashed if rc == -signal.SIGKILL else missed).append(point if rc == -signal.SIGKILL
-                                                              else f"{point} (exit {rc})")
+        (crashed if rc == -signal.SIGKILL else missed).append(
+            point if rc == -signal.SIGKILL else f"{point} (exit {rc})")
+    rc, same = _same_after_restart(study, results, reference)
+    report.append((f"{len(points)} crash points, restarted after each",
+                   f"killed at {', '.join(crashed) or 'no point'}"
+                   f"{'; NOT reached: ' + ', '.join(missed) if missed else ''}; final exit {rc}; "
+                   f"summary table {'equal to' if same else 'DIFFERENT from'} the uninterrupted one",
+                   same and not missed))
+
+
+def killed_at_random(root: Path, reference: pd.DataFrame, kills: int, took: float,
+                     rng: random.Random, report: list) -> None:
+    """A fresh study SIGKILLed `kills` times, each at a random moment between 20% and 80% of the
+    uninterrupted study's duration after its (re)start; then finish and compare. Holds only if at
+    least one kill hit a running study (the first always should: it cuts a study from scratch)."""
+    results, study = root / "random", write_study(root / "random-study")
+    results.mkdir(parents=True)
     landed = 0
     for _ in range(kills):
         proc = start(study, results)
-        time.sleep(rng.uniform(0.5, 12.0))
+        time.sleep(rng.uniform(0.2, 0.8) * took)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             landed += 1
         proc.wait()
-    rc = finish(start(study, results), 1200)
-    same = rc == 0 and table(results).equals(reference)
-    held = same and not missed and len(crashed) == len(points) and (landed > 0 or kills == 0)
-    report.append((f"{len(points)} crash points + {kills} random SIGKILLs, restarted each time",
-                   f"killed at {', '.join(crashed) or 'no point'}"
-                   f"{'; NOT reached: ' + ', '.join(missed) if missed else ''}; {landed} of {kills} "
-                   f"random kills hit a running study; final exit {rc}; summary table "
-                   f"{'equal to' if same else 'DIFFERENT from'} the uninterrupted one", held))
-    if not same and rc == 0:
-        print(table(results).compare(reference), file=sys.stderr)
+    rc, same = _same_after_restart(study, results, reference)
+    report.append((f"{kills} random SIGKILLs, restarted after each",
+                   f"{landed} of {kills} hit a running study; final exit {rc}; summary table "
+                   f"{'equal to' if same else 'DIFFERENT from'} the uninterrupted one",
+                   same and landed > 0))
 
 
 def two_workers_at_work(root: Path, name: str, settle_s: float):
@@ -250,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     root = Path(args.out or tempfile.mkdtemp(prefix="chaos-"))
     rng, report = random.Random(args.seed), []
-    reference = uninterrupted(root, report)
-    points = ("pairs", "summary", "seeds") if args.short else POINTS
-    killed_again_and_again(root, reference, args.kills, rng, points, report)
+    reference, took = uninterrupted(root, report)
+    killed_at_every_point(root, reference, ("pairs", "summary", "seeds") if args.short else POINTS,
+                          report)
+    if args.kills:
+        killed_at_random(root, reference, args.kills, took, rng, report)
     if not args.short:
         worker_killed(root, report)
         interrupted(root, report)

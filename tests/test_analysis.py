@@ -184,6 +184,64 @@ def test_every_figure_is_drawn(drawn, results):
     assert "model size: skipped" in stdout and "frontier: skipped" in stdout
 
 
+def _lines(ax) -> dict[str, list[tuple[float, float]]]:
+    """The data lines seaborn drew on an axis (bands are collections, not lines), by legend label
+    in drawing order."""
+    drawn = [line for line in ax.lines if len(line.get_xdata()) > 1]
+    return {str(i): list(zip(map(float, line.get_xdata()), map(float, line.get_ydata()), strict=True))
+            for i, line in enumerate(drawn)}
+
+
+def _means(frame: pd.DataFrame, metric: str) -> list[tuple[float, float]]:
+    m = frame.dropna(subset=[metric]).groupby("examples_seen")[metric].mean()
+    return [(float(x), float(y)) for x, y in m.items()]
+
+
+def test_curve_and_notebook_figures_plot_the_compared_runs(results, tmp_path, monkeypatch):
+    """What the curve and notebook figures draw, not only that a file exists: the notebook figure's
+    lines are the mean over the compared runs of train and validation loss (and margin, notebook
+    units) at each examples-seen; the curve figure has one row per metric, one column per masking,
+    one line per β, each the mean of that cell's compared runs."""
+    from analysis import fig_curves, fig_notebook
+    from analysis.common import best_runs, curves_or_fail
+
+    figs = {}
+
+    def keep(fig, out, name):
+        figs[name] = fig
+        return style.save(fig, out, name)
+
+    monkeypatch.setattr(fig_curves, "save", keep)
+    monkeypatch.setattr(fig_notebook, "save", keep)
+    fig_curves.draw(results, tmp_path)
+    fig_notebook.draw(results, tmp_path)
+    compared = best_runs(results, curves_or_fail(results, ["eval/loss"]))
+    assert compared["run"].nunique() == 8  # 4 cells x 2 fresh-seed reruns
+
+    loss_ax, margin_ax = figs["notebook_a"].axes[:2]
+    for ax, metric in ((loss_ax, "loss"), (margin_ax, "logratios/margins")):
+        want = [_means(compared, f"{split}/{metric}") for split in ("train", "eval")]
+        got = list(_lines(ax).values())
+        assert len(got) == 2, metric
+        for g, w in zip(got, want, strict=True):
+            assert [x for x, _ in g] == [x for x, _ in w]
+            assert [y for _, y in g] == pytest.approx([y for _, y in w], rel=1e-6), metric
+
+    axes = figs["curves_tiny-xs"].axes
+    grid = [ax for ax in axes if ax.get_title() or ax.get_ylabel() or ax.get_xlabel() or ax.lines]
+    assert len(grid) == 3 * 2  # 3 metrics x 2 maskings
+    titles = sorted(ax.get_title() for ax in grid if ax.get_title())
+    assert titles == ["masking: full-sum", "masking: masked-mean"]
+    for j, masking in enumerate(["full-sum", "masked-mean"]):
+        for i, metric in enumerate(fig_curves.METRICS):
+            got = list(_lines(grid[i * 2 + j]).values())
+            sub = compared[compared["masking"] == masking]
+            want = [_means(sub[sub["dpo.beta"] == b], metric) for b in (0.1, 0.5)]
+            assert len(got) == 2, (masking, metric)  # one line per beta
+            for g, w in zip(got, want, strict=True):
+                assert [y for _, y in g] == pytest.approx([y for _, y in w], rel=1e-6), (masking, metric)
+
+
 def test_optuna_figures_from_the_journal_storage(results, tmp_path, monkeypatch):
     """The sweep kept its studies in a journal file (no optuna.db anywhere): the Optuna figures
     come from the storage its runs' labels name. Each cell's history plots exactly that cell's

@@ -39,6 +39,31 @@ def test_estimate_and_welch_by_hand():
     assert stats.welch([1.0], [2.0, 3.0]) is None
 
 
+def _t_cdf(x: float, df: float, steps: int = 20_000) -> float:
+    """Student's t CDF by Simpson's rule on its density (independent of harness.stats)."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    h = x / steps
+    f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(steps + 1)]
+    return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+
+def test_welch_with_unequal_variances_and_sizes_by_hand():
+    """a = [1, 2, 6] (n 3, variance 7), b = [2, 4, 4, 6] (n 4, variance 8/3): diff −1, squared
+    standard errors 7/3 and 2/3 (se √3), Welch–Satterthwaite df = 3² / ((7/3)²/2 + (2/3)²/3)
+    = 9 / (49/18 + 4/27) = 3.1355 (not the pooled 5), and the half-width's t quantile is the one
+    whose CDF at that fractional df is 0.975."""
+    d = stats.welch([1, 2, 6], [2, 4, 4, 6])
+    df = 9 / (49 / 18 + 4 / 27)
+    assert d.diff == pytest.approx(-1.0) and d.df == pytest.approx(df, rel=1e-9)
+    half = (d.high - d.low) / 2
+    assert d.low + half == pytest.approx(-1.0)
+    assert _t_cdf(half / math.sqrt(3), df) == pytest.approx(0.975, abs=2e-4)
+    assert not d.separated
+    swapped = stats.welch([2, 4, 4, 6], [1, 2, 6])  # the order flips the sign only
+    assert (swapped.diff, swapped.low, swapped.high, swapped.df) == pytest.approx(
+        (1.0, -d.high, -d.low, d.df))
+
+
 def trial(value, **attrs):
     return SimpleNamespace(value=value, user_attrs={"run_dir": f"/r/{value}", **attrs})
 

@@ -91,7 +91,11 @@ def test_small_sweep_end_to_end(tmp_path, seed_data):
         assert len(lrs) == 3 and len(set(lrs)) == 3, lrs
     storage = open_storage(f"sqlite:///{tmp_path / 'results' / 't' / 'optuna.db'}")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    assert len(names) == 8  # a search study and a seeds study per cell
+    # a search study and a seeds study per cell, and the study's own record (its precision)
+    assert len(names) == 9 and sum("/" not in n for n in names) == 1
+    record = optuna.load_study(study_name="t", storage=storage)
+    assert record.trials == [] and record.user_attrs["precision"] in ("fp32", "bf16")
+    assert set(df["precision"]) == {record.user_attrs["precision"]}
     runs = list((tmp_path / "results" / "t" / "runs").glob("*/*/summary.json"))
     assert len(runs) == 4 * (3 + 1)
     # The seed rerun repeats the best trial's parameters with another seed.
