@@ -24,6 +24,7 @@ import sys
 from harness import metrics
 from harness.config import ConfigError, load_config, parse_value
 from harness.errors import InputError
+from harness.quiet import quiet_libraries
 
 TRACEBACK = "--traceback"
 CONFIG_ADVICE = ("Every field, its default and range is documented in harness/config/run.py "
@@ -233,6 +234,7 @@ def paragraph(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()  # transformers' and the hub's bars only on a terminal
     show_traceback = TRACEBACK in argv
     argv = [a for a in argv if a != TRACEBACK]
     try:

@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import math
+import subprocess
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch
 from harness import data as hdata
 from harness import generate, packing
 from harness import models as hmodels
-from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
+from harness.bench import agree, cases, cli, gen, measure, memory, paths, trl_path
 
 LN2 = math.log(2)
 _loaded: dict = {}
@@ -208,14 +209,34 @@ def test_peak_rss_child_counts_only_itself():
     path's extra is at least its one [B, T-1, V] fp32 log-softmax (16 × 94 × 50,257 × 4 B = 302 MB),
     which the harness path never builds."""
     case = cases.CASES["tiny-live-mean"]
+    cfg = cases.run_config(case)
     ballast = torch.ones(2**29)  # 2 GiB of fp32, every page written
-    naive = measure.peak_rss_child(case, "naive", 1)
-    harness = measure.peak_rss_child(case, "harness", 1)
+    naive = memory.peak_rss_child(case, cfg, "naive", 1)
+    harness = memory.peak_rss_child(case, cfg, "harness", 1)
     held = ballast.numel() * 4
     del ballast
     assert harness < held and naive < held, (harness, naive)
     log_softmax = 16 * 94 * 50_257 * 4
     assert naive - harness >= log_softmax, (naive, harness)
+
+
+def test_child_gets_the_parents_config(monkeypatch):
+    """A bench child's job carries the parent's resolved run config (here with a β the seed
+    experiment does not have) and the child reads it back equal, without the experiment YAML."""
+    case = cases.CASES["tiny-cache-sum"]
+    cfg = cases.run_config(case)
+    cfg.dpo.beta = 0.37
+    sent = {}
+
+    def fake_run(cmd, input, **kwargs):
+        sent["cmd"], sent["job"] = cmd, input
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"peak_rss": 5}\n', stderr="")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    assert memory.peak_rss_child(case, cfg, "harness", 2) == 5.0
+    assert sent["cmd"][1:] == ["-m", "harness.bench", "--child"]
+    monkeypatch.setattr(cases, "SEED_EXPERIMENT", cases.ROOT / "no-such.yaml")
+    assert memory.read_job(sent["job"]) == (case, cfg, "harness", 2)
 
 
 def test_profile_prints_both_paths():
