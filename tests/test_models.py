@@ -133,7 +133,9 @@ AMX_FLAGS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\
 
 def _cpuinfo(monkeypatch, tmp_path, text: str | None):
     """/proc/cpuinfo replaced by `text` (None: the file is absent); a new file each time, as
-    the flags are read once per file."""
+    the flags are read once per file. $DPO_HARNESS_PRECISION unset: these tests are about what
+    `auto` picks from the machine (a suite run with it set would otherwise test the variable)."""
+    monkeypatch.delenv(hd.PRECISION_ENV, raising=False)
     path = tmp_path / f"cpuinfo-{next(_CPUINFO_FILES)}"
     if text is not None:
         path.write_text("processor\t: 0\nmodel name\t: Test CPU\n" + text)
