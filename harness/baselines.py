@@ -124,7 +124,7 @@ def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64,
     settings, unless `force`); returns its path."""
     import pandas as pd
 
-    from harness.models import pick_device
+    from harness.device import pick_device
 
     if n_max < 1:
         raise ConfigError(f"--n-max {n_max}: at least 1 sample per prompt")

@@ -44,7 +44,8 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, _overrides(args.set))
     from harness import distributed
-    from harness.train import RunDiverged, train  # torch import only when needed
+    from harness.errors import RunDiverged
+    from harness.train import train  # torch import only when needed
 
     try:
         summary = train(cfg, run_dir=args.run_dir)

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness import cache, packing
+from harness import device as hdevice
 from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
@@ -32,12 +33,12 @@ def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: in
                   desc: str, progress: bool = True) -> torch.Tensor:
     """Reference log-probs of every pair of a split: [n, 2] (chosen, rejected), float32."""
     out = torch.zeros(len(items), 2)
-    it = batches(items, list(range(len(items))), s.batch_size, pad_id, s.mask_prompt)
+    it = batches(items, list(range(len(items))), s.batch_size, pad_id, s.dpo.mask_prompt)
     with hmodels.eval_mode(model):
         for idx, batch in tqdm(it, total=math.ceil(len(items) / s.batch_size), desc=desc,
                                leave=False, disable=not progress):
-            with hmodels.autocast(device, s.precision):
-                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.reduction,
+            with hdevice.autocast(device, s.precision):
+                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.dpo.reduction,
                                                       s.share_prompt)
             out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     return out
@@ -52,10 +53,10 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
     split, cache file, was it reused)."""
     # The precision `auto` resolves to on this device: the same config on another machine may
     # compute in another precision, and must not read these log-probs.
-    precision = hmodels.resolve_precision(torch.device(device), s.precision)
+    precision = hdevice.resolve_precision(torch.device(device), s.precision)
     # Shared-prompt and two-row log-probs differ in rounding: a run reads the layout it computes.
     shared = s.share_prompt and packing.supported(model)
-    key = cache.Key(digest or weights_digest(model), [s.mask_prompt, s.reduction, precision, shared])
+    key = cache.Key(digest or weights_digest(model), [s.dpo.mask_prompt, s.dpo.reduction, precision, shared])
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
     path = cache.entry("reference", key.hex(32), ".pt", root=root)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from harness import data as hdata
+from harness import device as hdevice
 from harness import generate, packing
 from harness import models as hmodels
 from harness.bench import agree, cases, cli, gen, measure, memory, paths, trl_path
@@ -252,7 +253,7 @@ def _cpu_flags(monkeypatch, tmp_path, flags: str):
     """/proc/cpuinfo with these flags (the harness reads a file once per path)."""
     path = tmp_path / f"cpuinfo-{abs(hash(flags))}"
     path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(hmodels, "CPUINFO", path)
+    monkeypatch.setattr(hdevice, "CPUINFO", path)
 
 
 def test_bf16_cases_skipped_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from harness import metrics
+from harness.config import DPOConfig
 from harness.dpo import dpo_loss, pair_metrics
 from harness.tracking import METRICS, RunFiles, Tracker
 from tests.runs import quick_config
@@ -17,7 +18,7 @@ def test_pair_metrics_are_the_registry_pair_metrics():
     """dpo.pair_metrics produces exactly the registry's per-pair names, and each is registered
     under every split the loop logs it in."""
     pc, pr, rc, rr = (torch.randn(5) for _ in range(4))
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, DPOConfig(beta=0.1))
     produced = set(pair_metrics(losses, cr, rj, pc, pr, 0.1))
     assert produced == set(metrics.PAIR_METRICS)
     for split in metrics.PAIR_SPLITS:

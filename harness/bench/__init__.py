@@ -18,7 +18,7 @@ because it computes something else.
 
 `--baseline trl` adds TRL's DPOTrainer on the same batches as a third path (trl_path.py, held to
 the same agreement); `--gen` times sampling instead (gen.py). bf16 cases run only on a CPU with
-native bf16 (harness.models.capability), unless `--force-bf16`.
+native bf16 (harness.device.capability), unless `--force-bf16`.
 """
 
 

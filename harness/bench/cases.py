@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
+from harness import device as hdevice
 from harness import models as hmodels
 from harness.config import RunConfig, load_config
 from harness.prepare import prepare
@@ -75,7 +76,7 @@ def available(case: Case, force_bf16: bool = False) -> str | None:
     runs bf16 matmuls natively (AMX or AVX512-BF16), unless `force_bf16`: elsewhere torch
     emulates them and the case measures the emulation."""
     if case.bf16 and not force_bf16:
-        cap = hmodels.capability(torch.device("cpu"))
+        cap = hdevice.capability(torch.device("cpu"))
         if cap["bf16_native"] is None:
             return ("bf16 support of this CPU unknown (no /proc/cpuinfo to read AMX or AVX512-BF16 "
                     "from); --force-bf16 runs it anyway")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
-from harness import models as hmodels
+from harness import device as hdevice
 from harness.bench import agree, trl_path
 from harness.bench.cases import CASES, Case, available, load, load_items
 from harness.bench.memory import add_peak_rss, run_child
@@ -212,6 +212,6 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "capability": hmodels.capability(torch.device("cpu"))}
+            "capability": hdevice.capability(torch.device("cpu"))}
 
 

@@ -11,6 +11,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from harness import device as hdevice
 from harness import models as hmodels
 from harness import optim, packing
 from harness.step import StepSettings, concatenated_logps, dpo_batch
@@ -114,7 +115,7 @@ class HarnessPath(_Path):
             self.cache = torch.zeros(n, 2)
             with torch.no_grad(), hmodels.eval_mode(self.policy):
                 for idx, batch in bats:
-                    c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+                    c, r = concatenated_logps(self.policy, batch, self.settings.dpo.reduction,
                                               self.settings.share_prompt)
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
             self.cache_s = time.perf_counter() - t0
@@ -127,8 +128,8 @@ class HarnessPath(_Path):
     def logps(self, batch) -> torch.Tensor:
         """The policy's log-probs of a batch's rows [2B] (chosen, then rejected), no step: the
         call dpo_batch makes, with the same settings and precision."""
-        with hmodels.eval_mode(self.policy), hmodels.autocast(self.device, self.settings.precision):
-            c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+        with hmodels.eval_mode(self.policy), hdevice.autocast(self.device, self.settings.precision):
+            c, r = concatenated_logps(self.policy, batch, self.settings.dpo.reduction,
                                       self.settings.share_prompt)
         return torch.cat([c, r]).float()
 

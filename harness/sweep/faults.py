@@ -137,7 +137,7 @@ def precheck(exp, study_of) -> dict[str, str]:
     data, read once per distinct data config) and holds a full training batch. A cell that fails
     is marked failed at once (`study_of(cell)` gives its search study); returns {cell: error}."""
     from harness import data as hdata
-    from harness.models import pick_device
+    from harness.device import pick_device
 
     loaded: dict[str, Any] = {}
     failed = {}
@@ -237,7 +237,8 @@ def run_trial(trial, cfg, run_dir: Path, on_eval, labels: dict, role: str) -> di
     FAIL (a Ctrl-C'd trial is queued again at once)."""
     import optuna
 
-    from harness.train import RunDiverged, RunPruned, train
+    from harness.errors import RunDiverged, RunPruned
+    from harness.train import train
 
     done = finished_summary(run_dir, cfg)
     if done is not None:

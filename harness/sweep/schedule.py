@@ -119,7 +119,7 @@ class Sweep:
                     return
                 trial.report(value, step)
                 if trial.should_prune():
-                    from harness.train import RunPruned
+                    from harness.errors import RunPruned
 
                     raise RunPruned(f"pruned at step {step}")
 
