@@ -48,12 +48,13 @@ def _bench(name: str, steps: int = 1, warmup: int = 2) -> dict:
 
 
 def _fault_in_settings(monkeypatch, **change):
-    """The harness path's StepSettings changed after it is built, the notebook's path not."""
+    """The harness path's DPO settings changed after it is built, the notebook's path not."""
     init = paths.HarnessPath.__init__
 
     def wrong(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.settings = dataclasses.replace(self.settings, **change)
+        dpo = self.settings.dpo.model_copy(update=change)
+        self.settings = self.stepper.settings = dataclasses.replace(self.settings, dpo=dpo)
 
     monkeypatch.setattr(paths.HarnessPath, "__init__", wrong)
 
@@ -82,7 +83,7 @@ def test_guard_fires_on_wrong_prompt_mask(monkeypatch):
             batch["input_ids"].shape[1]) > 0)}))
     case = cases.CASES["tiny-live-mean"]
     model, bats, cfg, _ = measure.load(case, 24)
-    assert paths.make_path("harness", model, cfg, bats).step(*bats[0]) == pytest.approx(LN2, abs=1e-6)
+    assert paths.make_path("harness", model, cfg, bats).step(*bats[0])[0] == pytest.approx(LN2, abs=1e-6)
     with pytest.raises(agree.PathsDisagree, match=r"policy log-prob .*tolerance 0\.0001") as err:
         _bench("tiny-live-mean")
     harness, rows = err.value.checks
@@ -122,11 +123,16 @@ def test_guard_fires_on_wrong_beta(monkeypatch):
 
 
 def test_guard_fires_when_the_optimizer_does_not_step(monkeypatch):
-    """A harness path whose update only clears the gradients agrees on everything before the
-    first update (sum-reduced log-probs included); its loss then stays at ln 2 while the
+    """A harness path whose optimizer does not step (the run's optimizer_step still clears the
+    gradients) agrees on everything before the first update (sum-reduced log-probs included); its loss then stays at ln 2 while the
     notebook's moves, and the guard stops at step 2."""
-    monkeypatch.setattr(paths.HarnessPath, "update",
-                        lambda self: self.opt.zero_grad(set_to_none=True))
+    init = paths.HarnessPath.__init__
+
+    def no_update(self, *args, **kwargs):  # the run's step, its optimizer's step a no-op
+        init(self, *args, **kwargs)
+        self.stepper.optimizer.step = lambda *a, **k: None
+
+    monkeypatch.setattr(paths.HarnessPath, "__init__", no_update)
     with pytest.raises(agree.PathsDisagree, match="loss") as err:
         _bench("tiny-live-sum")
     *before, loss_rows, loss = err.value.checks
@@ -339,7 +345,7 @@ def test_trl_path_computes_the_harness_step(tmp_path):
     bats = list(hdata.batches(items, list(range(16)), 8, tok.pad_token_id, True, drop_last=True))
     harness = paths.HarnessPath(model, cfg, bats)
     logps = harness.logps(bats[0][1])
-    losses = [harness.step(*b) for b in bats]
+    losses = [harness.step(*b)[0] for b in bats]
     tr = trl_path.trainer(case, copy.deepcopy(model), tok, cfg, items, 2, str(tmp_path))
     first = next(iter(tr.get_train_dataloader()))
     assert trl_path.batch_differences(first, bats[0][1]) == 0

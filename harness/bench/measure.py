@@ -94,10 +94,10 @@ def add_trl(result: dict, case: Case, cfg: RunConfig, run: dict, harness_logps, 
 
 
 def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
-    """Every batch through every path (the order reverses each step); a step's time is its
-    forward, backward and optimizer update, without the gradient norm read after step 1.
-    Appends each path's gradient-norm and loss checks against the first (naive) path to
-    `checks`, raising as soon as one fails."""
+    """Every batch through every path (the order reverses each step); a step's time is all of
+    one optimizer step: forward, backward, the gradient norm (a run clips with it), the update.
+    Appends each path's gradient-norm (step 1) and loss checks against the first (naive) path
+    to `checks`, raising as soon as one fails."""
     losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
     run: dict[str, list[int]] = {p.name: [] for p in paths}
@@ -107,13 +107,11 @@ def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol
     for i, (idx, batch) in enumerate(bats):
         for p in paths if i % 2 == 0 else paths[::-1]:
             t0 = time.perf_counter()
-            losses[p.name].append(p.backward(idx, batch))
+            loss, norm = p.step(idx, batch)
             dt = time.perf_counter() - t0
+            losses[p.name].append(loss)
             if i == 0:
-                norms[p.name] = p.grad_norm()
-            t0 = time.perf_counter()
-            p.update()
-            dt += time.perf_counter() - t0
+                norms[p.name] = norm
             if i >= warmup:
                 times[p.name].append(dt)
                 run[p.name].append(p.tokens_run(batch))
