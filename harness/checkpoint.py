@@ -1,7 +1,7 @@
 """Run checkpoints: what the training loop needs to continue a cut-off run as if it never stopped.
 
 A checkpoint is one directory <run dir>/checkpoint/step-<step, 8 digits>/, written whole by
-harness.cache.atomic_dir (a reader sees all of it or none); after each save only the newest is
+harness.atomic.atomic_dir (a reader sees all of it or none); after each save only the newest is
 kept. It holds:
 
 - `state.json`: {"format": 1,
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from harness import cache, tracking
+from harness import atomic, tracking
 
 FORMAT = 1
 STATE, WEIGHTS, TRAINING = "state.json", "weights.pt", "training.pt"
@@ -69,7 +69,7 @@ def save(run_dir: Path, config: dict, precision: str, progress: dict, tracker: t
         torch.save(policy.state_dict(), d / WEIGHTS)
         torch.save(_training_state(optimizer, scheduler), d / TRAINING)
 
-    target = cache.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
+    target = atomic.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
     for other in root.iterdir():
         if other != target:
             shutil.rmtree(other, ignore_errors=True)

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import cache, metrics
+from harness import atomic, metrics
 
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
@@ -85,7 +85,7 @@ def resume_files(run_dir: Path, lines: int) -> bool:
     rows = (path.read_text(encoding="utf-8") if path.exists() else "").split("\n")[:-1]
     if len(rows) < lines:  # rows[:-1]: what follows the last newline is no complete row
         return False
-    cache.atomic_write(path, "".join(f"{r}\n" for r in rows[:lines]))
+    atomic.atomic_write(path, "".join(f"{r}\n" for r in rows[:lines]))
     (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
     return True
 
@@ -123,7 +123,7 @@ class RunFiles:
     def __init__(self, run_dir: Path, config: dict[str, Any]):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cache.atomic_json(self.run_dir / CONFIG, config)
+        atomic.atomic_json(self.run_dir / CONFIG, config)
         path = self.run_dir / METRICS
         self.lines = path.read_text(encoding="utf-8").count("\n") if path.exists() else 0  # rows
         self._metrics = open(path, "a", buffering=1)  # noqa: SIM115
@@ -143,10 +143,10 @@ class RunFiles:
               examples_seen: int | None = None) -> None:
         """`<key>.json`, the last table logged under that key."""
         path = self.run_dir / f"{key.replace('/', '_')}.json"
-        cache.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
+        atomic.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
 
     def summary(self, values: dict[str, Any]) -> None:
-        cache.atomic_json(self.run_dir / SUMMARY, values)
+        atomic.atomic_json(self.run_dir / SUMMARY, values)
 
     def close(self, exit_code: int = 0) -> None:
         self._metrics.close()

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, checkpoint, distributed, metrics, optim, phases
+from harness import atomic, checkpoint, distributed, metrics, optim, phases
 from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
@@ -431,7 +431,7 @@ def _finish(cfg: RunConfig, run_dir: Path, prep: Prepared, m: Models, s: StepSet
     if t.save_model:
         hmodels.save_policy(m.policy, run_dir / "model")
     prep.tokenizer.save_pretrained(run_dir / "tokenizer")
-    cache.atomic_json(run_dir / DATA_COUNTS, prep.counts)
+    atomic.atomic_json(run_dir / DATA_COUNTS, prep.counts)
     return {
         "status": "finished", "steps": steps, "examples_seen": p.seen, "tokens_seen": p.tokens,
         **p.last_train, **p.last_eval, **test, **prep.counts, **prep.info, **m.info,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness import cache, stats
+from harness import atomic, stats
 from harness.config import TrackingConfig
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
@@ -126,7 +126,7 @@ def write_summary(sweep: Sweep) -> tuple[Path, list[dict[str, Any]]]:
 
     rows = summary_rows(sweep)
     df = pd.DataFrame(rows)
-    path = cache.atomic_file(sweep.study_dir / SUMMARY_CSV, lambda tmp: df.to_csv(tmp, index=False))
+    path = atomic.atomic_file(sweep.study_dir / SUMMARY_CSV, lambda tmp: df.to_csv(tmp, index=False))
     exp = sweep.exp
     tracking = TrackingConfig.model_validate({**exp.base.tracking.model_dump(), "group": exp.study})
     tracker = Tracker([Wandb(path.parent, f"{exp.study}-summary", {"study": exp.study}, tracking,
