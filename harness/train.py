@@ -37,9 +37,10 @@ from harness.config import RunConfig
 from harness.generate import gen_eval, reference_samples
 from harness.prepare import Prepared, prepare
 from harness.reference import cached_logps, weights_digest
+from harness.rundir import DATA_COUNTS, checkpoint_dir, open_run_dir, run_labels
 from harness.sft import load_checkpoint
 from harness.step import StepSettings, dpo_batch, evaluate, pref_accuracy
-from harness.tracking import DATA_COUNTS, Tracker, new_run_dir, run_labels
+from harness.tracking import Tracker
 
 EvalHook = Callable[[int, dict[str, float]], None]
 SAMPLE_COLUMNS = ["prompt", "reference", "policy", "reference reward", "policy reward"]  # gen/samples
@@ -88,8 +89,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     arithmetic = hmodels.precision_record(device, cfg.train.precision)
     if world.main:  # under torchrun, rank 0 alone touches the run files; all resume alike
         try:
-            run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
-            start = (run_dir, checkpoint.resume_point(run_dir, cfg.to_dict(), arithmetic["precision"]))
+            start = open_run_dir(cfg.tracking.results_dir, cfg.name, run_dir, cfg.to_dict(),
+                                 arithmetic["precision"])
         except Exception as err:  # every rank raises it (a finished run_dir, say)
             start = err
     start = world.broadcast(start if world.main else None)
@@ -124,7 +125,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
                                **phases.summary_keys(spent)})
     tracker.close()
     if not cfg.train.keep_checkpoint and world.main:
-        checkpoint.remove(run_dir)
+        checkpoint.remove(checkpoint_dir(run_dir))
     say(f"run directory: {run_dir}")
     return summary
 
@@ -311,8 +312,9 @@ def _run(cfg: RunConfig, run_dir: Path, device, tracker: Tracker, say, on_eval,
 
     def save(p: Progress) -> None:
         if world.main:
-            checkpoint.save(run_dir, cfg.to_dict(), hmodels.resolve_precision(device, t.precision),
-                            asdict(p), tracker, m.policy, optimizer, scheduler)
+            checkpoint.save(checkpoint_dir(run_dir), cfg.to_dict(),
+                            hmodels.resolve_precision(device, t.precision), asdict(p), tracker,
+                            m.policy, optimizer, scheduler)
             crash_point("checkpoint")
         world.barrier()
 

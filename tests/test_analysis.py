@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from analysis import fig_optuna, style, table
-from analysis.load import LABELS, load_curves, load_finals, load_study_summaries, load_wandb
+from analysis.load import load_curves, load_finals, load_study_summaries, load_wandb
 from analysis.style import MissingData
 from harness import metrics, stats
+from harness.rundir import LABELS
 from tests.conftest import ROOT
 
 

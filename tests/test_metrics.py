@@ -9,7 +9,8 @@ import torch
 
 from harness import metrics
 from harness.dpo import dpo_loss, pair_metrics
-from harness.tracking import METRICS, RunFiles, Tracker
+from harness.rundir import METRICS
+from harness.tracking import RunFiles, Tracker
 from tests.runs import quick_config
 
 

@@ -218,7 +218,7 @@ def finished_summary(run_dir: Path, cfg) -> dict[str, Any] | None:
     after the run, before the storage heard of it), else None. "This config" is the resume rule's
     (harness.checkpoint.same_config): the same run whatever tracking.progress and tags say."""
     from harness.checkpoint import same_config
-    from harness.tracking import CONFIG, FINISHED, SUMMARY
+    from harness.rundir import CONFIG, FINISHED, SUMMARY
 
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import rundir
 from harness.chaos import crash_point
 from harness.config import Cell, Experiment
 from harness.sweep import faults
@@ -71,7 +72,7 @@ class Sweep:
         self.storage_url = storage_url
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
-        self.study_dir = self.results_dir / exp.study
+        self.study_dir = rundir.study_dir(self.results_dir, exp.study)
         # Every run of the study computes in one precision (None: the grid varies it).
         self.precision = pin_precision(exp, self.storage, (lambda m: None) if quiet else None)
         start = first_cell(exp.cells, worker, workers)
@@ -81,8 +82,7 @@ class Sweep:
         return make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", seed)
 
     def run_dir(self, cell: Cell, role: str, slot: int) -> Path:
-        name = f"trial-{slot:03d}" if role == "search" else f"seed{slot}"
-        return self.study_dir / "runs" / cell.id / name
+        return rundir.trial_dir(self.study_dir, cell.id, role, slot)
 
     # -- one trial ------------------------------------------------------------------------
     def _objective(self, cell: Cell, role: str, slot: int):
