@@ -28,10 +28,9 @@ from harness import atomic, metrics, rundir
 STEP_METRIC = "examples_seen"  # wandb's x axis for every split: runs of any batch size line up
 # wandb job_type per run role (labels["role"]; None: a single `harness train` run).
 JOB_TYPES = {None: "train", "search": "search", "seeds": "seed-rerun", "summary": "summary"}
-# The best value of each headline metric goes into the wandb summary as `best/<name>`; gen/kl has
-# no better direction (it is held to a budget, and its estimate can dip below zero).
-BEST = {"train/loss": "min", "eval/loss": "min", "test/loss": "min", "eval/rewards/margins": "max",
-        "eval/rewards/accuracies": "max", "gen/reward": "max"}
+# The best value of each headline metric with a direction (harness.metrics) goes into the wandb
+# summary as `best/<name>`.
+BEST = {name: m.direction for name, m in metrics.METRICS.items() if m.headline and m.direction}
 
 
 def _clean(value: Any) -> Any:

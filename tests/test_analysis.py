@@ -372,7 +372,7 @@ def test_metric_labels_come_from_the_registry():
     """Figures label a metric as harness.metrics does; the local labels are for other columns."""
     for name in metrics.METRICS:
         assert style.label(name) == metrics.label(name)
-    assert style.label("loss") == metrics.PAIR_METRICS["loss"]
+    assert style.label("loss") == metrics.PAIR_METRICS["loss"].label
     assert not set(style.LABELS) & set(metrics.METRICS)
 
 

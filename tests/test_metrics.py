@@ -25,6 +25,22 @@ def test_pair_metrics_are_the_registry_pair_metrics():
         assert {f"{split}/{k}" for k in produced} <= set(metrics.METRICS)
 
 
+def test_directions_say_which_way_is_better():
+    """A pair metric has its registry direction under every split: losses are minimised, reward
+    margins and accuracies maximised, log-probs and implicit rewards of one side have none; of
+    the others, rewards, win rate and accuracies are maximised and gen/kl (held to a budget) has
+    none."""
+    directions = {name: m.direction for name, m in metrics.METRICS.items()}
+    assert set(directions.values()) == {"max", "min", None}
+    for split in metrics.PAIR_SPLITS:
+        assert directions[f"{split}/loss"] == "min"
+        assert directions[f"{split}/rewards/margins"] == directions[f"{split}/rewards/accuracies"] == "max"
+        assert directions[f"{split}/logps/chosen"] is directions[f"{split}/rewards/rejected"] is None
+    assert directions["gen/reward"] == directions["gen/win_rate"] == "max"
+    assert directions["eval/pref_accuracy"] == "max"
+    assert directions["gen/kl"] is directions["train/grad_norm"] is directions["perf/step_s"] is None
+
+
 def test_gen_eval_produces_registered_names():
     """Generation metrics with and without a true reward are registered as needing `reward` and
     `gen` respectively."""
