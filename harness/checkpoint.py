@@ -33,19 +33,24 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from harness import atomic
 
-if TYPE_CHECKING:
-    from harness.tracking import Tracker
-
 FORMAT = 1
 STATE, WEIGHTS, TRAINING = "state.json", "weights.pt", "training.pt"
 PREFIX = "step-"
 IGNORED = (("tracking", "progress"), ("tracking", "tags"))  # config fields a resume may change
+
+
+class TrackerState(Protocol):
+    """What a checkpoint records of the run's tracker (harness.tracking.Tracker)."""
+
+    last: dict[str, float]  # the latest value of every logged metric
+
+    def metrics_lines(self) -> int: ...  # rows in metrics.jsonl, synced to disk
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,7 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- save
 
 
-def save(root: Path, config: dict, precision: str, progress: dict, tracker: Tracker, policy,
+def save(root: Path, config: dict, precision: str, progress: dict, tracker: TrackerState, policy,
          optimizer: torch.optim.Optimizer, scheduler) -> Path:
     """Write a checkpoint of the loop at `progress["step"]` into `root`, then remove every older
     one."""
