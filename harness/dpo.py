@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from harness import metrics
+
 # ----------------------------------------------------------------------------- log-probs
 
 # Rows of logits turned into float32 at a time.  A [rows, V] float32 block is the largest
@@ -305,19 +307,20 @@ def pair_metrics(
     policy_rejected: torch.Tensor,
     beta: float,
 ) -> dict[str, torch.Tensor]:
-    """Per-pair metric tensors, keyed by their `{group}/{name}` (callers prefix the split).
+    """Per-pair metric tensors [P], keyed by the registry's pair-metric keys (harness.metrics
+    PAIR_METRICS: `{group}/{name}`; callers prefix the split).
 
     `rewards/margins` is the paper's (with β); `logratios/margins` is the same margin without β,
     the quantity the from-scratch notebook plots as its "reward margin".
     """
     margins = chosen_rewards - rejected_rewards
     return {
-        "loss": losses.detach(),
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/margins": margins,
-        "rewards/accuracies": (margins > 0).float(),
-        "logratios/margins": margins / beta,
-        "logps/chosen": policy_chosen.detach(),
-        "logps/rejected": policy_rejected.detach(),
+        metrics.LOSS: losses.detach(),
+        metrics.REWARDS_CHOSEN: chosen_rewards,
+        metrics.REWARDS_REJECTED: rejected_rewards,
+        metrics.REWARDS_MARGINS: margins,
+        metrics.REWARDS_ACCURACIES: (margins > 0).float(),
+        metrics.LOGRATIOS_MARGINS: margins / beta,
+        metrics.LOGPS_CHOSEN: policy_chosen.detach(),
+        metrics.LOGPS_REJECTED: policy_rejected.detach(),
     }

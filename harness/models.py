@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cache
+from harness import atomic, cache
 from harness.errors import ModelNotFound
 
 # GPT-2-style sizes about 4x apart in parameters (with a 2,048-token vocabulary and tied
@@ -174,10 +174,10 @@ def load_tokenizer(cfg, texts: Callable[[], Iterable[str]]):
         path = cache.entry("tokenizers", tokenizer_key(corpus, cfg.tokenizer_vocab_size))
 
         def rebuild():
-            cache.atomic_dir(path, train_tokenizer(corpus, cfg.tokenizer_vocab_size).save_pretrained)
+            atomic.atomic_dir(path, train_tokenizer(corpus, cfg.tokenizer_vocab_size).save_pretrained)
             return AutoTokenizer.from_pretrained(path)
 
-        with cache.file_lock(path.with_name(f"{path.name}.lock")):  # workers train it once
+        with atomic.file_lock(path.with_name(f"{path.name}.lock")):  # workers train it once
             tok, reused = cache.read_or_rebuild(path, AutoTokenizer.from_pretrained, rebuild)
         verb = "reused" if reused else "trained"
         info = {"tokenizer_source": f"byte-level BPE ({len(tok)} tokens) {verb}: {path}",
@@ -262,7 +262,7 @@ def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
         plain.save_pretrained(d)
         tok.save_pretrained(d)
 
-    return cache.atomic_dir(target, save)
+    return atomic.atomic_dir(target, save)
 
 
 def load_model(cfg, tokenizer, max_length: int):
@@ -296,7 +296,7 @@ def save_policy(model, out_dir: Path) -> Path:
     from safetensors.torch import save_model
 
     out_dir = Path(out_dir)
-    cache.atomic_file(out_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
+    atomic.atomic_file(out_dir / "model.safetensors", lambda tmp: save_model(model, str(tmp)))
     model.config.save_pretrained(out_dir)
     return out_dir / "model.safetensors"
 

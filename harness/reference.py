@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, packing
+from harness import atomic, cache, packing
 from harness import device as hdevice
 from harness import models as hmodels
 from harness.chaos import crash_point
@@ -79,7 +79,7 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
         logps = compute()
         crash_point("reference")
         if world.main:
-            cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
+            atomic.atomic_file(path, lambda tmp: torch.save(logps, tmp))
         return logps
 
     with phase("reference"):
@@ -90,7 +90,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
     """The cache entry at `path`: read, or rebuilt under its lock (see cached_logps)."""
     lock = path.with_suffix(".lock")
     if not world.active:
-        with cache.file_lock(lock):
+        with atomic.file_lock(lock):
             logps, reused = cache.read_or_rebuild(path, read, rebuild)
         return logps, path, reused
     # Every rank must take part in computing: rank 0 decides, under the lock, whether to.
@@ -99,7 +99,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
     if reused:
         logps = found if world.main else read(path)
     else:
-        with cache.file_lock(lock) if world.main else contextlib.nullcontext():
+        with atomic.file_lock(lock) if world.main else contextlib.nullcontext():
             logps = rebuild()
     world.barrier()
     return logps, path, reused
@@ -107,7 +107,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
 
 def _try_read(path: Path, read, lock: Path) -> dict[str, torch.Tensor] | None:
     """The entry as `read` gives it, under its lock; None when missing or unreadable."""
-    with cache.file_lock(lock):
+    with atomic.file_lock(lock):
         try:
             return read(path)
         except Exception:  # noqa: BLE001 - missing or unreadable: computed again

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, checkpoint, distributed, metrics, optim, phases
+from harness import atomic, checkpoint, distributed, metrics, optim, phases
 from harness import data as hdata
 from harness import device as hdevice
 from harness import models as hmodels
@@ -37,9 +37,10 @@ from harness.errors import CUT_OFF, RunDiverged
 from harness.evaluation import EvalHook, Evaluator, degenerate, write_samples
 from harness.prepare import Prepared, prepare
 from harness.reference import cached_logps, weights_digest
+from harness.rundir import DATA_COUNTS, checkpoint_dir, open_run_dir, run_labels
 from harness.sft import load_checkpoint
 from harness.step import Stepper, StepSettings, evaluate, optimizer_step
-from harness.tracking import DATA_COUNTS, Tracker, new_run_dir, run_labels
+from harness.tracking import Tracker
 
 
 def seed_everything(seed: int) -> None:
@@ -94,7 +95,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
                                **phases.summary_keys(spent)})
     tracker.close()
     if not cfg.train.keep_checkpoint and world.main:
-        checkpoint.remove(run_dir)
+        checkpoint.remove(checkpoint_dir(run_dir))
     say(f"run directory: {run_dir}")
     return summary
 
@@ -104,8 +105,7 @@ def _start_or_resume(cfg: RunConfig, run_dir, precision: str, world: distributed
     an error there (a finished run_dir, say) is raised on every rank."""
     if world.main:  # under torchrun, rank 0 alone touches the run files; all resume alike
         try:
-            run_dir = new_run_dir(cfg.tracking.results_dir, cfg.name, run_dir)
-            start = (run_dir, checkpoint.resume_point(run_dir, cfg.to_dict(), precision))
+            start = open_run_dir(cfg.tracking.results_dir, cfg.name, run_dir, cfg.to_dict(), precision)
         except Exception as err:
             start = err
     start = world.broadcast(start if world.main else None)
@@ -269,7 +269,7 @@ class Run:
     def save_checkpoint(self) -> None:
         if self.world.main:
             precision = hdevice.resolve_precision(self.device, self.cfg.train.precision)
-            checkpoint.save(self.run_dir, self.cfg.to_dict(), precision, asdict(self.progress),
+            checkpoint.save(checkpoint_dir(self.run_dir), self.cfg.to_dict(), precision, asdict(self.progress),
                             self.tracker, self.models.policy, self.stepper.optimizer,
                             self.stepper.scheduler)
             crash_point("checkpoint")
@@ -352,7 +352,7 @@ def finish(run: Run) -> dict:
     if cfg.train.save_model:
         hmodels.save_policy(m.policy, run.run_dir / "model")
     prep.tokenizer.save_pretrained(run.run_dir / "tokenizer")
-    cache.atomic_json(run.run_dir / DATA_COUNTS, prep.counts)
+    atomic.atomic_json(run.run_dir / DATA_COUNTS, prep.counts)
     run.world.barrier()
     return {
         "status": "finished", "steps": run.steps, "examples_seen": p.seen, "tokens_seen": p.tokens,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import cache
+from harness import atomic
 from harness.bench import memory, trl_path
 from harness.bench.agree import GUARD_STEPS, PathsDisagree
 from harness.bench.cases import CASES, DEFAULT_CASES, TRL_CASES, TRL_ONLY, available
@@ -73,7 +73,7 @@ def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: 
               "padding": padding_report(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    cache.atomic_write(path, json.dumps(report, indent=2))
+    atomic.atomic_write(path, json.dumps(report, indent=2))
     print(table(results, rate))
     pad = report["padding"]
     print(f"\npadding ({pad['tokenizer']} tokens, batches of 8 pairs): file order "
@@ -92,7 +92,7 @@ def run_gen(out_dir: Path) -> dict:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-gen-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    cache.atomic_write(path, json.dumps(report, indent=2))
+    atomic.atomic_write(path, json.dumps(report, indent=2))
     print(gen_table(results))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
