@@ -58,7 +58,7 @@ def precheck(exp, study_of) -> dict[str, str]:
     data, read once per distinct data config) and holds a full training batch. A cell that fails
     is marked failed at once (`study_of(cell)` gives its search study); returns {cell: error}."""
     from harness import data as hdata
-    from harness.models import pick_device
+    from harness.device import pick_device
 
     loaded: dict[str, Any] = {}
     failed = {}
