@@ -9,6 +9,7 @@ import pandas as pd
 from analysis.load import load_curves, load_finals, load_study_summaries
 from analysis.methods import add_method
 from analysis.style import MissingData
+from harness.rundir import FINISHED, METRICS, SUMMARY
 
 KEYS = ["model.name", "dpo.beta", "masking"]  # what a study's cells differ in, in table order
 
@@ -57,7 +58,7 @@ def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
 def curves_or_fail(results: Path, needed: list[str]) -> pd.DataFrame:
     curves = load_curves(results)
     if curves.empty:
-        raise MissingData(f"no runs under {results} (no metrics.jsonl found)")
+        raise MissingData(f"no runs under {results} (no {METRICS} found)")
     missing = [m for m in needed if m not in curves]
     if missing:
         raise MissingData(f"the runs under {results} log none of {missing}")
@@ -67,7 +68,7 @@ def curves_or_fail(results: Path, needed: list[str]) -> pd.DataFrame:
 def finals_or_fail(results: Path) -> pd.DataFrame:
     finals = load_finals(results)
     if finals.empty:
-        raise MissingData(f"no finished runs under {results} (no summary.json with status finished)")
+        raise MissingData(f"no finished runs under {results} (no {SUMMARY} with status {FINISHED})")
     return finals
 
 

@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator
 
 from analysis.load import in_scope, load_study_summaries, run_dirs, run_info
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
+from harness.rundir import OPTUNA_DB
 
 
 def _file_of(url: str) -> str | None:
@@ -59,7 +60,7 @@ def storages(results: Path) -> tuple[dict[str, set[str]], list[str]]:
             url = _with_file(url, here[0].resolve())
         out.setdefault(url, set()).update(studies)
     named = set().union(*used.values()) if used else set()
-    for db in sorted(results.glob("*/optuna.db")):
+    for db in sorted(results.glob(f"*/{OPTUNA_DB}")):
         if db.parent.name not in named and in_scope(db, results):
             out.setdefault(f"sqlite:///{db.resolve()}", set()).add(db.parent.name)
     return out, missing

@@ -5,13 +5,14 @@
     cells  = load_study_summaries("results")  # the sweeps' summary.csv tables
 
 Every config field becomes a column named by its dotted path (`dpo.beta`, `model.name`, ...), plus
-`run` (the run directory relative to the results directory) and the run's labels, copied as written
-by the harness in config.json's `labels` block: `study`, `cell`, `trial`, `role` (`search` or
-`seeds`; None with `study`, `cell` and `trial` for a run outside a sweep), `masking` (`masked-sum`,
-`full-mean`, ...), `seed` and `storage` (the Optuna storage the sweep used). Nothing is derived from
-run names or other config fields: a run written without labels (by an older harness) gets None for
-all of them, and each load prints one warning saying how many such runs it read. Only the run files
-are read (config.json, metrics.jsonl, summary.json), never logs.
+`run` (the run directory relative to the results directory) and the run's labels (harness.rundir
+LABELS), copied as written by the harness in config.json's `labels` block: `study`, `cell`,
+`trial`, `role` (`search` or `seeds`; None with `study`, `cell` and `trial` for a run outside a
+sweep), `masking` (`masked-sum`, `full-mean`, ...), `seed` and `storage` (the Optuna storage the
+sweep used). Nothing is derived from run names or other config fields: a run written without labels
+(by an older harness) gets None for all of them, and each load prints one warning saying how many
+such runs it read. Only the run files are read (config.json, metrics.jsonl, summary.json; their
+names are harness.rundir's), never logs.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-# The label keys of config.json's `labels` block (and of summary.json's top level), in column order.
-LABELS = ("study", "cell", "trial", "role", "masking", "seed", "storage")
+from harness.rundir import CONFIG, FINISHED, LABELS, METRICS, SUMMARY, SUMMARY_CSV
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -64,15 +64,15 @@ def in_scope(path: Path, results: Path) -> bool:
 
 def studies(results: str | Path) -> list[str]:
     """The studies under `results`: folders holding a sweep's summary.csv, sorted."""
-    return sorted(p.parent.name for p in Path(results).glob("*/summary.csv"))
+    return sorted(p.parent.name for p in Path(results).glob(f"*/{SUMMARY_CSV}"))
 
 
 def run_dirs(results: str | Path) -> list[Path]:
     """Every directory under `results` holding a config.json and a metrics.jsonl, sorted (of the
     study in scope, see only_study)."""
     results = Path(results)
-    return sorted(p.parent for p in results.rglob("metrics.jsonl")
-                  if (p.parent / "config.json").exists() and in_scope(p.parent, results))
+    return sorted(p.parent for p in results.rglob(METRICS)
+                  if (p.parent / CONFIG).exists() and in_scope(p.parent, results))
 
 
 def _info(config: dict[str, Any], run: str) -> tuple[dict[str, Any], bool]:
@@ -86,7 +86,7 @@ def _info(config: dict[str, Any], run: str) -> tuple[dict[str, Any], bool]:
 
 def run_info(run_dir: Path, results: Path) -> dict[str, Any]:
     """Config columns and labels of one run (labels None when its config.json has none)."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config = json.loads((Path(run_dir) / CONFIG).read_text())
     return _info(config, str(Path(run_dir).relative_to(results)))[0]
 
 
@@ -94,7 +94,7 @@ def _run_infos(results: Path) -> list[tuple[Path, dict[str, Any]]]:
     """(run dir, run_info) of every run under `results`; one warning if some lack labels."""
     out, unlabelled = [], 0
     for rd in run_dirs(results):
-        info, labelled = _info(json.loads((rd / "config.json").read_text()), str(rd.relative_to(results)))
+        info, labelled = _info(json.loads((rd / CONFIG).read_text()), str(rd.relative_to(results)))
         unlabelled += not labelled
         out.append((rd, info))
     _warn_unlabelled(unlabelled, len(out), str(results))
@@ -130,7 +130,7 @@ def load_curves(results: str | Path) -> pd.DataFrame:
     results = Path(results)
     frames = []
     for rd, info in _run_infos(results):
-        rows = read_jsonl(rd / "metrics.jsonl")
+        rows = read_jsonl(rd / METRICS)
         if not rows:
             continue
         df = pd.DataFrame(rows)
@@ -148,11 +148,11 @@ def load_finals(results: str | Path, finished_only: bool = True) -> pd.DataFrame
     results = Path(results)
     rows = []
     for rd, info in _run_infos(results):
-        path = rd / "summary.json"
+        path = rd / SUMMARY
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
-        if finished_only and summary.get("status") != "finished":
+        if finished_only and summary.get("status") != FINISHED:
             continue
         rows.append({**summary, **info})
     return pd.DataFrame(rows).sort_values("run", ignore_index=True) if rows else pd.DataFrame()
@@ -161,7 +161,7 @@ def load_finals(results: str | Path, finished_only: bool = True) -> pd.DataFrame
 def load_study_summaries(results: str | Path) -> pd.DataFrame:
     """The sweeps' per-cell tables (results/<study>/summary.csv), with a `study` column."""
     frames = []
-    for path in sorted(Path(results).glob("*/summary.csv")):
+    for path in sorted(Path(results).glob(f"*/{SUMMARY_CSV}")):
         if not in_scope(path, Path(results)):
             continue
         df = pd.read_csv(path)

@@ -33,7 +33,8 @@ def label(name: str) -> str:
         return LABELS[name]
     if name in metrics.METRICS:
         return metrics.label(name)
-    return metrics.PAIR_METRICS.get(name, name)
+    pair = metrics.PAIR_METRICS.get(name)
+    return pair.label if pair else name
 
 
 def setup() -> None:

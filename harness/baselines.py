@@ -21,7 +21,7 @@ import math
 import sys
 from pathlib import Path
 
-from harness import cache
+from harness import atomic
 from harness.config import ConfigError, Experiment, RunConfig
 from harness.generate import mean_se, sample
 
@@ -124,7 +124,7 @@ def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64,
     settings, unless `force`); returns its path."""
     import pandas as pd
 
-    from harness.models import pick_device
+    from harness.device import pick_device
 
     if n_max < 1:
         raise ConfigError(f"--n-max {n_max}: at least 1 sample per prompt")
@@ -144,8 +144,8 @@ def run_baselines(exp: Experiment, results_dir: str | Path, n_max: int = 64,
                                  lambda msg: print(msg, file=sys.stderr))
         rows += best_of_n_rows(name, rewards, n_max)
     df = pd.DataFrame(rows, columns=COLUMNS)
-    cache.atomic_write(out, df.to_csv(index=False))
-    cache.atomic_json(meta, wanted)
+    atomic.atomic_write(out, df.to_csv(index=False))
+    atomic.atomic_json(meta, wanted)
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4f}"))
     print(f"best-of-N: wrote {out}", file=sys.stderr)
     return out

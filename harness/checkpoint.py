@@ -1,8 +1,9 @@
 """Run checkpoints: what the training loop needs to continue a cut-off run as if it never stopped.
 
-A checkpoint is one directory <run dir>/checkpoint/step-<step, 8 digits>/, written whole by
-harness.cache.atomic_dir (a reader sees all of it or none); after each save only the newest is
-kept. It holds:
+A run keeps its checkpoints in one folder (harness.rundir.checkpoint_dir: <run dir>/checkpoint/),
+which every function here takes as `root`. A checkpoint is one directory step-<step, 8 digits>/ in
+it, written whole by harness.atomic.atomic_dir (a reader sees all of it or none); after each save
+only the newest is kept. It holds:
 
 - `state.json`: {"format": 1,
                  "config": the resolved config it was saved under (RunConfig.to_dict()),
@@ -18,10 +19,11 @@ kept. It holds:
                   "torch_rng": torch.get_rng_state() (ByteTensor), "cuda_rng": a ByteTensor per
                   cuda device or None, "python_rng": random.getstate()}.
 
-Resuming (`resume_point`) re-uses a checkpoint only when it was saved under the same config (the
-resolved config dicts compared apart from tracking.progress and tracking.tags), in the same
-precision (`auto` may resolve otherwise on another machine: a run never mixes two), and
-metrics.jsonl still holds the rows it counted; anything else starts the run over.
+A checkpoint is `usable` for a run only when it was saved under the same config (the resolved
+config dicts compared apart from tracking.progress and tracking.tags) and in the same precision
+(`auto` may resolve otherwise on another machine: a run never mixes two). Whether a run resumes
+from it or starts over is harness.rundir.open_run_dir's decision (it also checks that
+metrics.jsonl still holds the rows the checkpoint counted).
 """
 
 from __future__ import annotations
@@ -29,19 +31,26 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from harness import cache, tracking
+from harness import atomic
 
 FORMAT = 1
 STATE, WEIGHTS, TRAINING = "state.json", "weights.pt", "training.pt"
 PREFIX = "step-"
 IGNORED = (("tracking", "progress"), ("tracking", "tags"))  # config fields a resume may change
+
+
+class TrackerState(Protocol):
+    """What a checkpoint records of the run's tracker (harness.tracking.Tracker)."""
+
+    last: dict[str, float]  # the latest value of every logged metric
+
+    def metrics_lines(self) -> int: ...  # rows in metrics.jsonl, synced to disk
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,11 @@ class Checkpoint:
 # ----------------------------------------------------------------------------- save
 
 
-def save(run_dir: Path, config: dict, precision: str, progress: dict, tracker: tracking.Tracker,
-         policy, optimizer: torch.optim.Optimizer, scheduler) -> Path:
-    """Write a checkpoint of the loop at `progress["step"]`, then remove every older one."""
-    root = Path(run_dir) / tracking.CHECKPOINT
+def save(root: Path, config: dict, precision: str, progress: dict, tracker: TrackerState, policy,
+         optimizer: torch.optim.Optimizer, scheduler) -> Path:
+    """Write a checkpoint of the loop at `progress["step"]` into `root`, then remove every older
+    one."""
+    root = Path(root)
     state = {"format": FORMAT, "config": config, "precision": precision, "progress": progress,
              "metrics_lines": tracker.metrics_lines(), "tracker_last": tracker.last}
 
@@ -69,7 +79,7 @@ def save(run_dir: Path, config: dict, precision: str, progress: dict, tracker: t
         torch.save(policy.state_dict(), d / WEIGHTS)
         torch.save(_training_state(optimizer, scheduler), d / TRAINING)
 
-    target = cache.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
+    target = atomic.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
     for other in root.iterdir():
         if other != target:
             shutil.rmtree(other, ignore_errors=True)
@@ -82,17 +92,17 @@ def _training_state(optimizer, scheduler) -> dict[str, Any]:
             "torch_rng": torch.get_rng_state(), "cuda_rng": cuda, "python_rng": random.getstate()}
 
 
-def remove(run_dir: Path) -> None:
-    """Delete run_dir's checkpoints (a finished run needs none)."""
-    shutil.rmtree(Path(run_dir) / tracking.CHECKPOINT, ignore_errors=True)
+def remove(root: Path) -> None:
+    """Delete the checkpoints in `root` (a finished run needs none)."""
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- load
 
 
-def latest(run_dir: Path) -> Checkpoint | None:
-    """The newest complete checkpoint of run_dir, or None (also when its state is unreadable)."""
-    root = Path(run_dir) / tracking.CHECKPOINT
+def latest(root: Path) -> Checkpoint | None:
+    """The newest complete checkpoint in `root`, or None (also when its state is unreadable)."""
+    root = Path(root)
     found = sorted(root.glob(f"{PREFIX}*/{STATE}")) if root.is_dir() else []
     if not found:
         return None
@@ -135,26 +145,10 @@ def same_config(saved: dict, config: dict) -> bool:
 # ----------------------------------------------------------------------------- resume
 
 
-def resume_point(run_dir: Path, config: dict, precision: str) -> Checkpoint | None:
-    """The checkpoint to resume run_dir from, with metrics.jsonl cut back to its rows; or None,
-    after clearing what an earlier attempt left (metrics, summary, checkpoints). Prints one line
-    saying which when run_dir held an earlier attempt."""
-    earlier = tracking.earlier_attempt(run_dir)
-    ckpt, why = _usable(run_dir, config, precision)
-    if ckpt is not None:
-        p = ckpt.state["progress"]
-        print(f"{run_dir}: resuming from the checkpoint at step {p['step']} ({p['seen']} pairs seen)",
-              file=sys.stderr)
-        return ckpt
-    tracking.start_over(run_dir)
-    if earlier:
-        print(f"{run_dir}: starting over ({why})", file=sys.stderr)
-    return None
-
-
-def _usable(run_dir: Path, config: dict, precision: str) -> tuple[Checkpoint | None, str]:
-    """(the checkpoint, "") when run_dir can resume from it, else (None, the reason)."""
-    ckpt = latest(run_dir)
+def usable(root: Path, config: dict, precision: str) -> tuple[Checkpoint | None, str]:
+    """(the newest checkpoint in `root`, "") when a run of `config` computing in `precision` can
+    continue from it, else (None, the reason)."""
+    ckpt = latest(root)
     if ckpt is None:
         return None, "no checkpoint"
     if ckpt.state.get("format") != FORMAT:
@@ -164,6 +158,4 @@ def _usable(run_dir: Path, config: dict, precision: str) -> tuple[Checkpoint | N
     if ckpt.state.get("precision") != precision:
         return None, (f"the checkpoint was computed in {ckpt.state.get('precision')}, this run "
                       f"computes in {precision}")
-    if not tracking.resume_files(run_dir, ckpt.state["metrics_lines"]):
-        return None, f"{tracking.METRICS} holds fewer rows than the checkpoint counted"
     return ckpt, ""

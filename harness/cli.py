@@ -24,6 +24,7 @@ import sys
 from harness import metrics
 from harness.config import ConfigError, load_config, parse_value
 from harness.errors import InputError
+from harness.quiet import quiet_libraries
 
 TRACEBACK = "--traceback"
 CONFIG_ADVICE = ("Every field, its default and range is documented in harness/config/run.py "
@@ -43,7 +44,8 @@ def _overrides(pairs: list[str]) -> dict:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.experiment, _overrides(args.set))
     from harness import distributed
-    from harness.train import RunDiverged, train  # torch import only when needed
+    from harness.errors import RunDiverged
+    from harness.train import train  # torch import only when needed
 
     try:
         summary = train(cfg, run_dir=args.run_dir)
@@ -233,6 +235,7 @@ def paragraph(err: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_libraries()  # transformers' and the hub's bars only on a terminal
     show_traceback = TRACEBACK in argv
     argv = [a for a in argv if a != TRACEBACK]
     try:

@@ -25,7 +25,7 @@ SECTIONS: dict[str, list[str]] = {
 }
 FRONTIER = ("gen/kl", "gen/reward")  # (x, y): each run's final values, one point per run
 FRONTIER_SECTION = "Reward vs KL"
-# Run config keys the runs are grouped by: β, and the masking label (harness.tracking.run_labels).
+# Run config keys the runs are grouped by: β, and the masking label (harness.rundir.run_labels).
 GROUP_BY = ("dpo.beta", "labels.masking")
 INSTALL = "pip install 'dpo-harness[dashboard]' (or pip install wandb-workspaces)"
 

@@ -23,7 +23,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from harness import cache
+from harness import atomic, cache
 from harness.errors import DataError, DataFileMissing
 
 DATA_ENV = "DPO_HARNESS_DATA"
@@ -118,9 +118,9 @@ def download(url: str, sha256: str, cache_dir: str | None = None) -> Path:
     (a disk fault) is fetched again with a warning."""
     key = f"{sha256[:16]}-{file_name(url)}"
     path = cache.entry("data", key, root=cache_dir)
-    with cache.file_lock(cache.entry("locks", f"data-{key}", ".lock")):
+    with atomic.file_lock(cache.entry("locks", f"data-{key}", ".lock")):
         got, _ = cache.read_or_rebuild(path, lambda p: verified(p, sha256, url),
-                                       lambda: cache.atomic_file(path, lambda tmp: _fetch(url, sha256, tmp)))
+                                       lambda: atomic.atomic_file(path, lambda tmp: _fetch(url, sha256, tmp)))
     return got
 
 

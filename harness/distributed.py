@@ -105,7 +105,7 @@ def launched() -> bool:
 def setup(device_spec: str) -> tuple[World, torch.device]:
     """This process's world and device. Under torchrun: joins (or reuses) the process group
     with the device's backend and takes device `cuda:<LOCAL_RANK>` on CUDA; else World()."""
-    from harness.models import pick_device
+    from harness.device import pick_device
 
     device = pick_device(device_spec)
     if not launched():

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from harness import metrics
 
 # ----------------------------------------------------------------------------- log-probs
 
@@ -134,15 +137,21 @@ class PairLogps:
         return self.chosen_ratio - self.rejected_ratio
 
 
-@dataclass(frozen=True)
-class LossParams:
+class DPOSettings(Protocol):
+    """What a loss reads of the run's `dpo` section (harness.config.DPOConfig, validated once
+    at config load by `check_loss_settings`): the one carrier of the DPO settings."""
+
     beta: float  # β (τ in the IPO paper)
-    label_smoothing: float = 0.0  # ε, the assumed share of flipped labels: sigmoid, robust
-    simpo_gamma: float = 0.5  # γ, SimPO's target margin
-    dpop_lambda: float = 50.0  # λ, DPO-Positive's penalty weight
+    loss: str  # a name in LOSSES
+    mask_prompt: bool  # prompt tokens do not count in a sequence log-prob
+    reduction: str  # sum | mean over the counted tokens
+    label_smoothing: float  # ε, the assumed share of flipped labels: sigmoid, robust
+    simpo_gamma: float  # γ, SimPO's target margin
+    dpop_lambda: float  # λ, DPO-Positive's penalty weight
+    sft_weight: float  # RPO's weight of the chosen responses' per-token NLL; 0 = off
 
 
-def sigmoid_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def sigmoid_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """The DPO loss (paper eq. 7): −log σ(β·h). [P] → [P].
 
     With label_smoothing ε (conservative DPO, Mitchell 2023) the preference label is assumed
@@ -152,19 +161,17 @@ def sigmoid_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return -(1 - eps) * F.logsigmoid(bh) - eps * F.logsigmoid(-bh)
 
 
-def robust_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def robust_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """Robust DPO (Chowdhury et al. 2024, arXiv 2403.00409), an unbiased loss under labels
     flipped with rate ε = label_smoothing < 1/2. [P] → [P].
 
         ((1−ε)·(−log σ(β·h)) − ε·(−log σ(−β·h))) / (1 − 2ε)
     """
-    eps, bh = p.label_smoothing, p.beta * x.margin
-    if not 0.0 <= eps < 0.5:
-        raise ValueError(f"the robust loss needs label_smoothing in [0, 0.5), got {eps}")
+    eps, bh = p.label_smoothing, p.beta * x.margin  # ε < 1/2: checked at config load
     return ((1 - eps) * -F.logsigmoid(bh) - eps * -F.logsigmoid(-bh)) / (1 - 2 * eps)
 
 
-def ipo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def ipo_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """IPO (Azar et al. 2023, arXiv 2310.12036, eq. 17): (h − 1/(2β))². [P] → [P].
 
     The IPO paper's h uses per-token averaged log-probs, hence `reduction: mean`.
@@ -172,12 +179,12 @@ def ipo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return (x.margin - 1 / (2 * p.beta)) ** 2
 
 
-def hinge_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def hinge_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """Hinge / SLiC (Zhao et al. 2023, arXiv 2305.10425): max(0, 1 − β·h). [P] → [P]."""
     return torch.relu(1 - p.beta * x.margin)
 
 
-def simpo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def simpo_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free:
     −log σ(β·(avg log π(y_w) − avg log π(y_l)) − γ). [P] → [P].
 
@@ -187,7 +194,7 @@ def simpo_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return -F.logsigmoid(p.beta * (x.policy_chosen - x.policy_rejected) - p.simpo_gamma)
 
 
-def apo_zero_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def apo_zero_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """APO-zero (D'Oosterlinck et al. 2024, arXiv 2408.06266, eq. 7; TRL's `apo_zero`):
     1 − σ(β·(log π(y_w) − log π_ref(y_w))) + σ(β·(log π(y_l) − log π_ref(y_l))). [P] → [P].
 
@@ -196,7 +203,7 @@ def apo_zero_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return 1 - torch.sigmoid(p.beta * x.chosen_ratio) + torch.sigmoid(p.beta * x.rejected_ratio)
 
 
-def dpop_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def dpop_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """DPO-Positive (Pal et al. 2024, arXiv 2402.13228, eq. 3):
     −log σ(β·(h − λ·max(0, log π_ref(y_w) − log π(y_w)))). [P] → [P].
 
@@ -207,7 +214,7 @@ def dpop_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
     return -F.logsigmoid(p.beta * (x.margin - p.dpop_lambda * penalty))
 
 
-def sft_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
+def sft_loss(x: PairLogps, p: DPOSettings) -> torch.Tensor:
     """Preferred-FT (the DPO paper's baseline, §6): supervised fine-tuning on the chosen responses
     only, −(1/|y_w|)·log π(y_w|x), the per-token NLL of y_w whatever the reduction. [P] → [P].
 
@@ -221,7 +228,7 @@ def sft_loss(x: PairLogps, p: LossParams) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Loss:
-    fn: Callable[[PairLogps, LossParams], torch.Tensor]
+    fn: Callable[[PairLogps, DPOSettings], torch.Tensor]
     uses_label_smoothing: bool = False  # reads ε; any other loss refuses ε > 0
     per_token: bool = False  # defined on per-token averaged log-probs: needs reduction `mean`
     reference_free: bool = False  # the loss does not read the reference log-probs
@@ -240,23 +247,19 @@ LOSSES: dict[str, Loss] = {
 }
 
 
-def _check_loss(loss: str, label_smoothing: float, sft_weight: float, prefix: str) -> None:
+def check_loss_settings(loss: str, reduction: str, label_smoothing: float,
+                        sft_weight: float = 0.0) -> None:
+    """Refuse settings a loss is not defined for, naming the `dpo.*` field to change. Run once,
+    when the `dpo` section is validated (harness.config.DPOConfig); the step trusts it."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid: {', '.join(sorted(LOSSES))}")
     if label_smoothing and not LOSSES[loss].uses_label_smoothing:
         users = " and ".join(n for n, s in LOSSES.items() if s.uses_label_smoothing)
-        field = f"{prefix}label_smoothing"
-        raise ValueError(f"{field}: {label_smoothing} applies to the {users} losses only, "
-                         f"not {loss!r}; set {field}: 0")
+        raise ValueError(f"dpo.label_smoothing: {label_smoothing} applies to the {users} losses "
+                         f"only, not {loss!r}; set dpo.label_smoothing: 0")
     if sft_weight and LOSSES[loss].nll_only:
-        raise ValueError(f"{prefix}sft_weight: {sft_weight} adds the chosen responses' NLL, which "
-                         f"the {loss} loss already is; set {prefix}sft_weight: 0")
-
-
-def check_loss_settings(loss: str, reduction: str, label_smoothing: float,
-                        sft_weight: float = 0.0) -> None:
-    """Refuse settings a loss is not defined for, naming the `dpo.*` field to change."""
-    _check_loss(loss, label_smoothing, sft_weight, "dpo.")
+        raise ValueError(f"dpo.sft_weight: {sft_weight} adds the chosen responses' NLL, which "
+                         f"the {loss} loss already is; set dpo.sft_weight: 0")
     if LOSSES[loss].per_token and reduction != "mean":
         raise ValueError(f"dpo.reduction: {reduction!r} does not suit the {loss} loss, which is "
                          "defined on per-token averaged log-probs; set dpo.reduction: mean")
@@ -275,31 +278,25 @@ def dpo_loss(
     policy_rejected: torch.Tensor,
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
-    beta: float,
-    loss: str = "sigmoid",
-    label_smoothing: float = 0.0,
-    *,
-    simpo_gamma: float = 0.5,
-    dpop_lambda: float = 50.0,
-    sft_weight: float = 0.0,
+    d: DPOSettings,
     chosen_nll: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and detached implicit rewards.
+    """Per-pair losses and detached implicit rewards, for the loss and settings of `d` (the
+    validated `dpo` section).
 
     All inputs [P] sequence log-probs. Returns (losses [P], chosen_rewards [P],
     rejected_rewards [P]) with reward = β·(log π − log π_ref) (paper §5) for every loss.
-    With sft_weight w > 0 (RPO, Pang et al. 2024, arXiv 2404.19733) each pair's loss
+    With d.sft_weight w > 0 (RPO, Pang et al. 2024, arXiv 2404.19733) each pair's loss
     gains w · chosen_nll, the per-token NLL of its chosen response ([P], see `per_token_nll`);
     the `sft` loss is chosen_nll alone.
     """
-    _check_loss(loss, label_smoothing, sft_weight, "")
     x = PairLogps(policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_nll)
-    losses = LOSSES[loss].fn(x, LossParams(beta, label_smoothing, simpo_gamma, dpop_lambda))
-    if sft_weight:
+    losses = LOSSES[d.loss].fn(x, d)
+    if d.sft_weight:
         if chosen_nll is None:
-            raise ValueError("sft_weight > 0 needs chosen_nll, the chosen responses' per-token NLL")
-        losses = losses + sft_weight * chosen_nll
-    return losses, beta * x.chosen_ratio.detach(), beta * x.rejected_ratio.detach()
+            raise ValueError("dpo.sft_weight > 0 needs chosen_nll, the chosen responses' per-token NLL")
+        losses = losses + d.sft_weight * chosen_nll
+    return losses, d.beta * x.chosen_ratio.detach(), d.beta * x.rejected_ratio.detach()
 
 
 def pair_metrics(
@@ -310,19 +307,20 @@ def pair_metrics(
     policy_rejected: torch.Tensor,
     beta: float,
 ) -> dict[str, torch.Tensor]:
-    """Per-pair metric tensors, keyed by their `{group}/{name}` (callers prefix the split).
+    """Per-pair metric tensors [P], keyed by the registry's pair-metric keys (harness.metrics
+    PAIR_METRICS: `{group}/{name}`; callers prefix the split).
 
     `rewards/margins` is the paper's (with β); `logratios/margins` is the same margin without β,
     the quantity the from-scratch notebook plots as its "reward margin".
     """
     margins = chosen_rewards - rejected_rewards
     return {
-        "loss": losses.detach(),
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/margins": margins,
-        "rewards/accuracies": (margins > 0).float(),
-        "logratios/margins": margins / beta,
-        "logps/chosen": policy_chosen.detach(),
-        "logps/rejected": policy_rejected.detach(),
+        metrics.LOSS: losses.detach(),
+        metrics.REWARDS_CHOSEN: chosen_rewards,
+        metrics.REWARDS_REJECTED: rejected_rewards,
+        metrics.REWARDS_MARGINS: margins,
+        metrics.REWARDS_ACCURACIES: (margins > 0).float(),
+        metrics.LOGRATIOS_MARGINS: margins / beta,
+        metrics.LOGPS_CHOSEN: policy_chosen.detach(),
+        metrics.LOGPS_REJECTED: policy_rejected.detach(),
     }

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from harness import cache
+from harness import atomic, cache
 from harness.dpo import model_logps
 from harness.models import eval_mode
 
@@ -135,10 +135,10 @@ def reference_samples(reference, tokenizer, prompt_texts: list[str], max_new_tok
 
     def rebuild():
         samples = sample(reference, prompts, max_new_tokens, eos, pad, seed, device)
-        cache.atomic_json(path, samples, indent=None)
+        atomic.atomic_json(path, samples, indent=None)
         return samples
 
-    with cache.file_lock(path.with_suffix(".lock")):
+    with atomic.file_lock(path.with_suffix(".lock")):
         return cache.read_or_rebuild(path, read, rebuild)
 
 

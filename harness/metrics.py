@@ -1,6 +1,7 @@
-"""The metric registry: every metric a run can log, its split and group, its label in figures, and
-the settings that enable it. Plain data, no torch: the loop, generation metrics, the sweep's
-objective check, tracking (wandb step metrics), the CLI's final print and analysis/ all read it.
+"""The metric registry: every metric a run can log, its split and group, its label in figures, which
+way is better, and the settings that enable it. Plain data, no torch: the per-pair metrics
+(harness.dpo), the loop, generation metrics, the sweep's objective check, tracking (wandb step
+metrics, best values), the CLI's final print and analysis/ all read it.
 
 Names are `{split}/{group}/{name}` (or `{split}/{name}`): `train/loss`, `eval/rewards/margins`,
 `gen/kl`, `perf/tokens_per_s`. A name not in `METRICS` cannot be logged (`check` raises), so a
@@ -10,38 +11,49 @@ renamed metric fails at the first log of a run, not when a figure or an objectiv
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 # `always`: every run; `task`: a task with a ground-truth reward (harness/tasks); `gen`: generation
 # metrics on (gen_eval.enabled; default: on exactly for a task); `reward`: both.
 Needs = Literal["always", "task", "gen", "reward"]
+# Which way is better: tracking keeps each headline metric's best value by it (wandb `best/<name>`).
+# None where neither is: gen/kl is held to a budget and its estimate can dip below zero;
+# diagnostics (log-probs, gradient norm, timings) have no better side.
+Direction = Literal["max", "min"] | None
 
 
 @dataclass(frozen=True)
 class Metric:
-    name: str  # full name, e.g. eval/rewards/margins
+    name: str  # full name, e.g. eval/rewards/margins (a pair metric's key: without its split)
     label: str  # axis label in figures
     needs: Needs = "always"
     headline: bool = False  # printed by `harness train` at the end of a run
+    direction: Direction = None  # "max" or "min": which way is better
 
     @property
     def split(self) -> str:
         return self.name.split("/", 1)[0]
 
 
-# Per-pair metrics of one micro-batch, keyed without their split (harness.dpo.pair_metrics); the
-# loop averages them over pairs and logs them under each split below.
-PAIR_METRICS: dict[str, str] = {
-    "loss": "DPO loss",
-    "rewards/chosen": "implicit reward, chosen (β·log-ratio)",
-    "rewards/rejected": "implicit reward, rejected (β·log-ratio)",
-    "rewards/margins": "reward margin β·h (nats)",
-    "rewards/accuracies": "reward accuracy",
-    "logratios/margins": "log-ratio margin h (nats)",
-    "logps/chosen": "policy log-prob, chosen",
-    "logps/rejected": "policy log-prob, rejected",
-}
+# Per-pair metrics of one micro-batch, keyed without their split: harness.dpo.pair_metrics returns
+# one value per pair under each key; the loop averages them over pairs and logs them under each
+# split below.
+LOSS = "loss"
+REWARDS_CHOSEN, REWARDS_REJECTED = "rewards/chosen", "rewards/rejected"
+REWARDS_MARGINS, REWARDS_ACCURACIES = "rewards/margins", "rewards/accuracies"
+LOGRATIOS_MARGINS = "logratios/margins"
+LOGPS_CHOSEN, LOGPS_REJECTED = "logps/chosen", "logps/rejected"
+PAIR_METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric(LOSS, "DPO loss", direction="min"),
+    Metric(REWARDS_CHOSEN, "implicit reward, chosen (β·log-ratio)"),
+    Metric(REWARDS_REJECTED, "implicit reward, rejected (β·log-ratio)"),
+    Metric(REWARDS_MARGINS, "reward margin β·h (nats)", direction="max"),
+    Metric(REWARDS_ACCURACIES, "reward accuracy", direction="max"),
+    Metric(LOGRATIOS_MARGINS, "log-ratio margin h (nats)", direction="max"),
+    Metric(LOGPS_CHOSEN, "policy log-prob, chosen"),
+    Metric(LOGPS_REJECTED, "policy log-prob, rejected"),
+]}
 PAIR_SPLITS: dict[str, str] = {"train": "train", "eval": "validation", "test": "test"}
 
 _OTHERS = [
@@ -52,12 +64,14 @@ _OTHERS = [
     Metric("gen/kl", "KL(π ‖ π_ref) per sample (nats)", "gen"),
     Metric("gen/kl_se", "standard error of gen/kl (nats)", "gen"),
     Metric("gen/length", "sample length (tokens)", "gen"),
-    Metric("gen/reward", "ground-truth reward of samples", "reward"),
+    Metric("gen/reward", "ground-truth reward of samples", "reward", direction="max"),
     Metric("gen/reward_se", "standard error of gen/reward", "reward"),
     Metric("gen/ref_reward", "ground-truth reward of reference samples", "reward"),
-    Metric("gen/win_rate", "win rate against the reference", "reward"),
-    Metric("gen/parsed", "fraction of samples that parse in the task's language", "reward"),
-    Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task"),
+    Metric("gen/win_rate", "win rate against the reference", "reward", direction="max"),
+    Metric("gen/parsed", "fraction of samples that parse in the task's language", "reward",
+           direction="max"),
+    Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task",
+           direction="max"),
 ]
 _HEADLINE = {"train/loss", "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies",
              "test/loss", "gen/reward", "gen/kl"}
@@ -66,11 +80,12 @@ _HEADLINE = {"train/loss", "eval/loss", "eval/rewards/margins", "eval/rewards/ac
 def _registry() -> dict[str, Metric]:
     out: dict[str, Metric] = {}
     for split, split_label in PAIR_SPLITS.items():
-        for name, label in PAIR_METRICS.items():
-            full = f"{split}/{name}"
-            out[full] = Metric(full, f"{label} ({split_label})", headline=full in _HEADLINE)
+        for key, m in PAIR_METRICS.items():
+            full = f"{split}/{key}"
+            out[full] = replace(m, name=full, label=f"{m.label} ({split_label})",
+                                headline=full in _HEADLINE)
     for m in _OTHERS:
-        out[m.name] = Metric(m.name, m.label, m.needs, headline=m.name in _HEADLINE)
+        out[m.name] = replace(m, headline=m.name in _HEADLINE)
     return out
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from harness import cache, metrics
+from harness import atomic, cache, metrics
 from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
@@ -125,11 +125,11 @@ class Controlled:
                 pairs[split] = controlled.build_pairs(model, tokenizer, ps, tc.samples_per_prompt,
                                                       tc.bt_temperature, tc.max_new_tokens, seed, device)
             crash_point("pairs")
-            cache.atomic_write(path, json.dumps(pairs))
+            atomic.atomic_write(path, json.dumps(pairs))
             say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
             return pairs
 
-        with phase("pairs"), cache.file_lock(path.with_suffix(".lock")):
+        with phase("pairs"), atomic.file_lock(path.with_suffix(".lock")):
             pairs, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), sample)
         if reused:
             say(f"pairs: reused {path}")

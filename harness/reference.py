@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import cache, packing
+from harness import atomic, cache, packing
+from harness import device as hdevice
 from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.data import TokenizedPair, batches
@@ -32,12 +33,12 @@ def compute_logps(model, items: list[TokenizedPair], s: StepSettings, pad_id: in
                   desc: str, progress: bool = True) -> torch.Tensor:
     """Reference log-probs of every pair of a split: [n, 2] (chosen, rejected), float32."""
     out = torch.zeros(len(items), 2)
-    it = batches(items, list(range(len(items))), s.batch_size, pad_id, s.mask_prompt)
+    it = batches(items, list(range(len(items))), s.batch_size, pad_id, s.dpo.mask_prompt)
     with hmodels.eval_mode(model):
         for idx, batch in tqdm(it, total=math.ceil(len(items) / s.batch_size), desc=desc,
                                leave=False, disable=not progress):
-            with hmodels.autocast(device, s.precision):
-                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.reduction,
+            with hdevice.autocast(device, s.precision):
+                chosen, rejected = concatenated_logps(model, to_device(batch, device), s.dpo.reduction,
                                                       s.share_prompt)
             out[idx, 0], out[idx, 1] = chosen.float().cpu(), rejected.float().cpu()
     return out
@@ -52,10 +53,10 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
     split, cache file, was it reused)."""
     # The precision `auto` resolves to on this device: the same config on another machine may
     # compute in another precision, and must not read these log-probs.
-    precision = hmodels.resolve_precision(torch.device(device), s.precision)
+    precision = hdevice.resolve_precision(torch.device(device), s.precision)
     # Shared-prompt and two-row log-probs differ in rounding: a run reads the layout it computes.
     shared = s.share_prompt and packing.supported(model)
-    key = cache.Key(digest or weights_digest(model), [s.mask_prompt, s.reduction, precision, shared])
+    key = cache.Key(digest or weights_digest(model), [s.dpo.mask_prompt, s.dpo.reduction, precision, shared])
     for name in sorted(splits):
         key.add(name, [[p.prompt_ids, p.chosen_ids, p.rejected_ids] for p in splits[name]])
     path = cache.entry("reference", key.hex(32), ".pt", root=root)
@@ -78,7 +79,7 @@ def cached_logps(model, splits: dict[str, list[TokenizedPair]], s: StepSettings,
         logps = compute()
         crash_point("reference")
         if world.main:
-            cache.atomic_file(path, lambda tmp: torch.save(logps, tmp))
+            atomic.atomic_file(path, lambda tmp: torch.save(logps, tmp))
         return logps
 
     with phase("reference"):
@@ -89,7 +90,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
     """The cache entry at `path`: read, or rebuilt under its lock (see cached_logps)."""
     lock = path.with_suffix(".lock")
     if not world.active:
-        with cache.file_lock(lock):
+        with atomic.file_lock(lock):
             logps, reused = cache.read_or_rebuild(path, read, rebuild)
         return logps, path, reused
     # Every rank must take part in computing: rank 0 decides, under the lock, whether to.
@@ -98,7 +99,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
     if reused:
         logps = found if world.main else read(path)
     else:
-        with cache.file_lock(lock) if world.main else contextlib.nullcontext():
+        with atomic.file_lock(lock) if world.main else contextlib.nullcontext():
             logps = rebuild()
     world.barrier()
     return logps, path, reused
@@ -106,7 +107,7 @@ def _shared(path: Path, read, rebuild, world: World) -> tuple[dict[str, torch.Te
 
 def _try_read(path: Path, read, lock: Path) -> dict[str, torch.Tensor] | None:
     """The entry as `read` gives it, under its lock; None when missing or unreadable."""
-    with cache.file_lock(lock):
+    with atomic.file_lock(lock):
         try:
             return read(path)
         except Exception:  # noqa: BLE001 - missing or unreadable: computed again

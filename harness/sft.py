@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from harness import cache, optim
+from harness import atomic, cache, optim
 from harness import models as hmodels
 from harness.chaos import crash_point
 
@@ -88,7 +88,7 @@ def sft_checkpoint(cfg, tokenizer, texts: list[str], device) -> tuple[Path, dict
     settings = {**sft.model_dump(mode="json"), "n_positions": cfg.data.max_length,
                 "optimizer": "adamw-fused" if optim.adamw_fused(device) else "adamw"}
     path = cache.entry("sft", sft_key(cfg.model.name, tokenizer, texts, settings, sft.seed))
-    with cache.file_lock(path.with_name(f"{path.name}.lock")):
+    with atomic.file_lock(path.with_name(f"{path.name}.lock")):
         if (path / "sft.json").exists():
             return path, json.loads((path / "sft.json").read_text()), True
         return _train_checkpoint(cfg, tokenizer, texts, device, path)
@@ -110,7 +110,7 @@ def _train_checkpoint(cfg, tokenizer, texts: list[str], device, path: Path) -> t
         model.save_pretrained(d)
         (d / "sft.json").write_text(json.dumps(stats, indent=2))
 
-    cache.atomic_dir(path, save)
+    atomic.atomic_dir(path, save)
     return path, stats, False
 
 

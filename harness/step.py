@@ -1,26 +1,26 @@
-"""One DPO micro-batch, evaluation passes and preference accuracy.
+"""One DPO micro-batch, one optimizer step, evaluation passes and preference accuracy.
 
 Takes the DPO settings and a precision (`StepSettings`), never a whole run config, so that the
-training loop, the sweep and `harness bench` share exactly the same step.
+training loop and `harness bench` run exactly the same `optimizer_step`.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from harness import device as hdevice
+from harness import distributed
 from harness import models as hmodels
 from harness.data import TokenizedPair, batches
-from harness.dpo import (
-    LOSSES,
-    check_loss_settings,
-    dpo_loss,
-    pair_metrics,
-    per_token_nll,
-)
+from harness.dpo import LOSSES, DPOSettings, dpo_loss, pair_metrics, per_token_nll
+from harness.errors import RunDiverged
 from harness.packing import pair_logps
 
 Batch = dict[str, torch.Tensor]
@@ -28,27 +28,18 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class StepSettings:
-    beta: float = 0.1  # the paper's β
-    loss: str = "sigmoid"  # a name in harness.dpo.LOSSES
-    label_smoothing: float = 0.0
-    mask_prompt: bool = True  # prompt tokens do not count in a sequence log-prob
-    reduction: str = "mean"  # sum | mean over the counted tokens
-    precision: str = "auto"  # auto | fp32 | bf16 (harness.models.autocast)
-    batch_size: int = 8  # pairs per micro-batch in evaluation passes
-    simpo_gamma: float = 0.5  # SimPO's target margin γ (loss `simpo`)
-    dpop_lambda: float = 50.0  # DPO-Positive's penalty weight λ (loss `dpop`)
-    sft_weight: float = 0.0  # RPO: weight of the chosen responses' per-token NLL; 0 = off
-    share_prompt: bool = True  # each pair's prompt run once (harness.packing) where the model allows
+    """What a step needs: the run's validated `dpo` section itself (β, loss, masking, reduction,
+    the loss's own settings: never copied field by field, checked once at config load) and how
+    the step computes."""
 
-    def __post_init__(self):
-        check_loss_settings(self.loss, self.reduction, self.label_smoothing, self.sft_weight)
+    dpo: DPOSettings
+    precision: str = "auto"  # auto | fp32 | bf16 (harness.device.autocast)
+    batch_size: int = 8  # pairs per micro-batch in evaluation passes
+    share_prompt: bool = True  # each pair's prompt run once (harness.packing) where the model allows
 
     @classmethod
     def from_config(cls, cfg) -> StepSettings:
-        d = cfg.dpo
-        return cls(d.beta, d.loss, d.label_smoothing, d.mask_prompt, d.reduction,
-                   cfg.train.precision, cfg.train.batch_size, d.simpo_gamma, d.dpop_lambda,
-                   d.sft_weight, cfg.train.share_prompt)
+        return cls(cfg.dpo, cfg.train.precision, cfg.train.batch_size, cfg.train.share_prompt)
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -72,25 +63,84 @@ def dpo_batch(policy, reference, ref_logps: torch.Tensor | None, idx: torch.Tens
     """Per-pair losses [B] and per-pair metrics for one micro-batch. The reference is either a
     frozen model (no_grad) or rows `idx` of cached log-probs `ref_logps` [n, 2]."""
     batch = to_device(batch, device)
-    with hmodels.autocast(device, s.precision):
-        pc, pr = concatenated_logps(policy, batch, s.reduction, s.share_prompt)
+    with hdevice.autocast(device, s.precision):
+        pc, pr = concatenated_logps(policy, batch, s.dpo.reduction, s.share_prompt)
         if reference is not None:
             with torch.no_grad():
-                rc, rr = concatenated_logps(reference, batch, s.reduction, s.share_prompt)
+                rc, rr = concatenated_logps(reference, batch, s.dpo.reduction, s.share_prompt)
         else:
             rc, rr = ref_logps[idx, 0].to(device), ref_logps[idx, 1].to(device)
     nll = None
-    if s.sft_weight or LOSSES[s.loss].nll_only:  # RPO's NLL term, or the sft loss itself
+    if s.dpo.sft_weight or LOSSES[s.dpo.loss].nll_only:  # RPO's NLL term, or the sft loss itself
         n_chosen = batch["loss_mask"][: len(pc), 1:].sum(-1)
-        nll = per_token_nll(pc, n_chosen, s.reduction)
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, s.beta, s.loss, s.label_smoothing,
-                              simpo_gamma=s.simpo_gamma, dpop_lambda=s.dpop_lambda,
-                              sft_weight=s.sft_weight, chosen_nll=nll)
-    return losses, pair_metrics(losses, cr, rj, pc, pr, s.beta)
+        nll = per_token_nll(pc, n_chosen, s.dpo.reduction)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, s.dpo, chosen_nll=nll)
+    return losses, pair_metrics(losses, cr, rj, pc, pr, s.dpo.beta)
+
+
+@dataclass
+class Stepper:
+    """What an optimizer step reads and changes."""
+
+    policy: torch.nn.Module  # whose parameters the optimizer steps
+    forward: torch.nn.Module  # what runs the micro-batches: the policy, or DDP around its log-probs
+    reference: torch.nn.Module | None  # the live reference; None: cached log-probs
+    ref_logps: torch.Tensor | None  # the train split's cached reference log-probs [n, 2]
+    settings: StepSettings
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # a torch LR scheduler (harness.optim.scheduler)
+    max_grad_norm: float | None  # clipping threshold; None or 0: the norm is measured, not clipped
+    device: torch.device
+    world: distributed.World = distributed.World()
+
+
+@dataclass
+class StepResult:
+    grad_norm: float  # before clipping, over all ranks
+    lr: float  # the rate this step used
+    tokens: int  # non-padding tokens, over all ranks
+    sums: dict[str, float]  # per-pair metric sums over this rank's micro-batches
+    pairs: int  # pairs in `sums`
+
+
+Micro = tuple[torch.Tensor, Batch, int]  # (pair indices, batch, pairs in the global batch)
+
+
+def optimizer_step(st: Stepper, micro: Sequence[Micro], step: int) -> StepResult:
+    """One optimizer step over the micro-batches of a global batch (gradient accumulation when
+    there are several): each micro-batch's mean loss, scaled by 1/len(micro), backpropagated;
+    the gradient norm clipped at max_grad_norm; AdamW and the schedule stepped. Raises
+    RunDiverged on a non-finite micro-batch loss (on any rank) or gradient norm, before the
+    optimizer steps on it."""
+    sums: dict[str, float] = {}
+    pairs = tokens = 0
+    for i, (idx, batch, n) in enumerate(micro):
+        with distributed.no_sync(st.forward, last=i == len(micro) - 1):
+            losses, pair = dpo_batch(st.forward, st.reference, st.ref_logps, idx, batch, st.settings,
+                                     st.device)
+            # A rank's share of the global batch's mean loss (DDP averages over the ranks).
+            loss = losses.sum() * (st.world.size / n) if st.world.active else losses.mean()
+            total = st.world.sum([losses.detach().sum().item()])[0]
+            if not math.isfinite(total):
+                raise RunDiverged(step, "the train loss", total / n)
+            (loss / len(micro)).backward()
+        tokens += int(batch["attention_mask"].sum())
+        for k, v in pair.items():
+            sums[k] = sums.get(k, 0.0) + v.sum().item()
+        pairs += len(idx)
+    grad_norm = torch.nn.utils.clip_grad_norm_(st.policy.parameters(), st.max_grad_norm or float("inf"))
+    if not torch.isfinite(grad_norm):
+        raise RunDiverged(step, "the gradient norm", float(grad_norm))
+    lr = st.scheduler.get_last_lr()[0]
+    tokens = int(st.world.sum([tokens])[0])
+    st.optimizer.step()
+    st.scheduler.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    return StepResult(float(grad_norm), lr, tokens, sums, pairs)
 
 
 def _file_order(items: list[TokenizedPair], s: StepSettings, pad_id: int):
-    return batches(items, list(range(len(items))), s.batch_size, pad_id, s.mask_prompt)
+    return batches(items, list(range(len(items))), s.batch_size, pad_id, s.dpo.mask_prompt)
 
 
 @torch.no_grad()

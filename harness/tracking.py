@@ -1,9 +1,8 @@
 """Tracking behind a small interface, `log`, `table`, `summary`, `close`, with two backends:
 
-- `RunFiles`, the run directory (the source of truth, and the one owner of its layout):
-  `config.json` (the resolved config and the run's `labels`), `metrics.jsonl` (one JSON object
-  per logged step), `<table>.json` per table, `summary.json` (written once, at the end),
-  `checkpoint/` while a run with train.checkpoint_every is under way (harness.checkpoint);
+- `RunFiles`, the run directory's files (the source of truth; harness.rundir names them and owns
+  the layout): the resolved config and labels, one row per logged step, a file per table, and
+  the summary, written once at the end;
 - `Wandb`, online when logged in, offline otherwise (`WANDB_MODE` wins). A wandb failure prints
   one warning and disables wandb for the run: it never stops training. A single run keeps its
   wandb files in `<run dir>/wandb/`; a sweep's runs share their study's `<study>/wandb/`, named
@@ -19,84 +18,19 @@ import math
 import netrc
 import os
 import re
-import shutil
 import sys
 import warnings
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness import cache, metrics
+from harness import atomic, metrics, rundir
 
-CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
-DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
-CHECKPOINT = "checkpoint"  # the last run checkpoint (harness.checkpoint), removed at the end
-FINISHED = "finished"  # the summary status of a complete run
 STEP_METRIC = "examples_seen"  # wandb's x axis for every split: runs of any batch size line up
 # wandb job_type per run role (labels["role"]; None: a single `harness train` run).
 JOB_TYPES = {None: "train", "search": "search", "seeds": "seed-rerun", "summary": "summary"}
-# The best value of each headline metric goes into the wandb summary as `best/<name>`; gen/kl has
-# no better direction (it is held to a budget, and its estimate can dip below zero).
-BEST = {"train/loss": "min", "eval/loss": "min", "test/loss": "min", "eval/rewards/margins": "max",
-        "eval/rewards/accuracies": "max", "gen/reward": "max"}
-
-
-def new_run_dir(results_dir: str | Path, name: str, run_dir: str | Path | None) -> Path:
-    """`run_dir` as given, else results_dir/runs/<name>-<time>. A finished run is never
-    overwritten; an earlier attempt that was cut off (no summary, or a status other than
-    finished) may be resumed or started over (harness.checkpoint.resume_point)."""
-    if run_dir is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(results_dir) / "runs" / f"{name}-{stamp}"
-    run_dir = Path(run_dir)
-    if run_status(run_dir) == FINISHED:
-        raise FileExistsError(f"{run_dir} already holds a finished run ({SUMMARY}); pick another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def run_status(run_dir: Path) -> str | None:
-    """The status in run_dir's summary.json; None when there is none (or it cannot be read)."""
-    try:
-        return json.loads((Path(run_dir) / SUMMARY).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def earlier_attempt(run_dir: Path) -> bool:
-    """Whether run_dir holds metrics, a summary or a checkpoint of an earlier attempt."""
-    return any((Path(run_dir) / name).exists() for name in (METRICS, SUMMARY, CHECKPOINT))
-
-
-def start_over(run_dir: Path) -> None:
-    """Remove what an earlier attempt left that a new one would append to or be confused by:
-    metrics.jsonl, summary.json and the checkpoint."""
-    run_dir = Path(run_dir)
-    (run_dir / METRICS).unlink(missing_ok=True)
-    (run_dir / SUMMARY).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
-
-
-def resume_files(run_dir: Path, lines: int) -> bool:
-    """Ready run_dir to continue an earlier attempt: metrics.jsonl cut to its first `lines` rows
-    (the rows a checkpoint had counted), summary.json removed. False, and nothing changed, when
-    metrics.jsonl holds fewer complete rows."""
-    path = Path(run_dir) / METRICS
-    rows = (path.read_text(encoding="utf-8") if path.exists() else "").split("\n")[:-1]
-    if len(rows) < lines:  # rows[:-1]: what follows the last newline is no complete row
-        return False
-    cache.atomic_write(path, "".join(f"{r}\n" for r in rows[:lines]))
-    (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
-    return True
-
-
-def run_labels(cfg: Any, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What analysis groups runs by, written explicitly into config.json and summary.json:
-    study, cell, trial, role and storage (set by a sweep, else None), masking and seed."""
-    sweep = sweep or {}
-    return {"study": sweep.get("study"), "cell": sweep.get("cell"), "trial": sweep.get("trial"),
-            "role": sweep.get("role"), "storage": sweep.get("storage"),
-            "masking": cfg.dpo.masking, "seed": cfg.train.seed}
+# The best value of each headline metric with a direction (harness.metrics) goes into the wandb
+# summary as `best/<name>`.
+BEST = {name: m.direction for name, m in metrics.METRICS.items() if m.headline and m.direction}
 
 
 def _clean(value: Any) -> Any:
@@ -118,13 +52,13 @@ class Backend(Protocol):
 
 
 class RunFiles:
-    """The run directory's files."""
+    """The run directory's files: config.json, metrics.jsonl, a file per table, summary.json."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any]):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cache.atomic_json(self.run_dir / CONFIG, config)
-        path = self.run_dir / METRICS
+        atomic.atomic_json(self.run_dir / rundir.CONFIG, config)
+        path = self.run_dir / rundir.METRICS
         self.lines = path.read_text(encoding="utf-8").count("\n") if path.exists() else 0  # rows
         self._metrics = open(path, "a", buffering=1)  # noqa: SIM115
 
@@ -142,11 +76,11 @@ class RunFiles:
     def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
               examples_seen: int | None = None) -> None:
         """`<key>.json`, the last table logged under that key."""
-        path = self.run_dir / f"{key.replace('/', '_')}.json"
-        cache.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
+        path = self.run_dir / rundir.table_file(key)
+        atomic.atomic_json(path, [dict(zip(columns, r, strict=True)) for r in rows])
 
     def summary(self, values: dict[str, Any]) -> None:
-        cache.atomic_json(self.run_dir / SUMMARY, values)
+        atomic.atomic_json(self.run_dir / rundir.SUMMARY, values)
 
     def close(self, exit_code: int = 0) -> None:
         self._metrics.close()

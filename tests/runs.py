@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from harness.config import load_config
+from harness.rundir import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -23,7 +24,7 @@ def quick_config(seed_data, tmp_path, **overrides):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl as a list of rows."""
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(run_dir) / METRICS).read_text().splitlines()]
 
 
 def without_perf(rows: list[dict]) -> list[dict]:

@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from analysis import fig_optuna, style, table
-from analysis.load import LABELS, load_curves, load_finals, load_study_summaries, load_wandb
+from analysis.load import load_curves, load_finals, load_study_summaries, load_wandb
 from analysis.style import MissingData
 from harness import metrics, stats
+from harness.rundir import LABELS
 from tests.conftest import ROOT
 
 
@@ -370,7 +371,7 @@ def test_metric_labels_come_from_the_registry():
     """Figures label a metric as harness.metrics does; the local labels are for other columns."""
     for name in metrics.METRICS:
         assert style.label(name) == metrics.label(name)
-    assert style.label("loss") == metrics.PAIR_METRICS["loss"]
+    assert style.label("loss") == metrics.PAIR_METRICS["loss"].label
     assert not set(style.LABELS) & set(metrics.METRICS)
 
 

@@ -7,14 +7,16 @@ import copy
 import dataclasses
 import json
 import math
+import subprocess
 
 import pytest
 import torch
 
 from harness import data as hdata
+from harness import device as hdevice
 from harness import generate, packing
 from harness import models as hmodels
-from harness.bench import agree, cases, cli, gen, measure, paths, trl_path
+from harness.bench import agree, cases, cli, gen, measure, memory, paths, trl_path
 
 LN2 = math.log(2)
 _loaded: dict = {}
@@ -46,12 +48,13 @@ def _bench(name: str, steps: int = 1, warmup: int = 2) -> dict:
 
 
 def _fault_in_settings(monkeypatch, **change):
-    """The harness path's StepSettings changed after it is built, the notebook's path not."""
+    """The harness path's DPO settings changed after it is built, the notebook's path not."""
     init = paths.HarnessPath.__init__
 
     def wrong(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        self.settings = dataclasses.replace(self.settings, **change)
+        dpo = self.settings.dpo.model_copy(update=change)
+        self.settings = self.stepper.settings = dataclasses.replace(self.settings, dpo=dpo)
 
     monkeypatch.setattr(paths.HarnessPath, "__init__", wrong)
 
@@ -80,7 +83,7 @@ def test_guard_fires_on_wrong_prompt_mask(monkeypatch):
             batch["input_ids"].shape[1]) > 0)}))
     case = cases.CASES["tiny-live-mean"]
     model, bats, cfg, _ = measure.load(case, 24)
-    assert paths.make_path("harness", model, cfg, bats).step(*bats[0]) == pytest.approx(LN2, abs=1e-6)
+    assert paths.make_path("harness", model, cfg, bats).step(*bats[0])[0] == pytest.approx(LN2, abs=1e-6)
     with pytest.raises(agree.PathsDisagree, match=r"policy log-prob .*tolerance 0\.0001") as err:
         _bench("tiny-live-mean")
     harness, rows = err.value.checks
@@ -120,11 +123,16 @@ def test_guard_fires_on_wrong_beta(monkeypatch):
 
 
 def test_guard_fires_when_the_optimizer_does_not_step(monkeypatch):
-    """A harness path whose update only clears the gradients agrees on everything before the
-    first update (sum-reduced log-probs included); its loss then stays at ln 2 while the
+    """A harness path whose optimizer does not step (the run's optimizer_step still clears the
+    gradients) agrees on everything before the first update (sum-reduced log-probs included); its loss then stays at ln 2 while the
     notebook's moves, and the guard stops at step 2."""
-    monkeypatch.setattr(paths.HarnessPath, "update",
-                        lambda self: self.opt.zero_grad(set_to_none=True))
+    init = paths.HarnessPath.__init__
+
+    def no_update(self, *args, **kwargs):  # the run's step, its optimizer's step a no-op
+        init(self, *args, **kwargs)
+        self.stepper.optimizer.step = lambda *a, **k: None
+
+    monkeypatch.setattr(paths.HarnessPath, "__init__", no_update)
     with pytest.raises(agree.PathsDisagree, match="loss") as err:
         _bench("tiny-live-sum")
     *before, loss_rows, loss = err.value.checks
@@ -208,14 +216,34 @@ def test_peak_rss_child_counts_only_itself():
     path's extra is at least its one [B, T-1, V] fp32 log-softmax (16 × 94 × 50,257 × 4 B = 302 MB),
     which the harness path never builds."""
     case = cases.CASES["tiny-live-mean"]
+    cfg = cases.run_config(case)
     ballast = torch.ones(2**29)  # 2 GiB of fp32, every page written
-    naive = measure.peak_rss_child(case, "naive", 1)
-    harness = measure.peak_rss_child(case, "harness", 1)
+    naive = memory.peak_rss_child(case, cfg, "naive", 1)
+    harness = memory.peak_rss_child(case, cfg, "harness", 1)
     held = ballast.numel() * 4
     del ballast
     assert harness < held and naive < held, (harness, naive)
     log_softmax = 16 * 94 * 50_257 * 4
     assert naive - harness >= log_softmax, (naive, harness)
+
+
+def test_child_gets_the_parents_config(monkeypatch):
+    """A bench child's job carries the parent's resolved run config (here with a β the seed
+    experiment does not have) and the child reads it back equal, without the experiment YAML."""
+    case = cases.CASES["tiny-cache-sum"]
+    cfg = cases.run_config(case)
+    cfg.dpo.beta = 0.37
+    sent = {}
+
+    def fake_run(cmd, input, **kwargs):
+        sent["cmd"], sent["job"] = cmd, input
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"peak_rss": 5}\n', stderr="")
+
+    monkeypatch.setattr(memory.subprocess, "run", fake_run)
+    assert memory.peak_rss_child(case, cfg, "harness", 2) == 5.0
+    assert sent["cmd"][1:] == ["-m", "harness.bench", "--child"]
+    monkeypatch.setattr(cases, "SEED_EXPERIMENT", cases.ROOT / "no-such.yaml")
+    assert memory.read_job(sent["job"]) == (case, cfg, "harness", 2)
 
 
 def test_profile_prints_both_paths():
@@ -231,7 +259,7 @@ def _cpu_flags(monkeypatch, tmp_path, flags: str):
     """/proc/cpuinfo with these flags (the harness reads a file once per path)."""
     path = tmp_path / f"cpuinfo-{abs(hash(flags))}"
     path.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    monkeypatch.setattr(hmodels, "CPUINFO", path)
+    monkeypatch.setattr(hdevice, "CPUINFO", path)
 
 
 def test_bf16_cases_skipped_on_a_cpu_without_native_bf16(monkeypatch, tmp_path):
@@ -317,7 +345,7 @@ def test_trl_path_computes_the_harness_step(tmp_path):
     bats = list(hdata.batches(items, list(range(16)), 8, tok.pad_token_id, True, drop_last=True))
     harness = paths.HarnessPath(model, cfg, bats)
     logps = harness.logps(bats[0][1])
-    losses = [harness.step(*b) for b in bats]
+    losses = [harness.step(*b)[0] for b in bats]
     tr = trl_path.trainer(case, copy.deepcopy(model), tok, cfg, items, 2, str(tmp_path))
     first = next(iter(tr.get_train_dataloader()))
     assert trl_path.batch_differences(first, bats[0][1]) == 0

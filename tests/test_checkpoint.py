@@ -134,23 +134,6 @@ def test_changed_config_starts_over(finished, seed_data, tmp_path, capsys):
     assert not (run_dir / "checkpoint").exists()
 
 
-def test_metrics_are_cut_back_to_the_rows_a_checkpoint_counted(tmp_path):
-    """Resuming keeps the first N complete rows of metrics.jsonl and drops the stale summary;
-    a file with fewer complete rows than the checkpoint counted (a half-written last row does
-    not count) is left alone and the run cannot resume from it."""
-    from harness.tracking import resume_files
-
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"st')
-    (tmp_path / "summary.json").write_text('{"status": "interrupted"}')
-    assert not resume_files(tmp_path, 4)
-    assert path.read_text().endswith('{"st') and (tmp_path / "summary.json").exists()
-    assert resume_files(tmp_path, 2)
-    assert path.read_text() == '{"step": 0}\n{"step": 1}\n'
-    assert not (tmp_path / "summary.json").exists()
-    assert resume_files(tmp_path, 0) and path.read_text() == ""
-
-
 def test_a_checkpoint_in_another_precision_starts_over(seed_data, tmp_path, capsys, monkeypatch):
     """The same config (train.precision auto) resolved to fp32 when the run was cut off and to
     bf16 when it is run again (another machine; here $DPO_HARNESS_PRECISION): the run does not

@@ -8,7 +8,8 @@ import pytest
 
 from harness import cli, dashboard
 from harness.metrics import METRICS
-from harness.tracking import STEP_METRIC, run_labels
+from harness.rundir import run_labels
+from harness.tracking import STEP_METRIC
 from tests.runs import quick_config
 
 ws = pytest.importorskip("wandb_workspaces.workspaces")

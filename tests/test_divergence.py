@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from harness import cache, optim
-from harness import train as htrain
-from harness.train import RunDiverged, train
+from harness import step as hstep
+from harness.errors import RunDiverged
+from harness.train import train
 from tests.runs import quick_config, read_metrics
 
 
@@ -77,16 +78,18 @@ def test_non_finite_loss_or_gradient_at_step_3_ends_the_run(kind, seed_data, tmp
     raises RunDiverged naming that quantity and step, summary.json says `diverged` at step 3,
     the rows of steps 0-2 stay, and the optimizer stepped twice, never on a nan gradient."""
     steps = watch_optimizer(monkeypatch)
-    real, calls = htrain.dpo_batch, []
+    real, calls = hstep.dpo_batch, []
 
     def dpo_batch(*args, **kwargs):
         losses, pair = real(*args, **kwargs)
+        if not torch.is_grad_enabled():  # an evaluation pass, not a training micro-batch
+            return losses, pair
         calls.append(1)
         if len(calls) == 3:  # one micro-batch per step
             losses = losses * float("nan") if kind == "loss" else NanGradient.apply(losses)
         return losses, pair
 
-    monkeypatch.setattr(htrain, "dpo_batch", dpo_batch)
+    monkeypatch.setattr(hstep, "dpo_batch", dpo_batch)
     run_dir = tmp_path / kind
     with pytest.raises(RunDiverged, match="step 3") as caught:
         train(quick_config(seed_data, tmp_path), run_dir=run_dir)

@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from harness import dpo
+from harness.config import DPOConfig
 
 
 def naive_logps(logits, input_ids, loss_mask, reduction):
@@ -134,8 +135,8 @@ PC, PR, RC, RR = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))
 )
 def test_losses_by_hand(name, smoothing, expected):
     """Each registered loss on the hand-worked pair; rewards are β·(log π − log π_ref)."""
-    losses, chosen, rejected = dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss=name,
-                                            label_smoothing=smoothing)
+    losses, chosen, rejected = dpo.dpo_loss(PC, PR, RC, RR, DPOConfig(beta=0.1, loss=name,
+                                                                      label_smoothing=smoothing))
     assert losses.item() == pytest.approx(expected, rel=1e-6)
     assert chosen.item() == pytest.approx(0.05)
     assert rejected.item() == pytest.approx(-0.05)
@@ -152,7 +153,7 @@ def test_every_registered_loss_has_its_true_gradient(name):
     pc, pr, rc, rr = (3 * torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(4))
 
     def per_pair(chosen, rejected):
-        return dpo.dpo_loss(chosen, rejected, rc, rr, beta=0.3, loss=name,
+        return dpo.dpo_loss(chosen, rejected, rc, rr, DPOConfig(beta=0.3, loss=name),
                             chosen_nll=-chosen)[0]  # per-token NLL of mean-reduced log-probs
 
     inputs = (pc.clone().requires_grad_(), pr.clone().requires_grad_())
@@ -164,7 +165,7 @@ def test_every_registered_loss_has_its_true_gradient(name):
 def test_loss_at_equal_policy_and_reference_is_log2():
     """At initialisation (π = π_ref) h = 0, so the sigmoid loss is ln 2 = 0.693 for any β."""
     x = torch.randn(4)
-    losses, c, r = dpo.dpo_loss(x, x - 1, x, x - 1, beta=0.5)
+    losses, c, r = dpo.dpo_loss(x, x - 1, x, x - 1, DPOConfig(beta=0.5))
     torch.testing.assert_close(losses, torch.full((4,), math.log(2)))
     assert (c == 0).all() and (r == 0).all()
 
@@ -172,19 +173,19 @@ def test_loss_at_equal_policy_and_reference_is_log2():
 def test_unknown_loss_lists_valid_names():
     """An unknown loss name is an error naming every valid one."""
     with pytest.raises(ValueError, match="apo_zero, dpop, hinge, ipo, robust, sft, sigmoid, simpo"):
-        dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss="kto")
+        DPOConfig(beta=0.1, loss="kto")
 
 
 @pytest.mark.parametrize("name", [n for n, s in dpo.LOSSES.items() if not s.uses_label_smoothing])
 def test_label_smoothing_only_for_sigmoid_and_robust(name):
     """label_smoothing with a loss that ignores it is an error, not a silent no-op."""
     with pytest.raises(ValueError, match="sigmoid and robust"):
-        dpo.dpo_loss(PC, PR, RC, RR, beta=0.1, loss=name, label_smoothing=0.1)
+        DPOConfig(beta=0.1, loss=name, label_smoothing=0.1)
 
 
 def test_pair_metrics_margins_with_and_without_beta():
     """rewards/margins carries β; logratios/margins is the notebook's margin (without β)."""
-    losses, c, r = dpo.dpo_loss(PC, PR, RC, RR, beta=0.1)
+    losses, c, r = dpo.dpo_loss(PC, PR, RC, RR, DPOConfig(beta=0.1))
     m = dpo.pair_metrics(losses, c, r, PC, PR, beta=0.1)
     assert m["rewards/margins"].item() == pytest.approx(0.1)
     assert m["logratios/margins"].item() == pytest.approx(1.0)

@@ -13,9 +13,9 @@ import yaml
 from analysis.findings import comparisons, sentence
 from harness import stats
 from harness.config import ConfigError, ParamSpec
+from harness.evaluation import degenerate
 from harness.sweep import load_experiment
 from harness.sweep.summary import _estimate
-from harness.train import degenerate
 
 
 @pytest.mark.parametrize("df,t", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262),

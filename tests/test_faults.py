@@ -17,6 +17,7 @@ from harness.config import ObjectiveSpec
 from harness.sweep import SweepIncomplete, faults, run_sweep
 from harness.sweep.storage import masked
 from harness.sweep.study import objective_value, slot_seed
+from harness.sweep.trial import waiting_slot
 
 
 def _dead_pid() -> int:
@@ -46,22 +47,7 @@ def test_a_dead_local_workers_trial_is_retried_at_once_in_its_slot():
     (retry,) = [t for t in study.trials if t.state == TrialState.WAITING]
     assert retry.params == {"lr": dead.params["lr"]} and retry.user_attrs["slot"] == 1
     assert "worker" not in retry.user_attrs
-    assert faults.waiting_slot(study) == 1
-
-
-def test_slots_fill_the_budget_once():
-    """Free slots are the lowest untaken ones; a slot taken meanwhile moves the trial on."""
-    study = _study()
-    assert faults.free_slot(study, 3) == 0
-    a = study.ask()
-    assert faults.settle_slot(a, 0, 3) == 0
-    b = study.ask()
-    assert faults.settle_slot(b, 0, 3) == 1  # slot 0 is a's
-    study.tell(a, 1.0)
-    assert faults.free_slot(study, 3) == 2
-    c = study.ask()
-    faults.settle_slot(c, 2, 3)
-    assert faults.free_slot(study, 3) is None
+    assert waiting_slot(study) == 1
 
 
 def test_slot_seeds_are_stable_and_distinct():

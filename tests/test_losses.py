@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness import dpo
-from harness.config import ConfigError, load_config
+from harness.config import ConfigError, DPOConfig, load_config
 from harness.step import StepSettings, dpo_batch
 
 
@@ -40,7 +40,9 @@ def run(loss: str, beta: float, pc: float = LOGPS["pc"], nll: bool = True, **kw)
     t = {k: torch.tensor([v], dtype=torch.float64) for k, v in {**LOGPS, "pc": pc}.items()}
     if nll:
         kw.setdefault("chosen_nll", chosen_nll(t["pc"]))
-    losses, _, _ = dpo.dpo_loss(t["pc"], t["pr"], t["rc"], t["rr"], beta=beta, loss=loss, **kw)
+    nll = kw.pop("chosen_nll", None)
+    losses, _, _ = dpo.dpo_loss(t["pc"], t["pr"], t["rc"], t["rr"], DPOConfig(beta=beta, loss=loss, **kw),
+                                chosen_nll=nll)
     return losses
 
 
@@ -90,7 +92,7 @@ def test_loss_falls_when_the_chosen_logp_rises(loss):
     _, kw = hand_value(loss)
     pc = torch.tensor([LOGPS["pc"]], dtype=torch.float64, requires_grad=True)
     others = [torch.tensor([LOGPS[k]], dtype=torch.float64) for k in ("pr", "rc", "rr")]
-    losses, _, _ = dpo.dpo_loss(pc, *others, loss=loss, chosen_nll=chosen_nll(pc), **kw)
+    losses, _, _ = dpo.dpo_loss(pc, *others, DPOConfig(loss=loss, **kw), chosen_nll=chosen_nll(pc))
     (grad,) = torch.autograd.grad(losses.sum(), pc)
     assert grad.item() < 0, loss
     assert run(loss, pc=LOGPS["pc"] + 0.01, **kw).item() < run(loss, **kw).item()
@@ -99,7 +101,7 @@ def test_loss_falls_when_the_chosen_logp_rises(loss):
 def test_robust_at_zero_flip_rate_is_dpo_and_refuses_half():
     """ε = 0 makes robust DPO the plain DPO loss; ε ≥ 1/2 (division by 1 − 2ε) is refused."""
     assert run("robust", 0.5).item() == pytest.approx(run("sigmoid", 0.5).item(), rel=1e-12)
-    with pytest.raises(ValueError, match=r"robust loss needs label_smoothing in \[0, 0.5\)"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
         run("robust", 0.5, label_smoothing=0.5)
 
 
@@ -109,9 +111,9 @@ def test_reference_free_flag_is_true_to_the_loss(loss):
     every other loss changes with it."""
     _, kw = hand_value(loss)
     pc, pr = torch.tensor([-1.2]), torch.tensor([-2.0])
-    kw["chosen_nll"] = chosen_nll(pc)
-    a, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.5]), loss=loss, **kw)
-    b, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-0.5]), torch.tensor([-2.5]), loss=loss, **kw)
+    d, nll = DPOConfig(loss=loss, **kw), chosen_nll(pc)
+    a, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-1.0]), torch.tensor([-1.5]), d, chosen_nll=nll)
+    b, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-0.5]), torch.tensor([-2.5]), d, chosen_nll=nll)
     assert (a.item() == b.item()) == dpo.LOSSES[loss].reference_free
 
 
@@ -161,8 +163,8 @@ def test_dpo_batch_counts_chosen_tokens_for_the_nll_term():
     its own counted tokens (from loss_mask, shifted by one): loss(w) − loss(0) = w·(−logp / n)."""
     model, batch = tiny_batch()
     ref, idx = REF, torch.tensor([0, 1])
-    base = StepSettings(beta=0.1, reduction="sum", precision="fp32")
-    rpo = StepSettings(beta=0.1, reduction="sum", precision="fp32", sft_weight=2.0)
+    base = StepSettings(DPOConfig(beta=0.1, reduction="sum"), precision="fp32")
+    rpo = StepSettings(DPOConfig(beta=0.1, reduction="sum", sft_weight=2.0), precision="fp32")
     l0, m = dpo_batch(model, None, ref, idx, batch, base, "cpu")
     l1, _ = dpo_batch(model, None, ref, idx, batch, rpo, "cpu")
     counts = torch.tensor([5.0, 3.0])  # chosen rows 0 and 1: positions 3..7 and 5..7
@@ -175,12 +177,12 @@ def test_sft_loss_ignores_rejected_reference_and_beta():
     β·(log π − log π_ref): 0.5·(−0.2) = −0.1 and 0.5·(−0.5) = −0.25."""
     pc = torch.tensor([-1.2], dtype=torch.float64)
     losses, cr, rj = dpo.dpo_loss(pc, torch.tensor([-2.0]), torch.tensor([-1.0]),
-                                  torch.tensor([-1.5]), beta=0.5, loss="sft",
+                                  torch.tensor([-1.5]), DPOConfig(beta=0.5, loss="sft"),
                                   chosen_nll=chosen_nll(pc))
     assert losses.item() == pytest.approx(0.4, rel=1e-12)
     assert (cr.item(), rj.item()) == (pytest.approx(-0.1), pytest.approx(-0.25))
     other, _, _ = dpo.dpo_loss(pc, torch.tensor([-9.0]), torch.tensor([0.0]), torch.tensor([-0.1]),
-                               beta=3.0, loss="sft", chosen_nll=chosen_nll(pc))
+                               DPOConfig(beta=3.0, loss="sft"), chosen_nll=chosen_nll(pc))
     assert other.item() == pytest.approx(0.4, rel=1e-12)
     with pytest.raises(ValueError, match="the sft loss needs chosen_nll"):
         run("sft", 0.5, nll=False)
@@ -191,7 +193,7 @@ def test_dpo_batch_sft_loss_is_the_chosen_nll_per_counted_token(reduction):
     """In a micro-batch, the sft loss of each pair is −log π(y_w) over its counted tokens (5 and
     3) with summed log-probs, and −log π(y_w) itself with per-token averaged ones."""
     model, batch = tiny_batch()
-    s = StepSettings(beta=0.1, loss="sft", reduction=reduction, precision="fp32")
+    s = StepSettings(DPOConfig(beta=0.1, loss="sft", reduction=reduction), precision="fp32")
     losses, m = dpo_batch(model, None, REF, torch.tensor([0, 1]), batch, s, "cpu")
     counts = torch.tensor([5.0, 3.0]) if reduction == "sum" else torch.ones(2)
     torch.testing.assert_close(losses, -m["logps/chosen"] / counts)
@@ -202,7 +204,7 @@ def test_training_with_sft_raises_the_chosen_logp():
     """Twenty Adam steps on the sft loss of one micro-batch make both chosen responses more
     likely under the policy."""
     model, batch = tiny_batch()
-    s = StepSettings(beta=0.1, loss="sft", reduction="sum", precision="fp32")
+    s = StepSettings(DPOConfig(beta=0.1, loss="sft", reduction="sum"), precision="fp32")
     idx = torch.tensor([0, 1])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     _, before = dpo_batch(model, None, REF, idx, batch, s, "cpu")
@@ -215,10 +217,11 @@ def test_training_with_sft_raises_the_chosen_logp():
     assert (after["logps/chosen"] > before["logps/chosen"] + 0.5).all()
 
 
-def test_step_settings_refuse_the_nll_term_with_sft():
-    """The sft loss already is the chosen NLL: an RPO weight on top is refused by the step too."""
+def test_the_dpo_section_refuses_the_nll_term_with_sft():
+    """The sft loss already is the chosen NLL: an RPO weight on top is refused where the dpo
+    section is validated, the one place the loss settings are checked."""
     with pytest.raises(ValueError, match="set dpo.sft_weight: 0"):
-        StepSettings(loss="sft", sft_weight=1.0)
+        DPOConfig(loss="sft", sft_weight=1.0)
 
 
 @pytest.mark.parametrize("loss", ["ipo", "simpo"])
@@ -233,7 +236,7 @@ def test_per_token_losses_refuse_sum_in_the_config(tmp_path, loss):
     assert "dpo.reduction" in str(err.value) and "set dpo.reduction: mean" in str(err.value)
     assert load_config(path, {"dpo.reduction": "mean"}).dpo.loss == loss
     with pytest.raises(ValueError, match="set dpo.reduction: mean"):
-        StepSettings(loss=loss, reduction="sum")
+        DPOConfig(loss=loss, reduction="sum")
 
 
 @pytest.mark.parametrize(
@@ -267,7 +270,8 @@ def test_new_loss_fields_reach_the_step():
     cfg = RunConfig.model_validate({"dpo": {"loss": "dpop", "dpop_lambda": 7.0, "sft_weight": 0.3,
                                             "simpo_gamma": 1.5}})
     s = StepSettings.from_config(cfg)
-    assert (s.loss, s.dpop_lambda, s.sft_weight, s.simpo_gamma) == ("dpop", 7.0, 0.3, 1.5)
+    assert s.dpo is cfg.dpo  # the validated section itself, not a copy of its fields
+    assert (s.dpo.loss, s.dpo.dpop_lambda, s.dpo.sft_weight, s.dpo.simpo_gamma) == ("dpop", 7.0, 0.3, 1.5)
 
 
 @pytest.mark.slow

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from harness import metrics
+from harness.config import DPOConfig
 from harness.dpo import dpo_loss, pair_metrics
-from harness.tracking import METRICS, RunFiles, Tracker
+from harness.rundir import METRICS
+from harness.tracking import RunFiles, Tracker
 from tests.runs import quick_config
 
 
@@ -17,11 +19,27 @@ def test_pair_metrics_are_the_registry_pair_metrics():
     """dpo.pair_metrics produces exactly the registry's per-pair names, and each is registered
     under every split the loop logs it in."""
     pc, pr, rc, rr = (torch.randn(5) for _ in range(4))
-    losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    losses, cr, rj = dpo_loss(pc, pr, rc, rr, DPOConfig(beta=0.1))
     produced = set(pair_metrics(losses, cr, rj, pc, pr, 0.1))
     assert produced == set(metrics.PAIR_METRICS)
     for split in metrics.PAIR_SPLITS:
         assert {f"{split}/{k}" for k in produced} <= set(metrics.METRICS)
+
+
+def test_directions_say_which_way_is_better():
+    """A pair metric has its registry direction under every split: losses are minimised, reward
+    margins and accuracies maximised, log-probs and implicit rewards of one side have none; of
+    the others, rewards, win rate and accuracies are maximised and gen/kl (held to a budget) has
+    none."""
+    directions = {name: m.direction for name, m in metrics.METRICS.items()}
+    assert set(directions.values()) == {"max", "min", None}
+    for split in metrics.PAIR_SPLITS:
+        assert directions[f"{split}/loss"] == "min"
+        assert directions[f"{split}/rewards/margins"] == directions[f"{split}/rewards/accuracies"] == "max"
+        assert directions[f"{split}/logps/chosen"] is directions[f"{split}/rewards/rejected"] is None
+    assert directions["gen/reward"] == directions["gen/win_rate"] == "max"
+    assert directions["eval/pref_accuracy"] == "max"
+    assert directions["gen/kl"] is directions["train/grad_norm"] is directions["perf/step_s"] is None
 
 
 def test_gen_eval_produces_registered_names():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import device as hd
 from harness import models as hm
 from harness.config import ModelConfig
 
@@ -107,7 +108,7 @@ def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
                                 (False, False, "cpu")]:
         monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda m=mps: m)
-        assert hm.pick_device("auto") == torch.device(expected), (cuda, mps)
+        assert hd.pick_device("auto") == torch.device(expected), (cuda, mps)
 
 
 def test_explicit_device_must_be_there(monkeypatch):
@@ -117,12 +118,12 @@ def test_explicit_device_must_be_there(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     for spec in ("cuda", "cuda:1", "mps"):
         with pytest.raises(ValueError, match=rf"train\.device: '{spec}'"):
-            hm.pick_device(spec)
-    assert hm.pick_device("cpu") == torch.device("cpu")
+            hd.pick_device(spec)
+    assert hd.pick_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert hm.pick_device("cuda:1") == torch.device("cuda", 1)
-    assert hm.pick_device("mps") == torch.device("mps")
+    assert hd.pick_device("cuda:1") == torch.device("cuda", 1)
+    assert hd.pick_device("mps") == torch.device("mps")
 
 
 _CPUINFO_FILES = itertools.count()
@@ -132,11 +133,13 @@ AMX_FLAGS = "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\
 
 def _cpuinfo(monkeypatch, tmp_path, text: str | None):
     """/proc/cpuinfo replaced by `text` (None: the file is absent); a new file each time, as
-    the flags are read once per file."""
+    the flags are read once per file. $DPO_HARNESS_PRECISION unset: these tests are about what
+    `auto` picks from the machine (a suite run with it set would otherwise test the variable)."""
+    monkeypatch.delenv(hd.PRECISION_ENV, raising=False)
     path = tmp_path / f"cpuinfo-{next(_CPUINFO_FILES)}"
     if text is not None:
         path.write_text("processor\t: 0\nmodel name\t: Test CPU\n" + text)
-    monkeypatch.setattr(hm, "CPUINFO", path)
+    monkeypatch.setattr(hd, "CPUINFO", path)
 
 
 def test_capability_reads_the_cpu_flags(monkeypatch, tmp_path):
@@ -144,16 +147,16 @@ def test_capability_reads_the_cpu_flags(monkeypatch, tmp_path):
     AVX2 alone, unknown (None) without the file; the ISA is torch's dispatch level."""
     cpu = torch.device("cpu")
     _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
-    amx = hm.capability(cpu)
+    amx = hd.capability(cpu)
     assert amx["flags"] == ["avx512_bf16", "amx_bf16", "amx_tile"] and amx["bf16_native"] is True
     assert amx["isa"] == torch.backends.cpu.get_cpu_capability()
     _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
-    assert hm.capability(cpu) | {"isa": "?"} == {"device": "cpu", "isa": "?", "flags": [],
+    assert hd.capability(cpu) | {"isa": "?"} == {"device": "cpu", "isa": "?", "flags": [],
                                                   "bf16_native": False}
     _cpuinfo(monkeypatch, tmp_path, None)
-    assert hm.capability(cpu)["flags"] is None and hm.capability(cpu)["bf16_native"] is None
+    assert hd.capability(cpu)["flags"] is None and hd.capability(cpu)["bf16_native"] is None
     _cpuinfo(monkeypatch, tmp_path, "flags\t\t: avx2 amx_tile\n")  # AMX tiles without the bf16 unit
-    assert hm.capability(cpu)["bf16_native"] is False
+    assert hd.capability(cpu)["bf16_native"] is False
 
 
 def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch, tmp_path):
@@ -162,19 +165,19 @@ def test_auto_precision_is_bf16_only_where_bf16_is_native(monkeypatch, tmp_path)
     `bf16` are kept as given on every device."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
-    assert hm.resolve_precision(cpu, "auto") == "bf16"
-    assert hm.resolve_precision(cpu, "fp32") == "fp32"
+    assert hd.resolve_precision(cpu, "auto") == "bf16"
+    assert hd.resolve_precision(cpu, "fp32") == "fp32"
     _cpuinfo(monkeypatch, tmp_path, None)
-    assert hm.resolve_precision(cpu, "auto") == "fp32"
+    assert hd.resolve_precision(cpu, "auto") == "fp32"
     _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
-    assert hm.resolve_precision(cpu, "auto") == "fp32"
-    assert hm.resolve_precision(cpu, "bf16") == "bf16"
+    assert hd.resolve_precision(cpu, "auto") == "fp32"
+    assert hd.resolve_precision(cpu, "bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert hm.capability(cuda) == {"device": "cuda", "bf16_native": True}
-    assert hm.resolve_precision(cuda, "auto") == "bf16"
+    assert hd.capability(cuda) == {"device": "cuda", "bf16_native": True}
+    assert hd.resolve_precision(cuda, "auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert hm.resolve_precision(cuda, "auto") == "fp32"
-    assert hm.resolve_precision(torch.device("mps"), "auto") == "fp32"
+    assert hd.resolve_precision(cuda, "auto") == "fp32"
+    assert hd.resolve_precision(torch.device("mps"), "auto") == "fp32"
 
 
 def test_autocast_follows_the_resolved_precision(monkeypatch, tmp_path):
@@ -183,7 +186,7 @@ def test_autocast_follows_the_resolved_precision(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
 
     def matmul_dtype(precision):
-        with hm.autocast(cpu, precision):
+        with hd.autocast(cpu, precision):
             return torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype
 
     _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
@@ -194,9 +197,9 @@ def test_autocast_follows_the_resolved_precision(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     with warnings.catch_warnings():  # "CUDA is not available": only the settings are checked
         warnings.simplefilter("ignore")
-        auto_cuda = hm.autocast(torch.device("cuda"), "auto")
+        auto_cuda = hd.autocast(torch.device("cuda"), "auto")
     assert isinstance(auto_cuda, torch.autocast) and auto_cuda.fast_dtype == torch.bfloat16
-    assert not isinstance(hm.autocast(torch.device("cuda"), "fp32"), torch.autocast)
+    assert not isinstance(hd.autocast(torch.device("cuda"), "fp32"), torch.autocast)
 
 
 def test_unreachable_hub_id_is_a_clear_error(monkeypatch):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from harness.config import DPOConfig
 from harness.step import StepSettings, dpo_batch
 
 
@@ -85,7 +86,8 @@ def tiny_policy_and_reference():
 
 
 def harness_loss(policy, reference, hb, beta):
-    s = StepSettings(beta=beta, loss="sigmoid", mask_prompt=True, reduction="mean", precision="fp32")
+    s = StepSettings(DPOConfig(beta=beta, loss="sigmoid", mask_prompt=True, reduction="mean"),
+                     precision="fp32")
     idx = torch.arange(hb["input_ids"].shape[0] // 2)  # rows 0..B-1 chosen, B..2B-1 rejected
     losses, metrics = dpo_batch(policy, reference, None, idx, hb, s, torch.device("cpu"))
     return losses.mean(), metrics

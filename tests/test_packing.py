@@ -183,12 +183,13 @@ def test_reference_cache_keeps_the_layouts_apart(tmp_path):
     rounding): a two-row run does not read a shared-prompt run's cache, and each reads its own."""
     import dataclasses
 
+    from harness.config import DPOConfig
     from harness.reference import cached_logps
     from harness.step import StepSettings
 
     model = _model("gpt2", "sdpa")
     splits = {"train": _pairs(1), "val": _pairs(2)}
-    shared = StepSettings(reduction="sum", precision="fp32", batch_size=2)
+    shared = StepSettings(DPOConfig(reduction="sum"), precision="fp32", batch_size=2)
     rows = dataclasses.replace(shared, share_prompt=False)
     run = [cached_logps(model, splits, s, 0, "cpu", root=str(tmp_path), progress=False)
            for s in (shared, rows, shared)]

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from harness import device as hd
 from harness import models as hm
 from harness.sweep.summary import _estimate
 from harness.train import train
@@ -23,49 +24,49 @@ def test_the_variable_overrides_auto_only(monkeypatch, tmp_path):
     naming the variable; unset, `auto` is the machine's choice again."""
     cpu = torch.device("cpu")
     _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
-    monkeypatch.setenv(hm.PRECISION_ENV, "bf16")
-    assert hm.resolve_precision(cpu, "auto") == "bf16"
-    assert hm.resolve_precision(cpu, "fp32") == "fp32"
-    with hm.autocast(cpu, "auto"):
+    monkeypatch.setenv(hd.PRECISION_ENV, "bf16")
+    assert hd.resolve_precision(cpu, "auto") == "bf16"
+    assert hd.resolve_precision(cpu, "fp32") == "fp32"
+    with hd.autocast(cpu, "auto"):
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
-    monkeypatch.setenv(hm.PRECISION_ENV, " FP32 ")
-    assert hm.resolve_precision(cpu, "auto") == "fp32"
-    assert hm.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setenv(hd.PRECISION_ENV, " FP32 ")
+    assert hd.resolve_precision(cpu, "auto") == "fp32"
+    assert hd.resolve_precision(cpu, "bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert hm.resolve_precision(torch.device("cuda"), "auto") == "fp32"
-    monkeypatch.setenv(hm.PRECISION_ENV, "fp16")
+    assert hd.resolve_precision(torch.device("cuda"), "auto") == "fp32"
+    monkeypatch.setenv(hd.PRECISION_ENV, "fp16")
     with pytest.raises(ValueError, match=r"\$DPO_HARNESS_PRECISION='fp16': expected one of fp32, bf16"):
-        hm.resolve_precision(cpu, "auto")
-    monkeypatch.delenv(hm.PRECISION_ENV)
-    assert hm.resolve_precision(cpu, "auto") == "bf16"  # AMX flags
+        hd.resolve_precision(cpu, "auto")
+    monkeypatch.delenv(hd.PRECISION_ENV)
+    assert hd.resolve_precision(cpu, "auto") == "bf16"  # AMX flags
 
 
 def test_the_record_says_what_computed_and_why(monkeypatch, tmp_path):
     """precision_record: the resolved precision, the setting, where the choice came from (config,
     env, auto), whether bf16 is native, and on a CPU its ISA and bf16 flags."""
     cpu = torch.device("cpu")
-    monkeypatch.delenv(hm.PRECISION_ENV, raising=False)
+    monkeypatch.delenv(hd.PRECISION_ENV, raising=False)
     _cpuinfo(monkeypatch, tmp_path, AVX2_FLAGS)
-    r = hm.precision_record(cpu, "auto")
+    r = hd.precision_record(cpu, "auto")
     assert (r["precision"], r["precision_setting"], r["precision_source"], r["bf16_native"]) == \
         ("fp32", "auto", "auto", False)
     assert r["cpu_isa"] == torch.backends.cpu.get_cpu_capability() and r["cpu_bf16_flags"] is None
-    assert hm.describe_precision(r) == f"fp32 (auto: bf16 emulated, {r['cpu_isa']})"
-    assert hm.precision_record(cpu, "bf16")["precision_source"] == "config"
+    assert hd.describe_precision(r) == f"fp32 (auto: bf16 emulated, {r['cpu_isa']})"
+    assert hd.precision_record(cpu, "bf16")["precision_source"] == "config"
     _cpuinfo(monkeypatch, tmp_path, AMX_FLAGS)
-    r = hm.precision_record(cpu, "auto")
+    r = hd.precision_record(cpu, "auto")
     assert (r["precision"], r["bf16_native"]) == ("bf16", True) and "amx_bf16" in r["cpu_bf16_flags"]
-    monkeypatch.setenv(hm.PRECISION_ENV, "fp32")
-    assert hm.precision_record(cpu, "auto")["precision_source"] == "env"
+    monkeypatch.setenv(hd.PRECISION_ENV, "fp32")
+    assert hd.precision_record(cpu, "auto")["precision_source"] == "env"
 
 
 def test_every_run_records_its_precision(seed_data, tmp_path, monkeypatch):
     """summary.json of a run says what it computed in, as configured and resolved, and the CPU's
     capability (the real one of this machine), finished or cut off."""
-    monkeypatch.setenv(hm.PRECISION_ENV, "bf16")
+    monkeypatch.setenv(hd.PRECISION_ENV, "bf16")
     s = train(quick_config(seed_data, tmp_path, **{"train.max_steps": 2}), run_dir=tmp_path / "a")
-    cap = hm.capability(torch.device("cpu"))
+    cap = hd.capability(torch.device("cpu"))
     on_disk = json.loads((tmp_path / "a" / "summary.json").read_text())
     for summary in (s, on_disk):
         assert (summary["precision"], summary["precision_setting"], summary["precision_source"]) == \
@@ -148,14 +149,14 @@ def test_a_study_keeps_its_precision_where_it_is_continued(seed_data, tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     path = experiment(tmp_path, seed_data, {"grid": {"dpo.beta": [0.1, 0.5]}, "trials": 1, "seeds": 1})
     storage = str(tmp_path / "journal.log")
-    monkeypatch.setenv(hm.PRECISION_ENV, "fp32")
+    monkeypatch.setenv(hd.PRECISION_ENV, "fp32")
     raw = yaml.safe_load(path.read_text())
     raw["sweep"]["grid"]["dpo.beta"] = [0.1]  # the first machine runs one cell
     first = tmp_path / "first.yaml"
     first.write_text(yaml.safe_dump(raw))
     run_sweep(first, storage=storage)
 
-    monkeypatch.setenv(hm.PRECISION_ENV, "bf16")
+    monkeypatch.setenv(hd.PRECISION_ENV, "bf16")
     capsys.readouterr()
     out = run_sweep(path, storage=storage)
     assert "study t computes in fp32 (the precision of its first runs): its runs keep fp32 here, " \

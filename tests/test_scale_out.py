@@ -15,6 +15,7 @@ from harness.cli import main
 from harness.sweep import faults, load_experiment, supervise
 from harness.sweep.status import study_status
 from harness.sweep.storage import HOST_ENV
+from harness.sweep.trial import Surplus, free_slot, settle_slot
 from tests.test_faults import _dead_pid, _study
 from tests.test_sweep import ROOT, SEARCH, experiment
 
@@ -63,9 +64,9 @@ def test_a_trial_asked_for_after_the_last_slot_went_runs_nothing():
     as a trial past the budget, and is no failure of the cell."""
     study = _study()
     a, b = study.ask(), study.ask()
-    assert faults.settle_slot(a, 0, 1) == 0
-    with pytest.raises(faults.Surplus):
-        faults.settle_slot(b, 0, 1)
+    assert settle_slot(a, 0, 1) == 0
+    with pytest.raises(Surplus):
+        settle_slot(b, 0, 1)
     study.tell(b, state=TrialState.FAIL)
     assert study.trials[1].user_attrs == {"surplus": True, "slot": -1}
     assert not faults.real_failure(study.trials[1])
@@ -78,7 +79,7 @@ def test_two_claims_of_one_slot_at_the_same_moment_leave_one(monkeypatch):
     study = _study()
     a, b = study.ask(), study.ask()
     before_a_claimed = study.get_trials(deepcopy=True)
-    assert faults.settle_slot(a, 0, 2) == 0
+    assert settle_slot(a, 0, 2) == 0
     reads = []
     real = study.get_trials
 
@@ -87,12 +88,12 @@ def test_two_claims_of_one_slot_at_the_same_moment_leave_one(monkeypatch):
         return before_a_claimed if len(reads) == 1 else real(*args, **kwargs)
 
     monkeypatch.setattr(study, "get_trials", stale_first)
-    with pytest.raises(faults.Surplus, match="claimed at the same moment"):
-        faults.settle_slot(b, 0, 2)
+    with pytest.raises(Surplus, match="claimed at the same moment"):
+        settle_slot(b, 0, 2)
     monkeypatch.undo()
     study.tell(b, state=TrialState.FAIL)  # what Optuna does with the trial on the exception
     assert study.trials[b.number].user_attrs["slot"] == -1  # its claim withdrawn
-    assert faults.free_slot(study, 2) == 1  # slot 1 is still there to fill
+    assert free_slot(study, 2) == 1  # slot 1 is still there to fill
 
 
 def test_status_reads_the_storage_while_a_trial_runs(tmp_path, seed_data, capsys):

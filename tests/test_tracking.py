@@ -81,8 +81,9 @@ def test_wandb_offline_summary_matches_summary_json(seed_data, tmp_path):
 
 
 def test_best_directions_cover_the_headline_metrics():
-    """Every best-value metric is a registered headline metric with a direction; the only
-    headline metric without one is gen/kl (held to a budget, not maximised or minimised)."""
+    """The best values wandb keeps are those of the headline metrics with a registry direction;
+    the only headline metric without one is gen/kl (held to a budget, not maximised or
+    minimised)."""
     headline = {name for name, m in METRICS.items() if m.headline}
     assert set(BEST) <= headline
     assert headline - set(BEST) == {"gen/kl"}

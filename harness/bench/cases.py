@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
+from harness import device as hdevice
 from harness import models as hmodels
-from harness.config import load_config
+from harness.config import RunConfig, load_config
 from harness.prepare import prepare
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +58,8 @@ DEFAULT_CASES = [name for name in CASES if name not in TRL_ONLY]
 # ----------------------------------------------------------------------------- set-up
 
 
-def run_config(case: Case):
+def run_config(case: Case) -> RunConfig:
+    """The case's run config: the seed experiment with the case's model, reference and masking."""
     overrides = {"dpo.reference": case.reference, "dpo.reduction": case.reduction,
                  "dpo.mask_prompt": case.mask_prompt, "tracking.progress": False,
                  "train.precision": "bf16" if case.bf16 else "fp32",
@@ -74,7 +76,7 @@ def available(case: Case, force_bf16: bool = False) -> str | None:
     runs bf16 matmuls natively (AMX or AVX512-BF16), unless `force_bf16`: elsewhere torch
     emulates them and the case measures the emulation."""
     if case.bf16 and not force_bf16:
-        cap = hmodels.capability(torch.device("cpu"))
+        cap = hdevice.capability(torch.device("cpu"))
         if cap["bf16_native"] is None:
             return ("bf16 support of this CPU unknown (no /proc/cpuinfo to read AMX or AVX512-BF16 "
                     "from); --force-bf16 runs it anyway")
@@ -89,17 +91,18 @@ def available(case: Case, force_bf16: bool = False) -> str | None:
     return None
 
 
-def load_items(case: Case, n_pairs: int):
+def load_items(case: Case, n_pairs: int, cfg: RunConfig | None = None):
     """(run config, tokenizer, the first `n_pairs` train pairs tokenized) for a case, prepared
-    exactly as `harness train` prepares them."""
-    cfg = run_config(case)
+    exactly as `harness train` prepares them. `cfg`: the case's run config when the caller has it
+    (a bench child gets its parent's), else run_config(case)."""
+    cfg = run_config(case) if cfg is None else cfg
     prep = prepare(cfg, torch.device("cpu"), lambda *a: None)
     return cfg, prep.tokenizer, prep.splits["train"][:n_pairs]
 
 
-def load(case: Case, n_pairs: int):
+def load(case: Case, n_pairs: int, cfg: RunConfig | None = None):
     """(model, batches of 8 train pairs in file order, run config, n_params)."""
-    return build(case, *load_items(case, n_pairs))
+    return build(case, *load_items(case, n_pairs, cfg))
 
 
 def build(case: Case, cfg, tokenizer, items):

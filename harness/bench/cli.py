@@ -8,19 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-from harness import cache
-from harness.bench import trl_path
+from harness import atomic
+from harness.bench import memory, trl_path
 from harness.bench.agree import GUARD_STEPS, PathsDisagree
 from harness.bench.cases import CASES, DEFAULT_CASES, TRL_CASES, TRL_ONLY, available
 from harness.bench.gen import GEN_CASES, bench_gen, gen_table
-from harness.bench.measure import (
-    bench_case,
-    child_main,
-    machine,
-    matmul_rate,
-    padding_report,
-    profile_case,
-)
+from harness.bench.measure import bench_case, machine, matmul_rate, padding_report, profile_case
+from harness.quiet import quiet_libraries
 
 
 def table(results: list[dict], rate: float) -> str:
@@ -79,7 +73,7 @@ def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: 
               "padding": padding_report(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    cache.atomic_write(path, json.dumps(report, indent=2))
+    atomic.atomic_write(path, json.dumps(report, indent=2))
     print(table(results, rate))
     pad = report["padding"]
     print(f"\npadding ({pad['tokenizer']} tokens, batches of 8 pairs): file order "
@@ -98,7 +92,7 @@ def run_gen(out_dir: Path) -> dict:
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-gen-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    cache.atomic_write(path, json.dumps(report, indent=2))
+    atomic.atomic_write(path, json.dumps(report, indent=2))
     print(gen_table(results))
     for name, reason in skipped.items():
         print(f"skipped {name}: {reason}")
@@ -126,10 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen", action="store_true", help="time harness.generate.sample against "
                    "transformers' generate(do_sample=True) on the same prompts instead (tiny-s, and "
                    "SmolLM2-135M-Instruct when available)")
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    quiet_libraries()  # a child's stderr is a pipe its parent reads only on failure
     args = p.parse_args(argv)
-    if args.child:
-        child_main(args.child[0], args.child[1], int(args.child[2]))
+    if args.child:  # one path's steps in a process of its own (memory.run_child): the job on stdin
+        case, cfg, path, steps = memory.read_job(sys.stdin.read())
+        out = (trl_path.child_main(case, cfg, steps) if path == "trl"
+               else memory.child_main(case, cfg, path, steps))
+        print(json.dumps(out))
         return 0
     if args.profile:
         if args.profile not in CASES:

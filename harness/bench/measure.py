@@ -1,16 +1,13 @@
 """Measuring one case: both paths step by step on the same batches (tokens/s, MFU against the
-fp32 matmul rate measured in the run), peak RSS in a child process per path, and the profiler."""
+fp32 matmul rate measured in the run), peak RSS in a child process per path (memory.py), and the
+profiler."""
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,10 +15,12 @@ from pathlib import Path
 import torch
 
 from harness import data as hdata
-from harness import models as hmodels
+from harness import device as hdevice
 from harness.bench import agree, trl_path
 from harness.bench.cases import CASES, Case, available, load, load_items
+from harness.bench.memory import add_peak_rss, run_child
 from harness.bench.paths import PATHS, make_path
+from harness.config import RunConfig
 
 
 def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
@@ -36,57 +35,6 @@ def matmul_rate(n: int = 1024, repeats: int = 7) -> float:
             a @ b
         times.append((time.perf_counter() - t0) / 4)
     return 2 * n**3 / statistics.median(times)
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-def peak_rss_child(case: Case, path: str, steps: int) -> float:
-    """Peak RSS (bytes) of a fresh process that loads the case and runs `steps` steps of one path."""
-    cmd = [sys.executable, "-m", "harness.bench", "--child", json.dumps(asdict(case)), path,
-           str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench child for {case.name}/{path} failed:\n{out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"])
-
-
-def child_main(case_json: str, path: str, steps: int) -> None:
-    case = Case(**json.loads(case_json))
-    if path == "trl":
-        print(json.dumps(trl_path.child_main(case, steps)))
-        return
-    model, bats, cfg, _ = load(case, 8 * steps)
-    runner = make_path(path, model, cfg, bats)
-    del model  # each path holds its own copies, as in a real run
-    gc.collect()
-    load_peak = peak_rss()
-    reset = reset_peak_rss()  # from here the high-water mark is the training's own
-    for idx, batch in bats[:steps]:
-        runner.step(idx, batch)
-    print(json.dumps({"peak_rss": peak_rss(), "load_peak_rss": load_peak, "reset": reset}))
-
-
-def reset_peak_rss() -> bool:
-    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading and converting the
-    model, which both paths share, does not hide what a training step needs."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (bytes). VmHWM, which starts afresh at exec; ru_maxrss
-    (the fallback off Linux) would also count the parent's peak at fork time."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
@@ -113,22 +61,25 @@ def bench_case(case: Case, steps: int, warmup: int, rate: float, memory: bool,
                                 tol.logp, path="rows")]
     agree.require(case.name, checks)  # before spending any step on a path that scores otherwise
     run = run_steps(case.name, paths, bats[: steps + warmup], warmup, checks, tol)
-    result = report_case(case, run, checks, harness.cache_s, n_params, rate, memory)
+    result = report_case(case, run, checks, harness.cache_s, n_params, rate)
+    if memory:
+        add_peak_rss(result, case, cfg)
     if trl:
         del paths, naive, rows, harness, model  # the child's memory is its own, but the machine's is shared
         gc.collect()
-        add_trl(result, case, run, harness_logps, counted, tol, rate)
+        add_trl(result, case, cfg, run, harness_logps, counted, tol, rate)
     return result
 
 
-def add_trl(result: dict, case: Case, run: dict, harness_logps, counted, tol, rate: float) -> None:
+def add_trl(result: dict, case: Case, cfg: RunConfig, run: dict, harness_logps, counted, tol,
+            rate: float) -> None:
     """TRL's DPOTrainer on the same batches (a child process): its agreement checks, its row
     and the ratios harness / trl of tokens/s and peak RSS; or why the case has none."""
     reason = trl_path.mismatch(case)
     if reason:
         result["trl_skipped"] = reason
         return
-    out = trl_path.run_child(case, len(run["losses"]["harness"]))
+    out = run_child(case, cfg, "trl", len(run["losses"]["harness"]))  # trl_path.child_main's
     checks = trl_path.checks(out, harness_logps, counted, run["losses"]["harness"],
                              case.reduction, tol)
     agree.require(case.name, checks)
@@ -143,10 +94,10 @@ def add_trl(result: dict, case: Case, run: dict, harness_logps, counted, tol, ra
 
 
 def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol) -> dict:
-    """Every batch through every path (the order reverses each step); a step's time is its
-    forward, backward and optimizer update, without the gradient norm read after step 1.
-    Appends each path's gradient-norm and loss checks against the first (naive) path to
-    `checks`, raising as soon as one fails."""
+    """Every batch through every path (the order reverses each step); a step's time is all of
+    one optimizer step: forward, backward, the gradient norm (a run clips with it), the update.
+    Appends each path's gradient-norm (step 1) and loss checks against the first (naive) path
+    to `checks`, raising as soon as one fails."""
     losses: dict[str, list[float]] = {p.name: [] for p in paths}
     times: dict[str, list[float]] = {p.name: [] for p in paths}
     run: dict[str, list[int]] = {p.name: [] for p in paths}
@@ -156,13 +107,11 @@ def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol
     for i, (idx, batch) in enumerate(bats):
         for p in paths if i % 2 == 0 else paths[::-1]:
             t0 = time.perf_counter()
-            losses[p.name].append(p.backward(idx, batch))
+            loss, norm = p.step(idx, batch)
             dt = time.perf_counter() - t0
+            losses[p.name].append(loss)
             if i == 0:
-                norms[p.name] = p.grad_norm()
-            t0 = time.perf_counter()
-            p.update()
-            dt += time.perf_counter() - t0
+                norms[p.name] = norm
             if i >= warmup:
                 times[p.name].append(dt)
                 run[p.name].append(p.tokens_run(batch))
@@ -177,8 +126,8 @@ def run_steps(name: str, paths: list, bats: list, warmup: int, checks: list, tol
     return {"losses": losses, "times": times, "tokens": tokens, "tokens_run": run}
 
 
-def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: int, rate: float,
-                memory: bool) -> dict:
+def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: int,
+                rate: float) -> dict:
     losses, times, tokens = run["losses"], run["times"], run["tokens"]
     result = {"case": asdict(case), "n_params": n_params, "steps": len(tokens),
               "warmup": len(losses["naive"]) - len(tokens),
@@ -200,15 +149,10 @@ def report_case(case: Case, run: dict, checks: list, cache_s: float, n_params: i
             "mfu": run_tps * fpt / rate, "tokens_run_per_step": statistics.mean(run["tokens_run"][name]),
             "roofline_tokens_per_s": rate / fpt,
         }
-    if memory:
-        for name in ("naive", "harness"):
-            result["paths"][name]["peak_rss_gb"] = peak_rss_child(case, name, 2) / 1e9
     h, n = result["paths"]["harness"], result["paths"]["naive"]
     result["speedup"] = h["tokens_per_s"] / n["tokens_per_s"]
     result["share_prompt_speedup"] = h["tokens_per_s"] / result["paths"]["rows"]["tokens_per_s"]
     result["roofline_fraction"] = h["mfu"]
-    if memory:
-        result["rss_ratio"] = h["peak_rss_gb"] / n["peak_rss_gb"]
     return result
 
 
@@ -266,6 +210,6 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
-            "capability": hmodels.capability(torch.device("cpu"))}
+            "capability": hdevice.capability(torch.device("cpu"))}
 
 

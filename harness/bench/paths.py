@@ -1,6 +1,8 @@
 """The paths the benchmark compares on the same batches: the seed notebook's naive DPO step, and
-the harness's (harness.step) with each pair's prompt run once (`harness`, the default) or with
-chosen and rejected as two rows (`rows`, `train.share_prompt: false`)."""
+the harness's with each pair's prompt run once (`harness`, the default) or with chosen and
+rejected as two rows (`rows`, `train.share_prompt: false`). The harness's step is the run's own
+`harness.step.optimizer_step`: forward, backward, gradient norm and clipping, AdamW and the
+learning-rate schedule, exactly what `harness train` times per step."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from harness import device as hdevice
 from harness import models as hmodels
 from harness import optim, packing
-from harness.step import StepSettings, concatenated_logps, dpo_batch
+from harness.distributed import World
+from harness.step import Stepper, StepSettings, concatenated_logps, optimizer_step
 
 # ----------------------------------------------------------------------------- the two paths
 
@@ -29,33 +33,18 @@ def naive_logps(model, ids, attn, loss_mask, reduction: str) -> torch.Tensor:
 
 
 class _Path:
-    """What both paths share: a step is `backward` then `update` (timed), and between them the
-    gradient norm can be read (not timed). `logps` scores a batch without stepping."""
+    """What both paths share: `step` is one timed optimizer step and returns (its loss, the
+    gradient norm before the update); `logps` scores a batch without stepping."""
 
     name = ""
     policy: torch.nn.Module
-    opt: torch.optim.Optimizer
 
-    def backward(self, idx, batch) -> float:
+    def step(self, idx, batch) -> tuple[float, float]:
         raise NotImplementedError
-
-    def update(self) -> None:
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def step(self, idx, batch) -> float:
-        loss = self.backward(idx, batch)
-        self.update()
-        return loss
 
     def tokens_run(self, batch) -> int:
         """Token positions this path's forward runs per model (not padding): both rows' prompts."""
         return int(batch["attention_mask"].sum())
-
-    def grad_norm(self) -> float:
-        """The policy's gradient norm (all parameters, as `harness train` logs it)."""
-        norms = [p.grad.detach().float().norm() for p in self.policy.parameters() if p.grad is not None]
-        return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 class NaivePath(_Path):
@@ -85,17 +74,24 @@ class NaivePath(_Path):
         with hmodels.eval_mode(self.policy):
             return torch.cat(self.pair_logps(self.policy, batch))
 
-    def backward(self, idx, batch) -> float:
+    def step(self, idx, batch) -> tuple[float, float]:
+        """The notebook's step: four forwards, the mean loss's backward, AdamW; the gradient norm
+        (all parameters, as `harness train` logs it) read before the update."""
         pc, pr = self.pair_logps(self.policy, batch)
         with torch.no_grad():
             rc, rr = self.pair_logps(self.reference, batch)
         loss = -F.logsigmoid(self.cfg.dpo.beta * ((pc - pr) - (rc - rr))).mean()
         loss.backward()
-        return float(loss.detach())
+        norm = torch.stack([p.grad.detach().float().norm() for p in self.policy.parameters()
+                            if p.grad is not None]).norm()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach()), float(norm)
 
 
 class HarnessPath(_Path):
-    """harness.step.dpo_batch, with the reference live or cached, as `harness train` runs it."""
+    """harness.step.optimizer_step, with the reference live or cached, as `harness train` runs it
+    (one micro-batch per step; the case's clipping, schedule and fused AdamW)."""
 
     name = "harness"
     device = torch.device("cpu")
@@ -114,21 +110,25 @@ class HarnessPath(_Path):
             self.cache = torch.zeros(n, 2)
             with torch.no_grad(), hmodels.eval_mode(self.policy):
                 for idx, batch in bats:
-                    c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+                    c, r = concatenated_logps(self.policy, batch, self.settings.dpo.reduction,
                                               self.settings.share_prompt)
                     self.cache[idx, 0], self.cache[idx, 1] = c.float(), r.float()
             self.cache_s = time.perf_counter() - t0
         if cfg.train.gradient_checkpointing:
             hmodels.enable_checkpointing(self.policy)
         t = cfg.train
-        self.opt = optim.adamw(self.policy, self.device, t.lr, t.weight_decay, t.adam_betas)
+        opt = optim.adamw(self.policy, self.device, t.lr, t.weight_decay, t.adam_betas)
+        schedule = optim.scheduler(opt, t.schedule, t.warmup_steps, max(len(bats), 1))
+        self.stepper = Stepper(self.policy, self.policy, self.reference, self.cache, self.settings,
+                               opt, schedule, t.max_grad_norm, self.device, World())
+        self.steps = 0
 
     @torch.no_grad()
     def logps(self, batch) -> torch.Tensor:
         """The policy's log-probs of a batch's rows [2B] (chosen, then rejected), no step: the
         call dpo_batch makes, with the same settings and precision."""
-        with hmodels.eval_mode(self.policy), hmodels.autocast(self.device, self.settings.precision):
-            c, r = concatenated_logps(self.policy, batch, self.settings.reduction,
+        with hmodels.eval_mode(self.policy), hdevice.autocast(self.device, self.settings.precision):
+            c, r = concatenated_logps(self.policy, batch, self.settings.dpo.reduction,
                                       self.settings.share_prompt)
         return torch.cat([c, r]).float()
 
@@ -139,12 +139,10 @@ class HarnessPath(_Path):
             n -= int(batch["prompt_lens"][: batch["input_ids"].shape[0] // 2].sum())
         return n
 
-    def backward(self, idx, batch) -> float:
-        losses, _ = dpo_batch(self.policy, self.reference, self.cache, idx, batch, self.settings,
-                              self.device)
-        loss = losses.mean()
-        loss.backward()
-        return float(loss.detach())
+    def step(self, idx, batch) -> tuple[float, float]:
+        self.steps += 1
+        out = optimizer_step(self.stepper, [(idx, batch, len(idx))], self.steps)
+        return out.sums["loss"] / out.pairs, out.grad_norm
 
 
 PATHS = ("naive", "rows", "harness")

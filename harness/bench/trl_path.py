@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict
 
 import torch
 
 from harness.bench import agree
 from harness.bench.cases import Case, build, load_items
+from harness.bench.memory import peak_rss, reset_peak_rss
+from harness.config import RunConfig
 
 TRL_MISSING = "trl is not installed: pip install -e '.[trl]' (in .venv: .venv/bin/pip install -e '.[trl]')"
 
@@ -115,11 +113,10 @@ def batch_differences(trl_batch: dict, batch: dict) -> int:
     return int((differ | (trl_counted != counted)).sum())
 
 
-def child_main(case: Case, steps: int) -> dict:
-    """Runs in the child: TRL's first batch and log-probs, then `steps` timed steps."""
-    from harness.bench.measure import peak_rss, reset_peak_rss
-
-    cfg, tokenizer, items = load_items(case, 8 * steps)
+def child_main(case: Case, cfg: RunConfig, steps: int) -> dict:
+    """Runs in the child (memory.run_child's, path `trl`): TRL's first batch and log-probs, then
+    `steps` timed steps."""
+    cfg, tokenizer, items = load_items(case, 8 * steps, cfg)
     model, bats, _, _ = build(case, cfg, tokenizer, items)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -141,15 +138,6 @@ def child_main(case: Case, steps: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the parent
-
-
-def run_child(case: Case, steps: int) -> dict:
-    """TRL's path in a fresh process: its results as child_main returns them."""
-    cmd = [sys.executable, "-m", "harness.bench", "--child", json.dumps(asdict(case)), "trl", str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench child for {case.name}/trl failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def checks(out: dict, harness_logps: torch.Tensor, counted: torch.Tensor, harness_losses: list[float],

@@ -9,16 +9,17 @@ Shape of a study (all of it in one Optuna storage, SQLite under the results dire
   trials of a second study, `<study>/<cell>/seeds`, so cells are compared at their own best
   hyperparameters with a spread over seeds.
 
-Every trial is one `harness.train.train` run in `results/<study>/runs/<cell>/<trial>`. A trial cut
-off by Ctrl-C is re-queued at once, a killed worker's trial is found stale by Optuna's heartbeat
-and re-queued, and running the same command again continues the study.
+Every trial is one `harness.train.train` run in `results/<study>/runs/<cell>/<trial-NNN or seedK>`
+(harness.rundir owns the layout). A trial cut off by Ctrl-C is re-queued at once, a killed
+worker's trial is found stale by Optuna's heartbeat and re-queued, and running the same command
+again continues the study.
 
 Rooms: storage.py (which Optuna storage), study.py (Optuna glue: sampler, pruner, parameters,
-objective), schedule.py (what runs next), faults.py (dead workers, failing cells, diverged runs,
-read-back of finished runs), summary.py (the results table, phase totals), supervise.py (worker
-processes and their devices, signals, exit status), view.py (what a running sweep shows),
-status.py (`harness status`: a study's state from its storage alone). The `sweep:` schema is
-harness.config.sweep.
+objective), schedule.py (what runs next), trial.py (one trial: its slot, its run, how it ends:
+pruned, diverged, read back), faults.py (dead workers, failing cells), summary.py (the results
+table, phase totals), supervise.py (worker processes and their devices, signals, exit status),
+view.py (what a running sweep shows), status.py (`harness status`: a study's state from its
+storage alone). The `sweep:` schema is harness.config.sweep.
 """
 
 import warnings

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness import rundir
 from harness.chaos import crash_point
 from harness.config import Cell, Experiment
 from harness.sweep import faults
@@ -32,6 +33,7 @@ from harness.sweep.study import (
     slot_seed,
     suggest,
 )
+from harness.sweep.trial import claim, free_slot, run_trial, seed_offset, settle_slot, waiting_slot
 
 
 class _QuietSurplus(logging.Filter):
@@ -71,7 +73,7 @@ class Sweep:
         self.storage_url = storage_url
         self.storage = open_storage(storage_url)
         self.results_dir = Path(results_dir)
-        self.study_dir = self.results_dir / exp.study
+        self.study_dir = rundir.study_dir(self.results_dir, exp.study)
         # Every run of the study computes in one precision (None: the grid varies it).
         self.precision = pin_precision(exp, self.storage, (lambda m: None) if quiet else None)
         start = first_cell(exp.cells, worker, workers)
@@ -81,8 +83,7 @@ class Sweep:
         return make_study(self.exp, self.storage, f"{self.exp.study}/{cell.id}", seed)
 
     def run_dir(self, cell: Cell, role: str, slot: int) -> Path:
-        name = f"trial-{slot:03d}" if role == "search" else f"seed{slot}"
-        return self.study_dir / "runs" / cell.id / name
+        return rundir.trial_dir(self.study_dir, cell.id, role, slot)
 
     # -- one trial ------------------------------------------------------------------------
     def _objective(self, cell: Cell, role: str, slot: int):
@@ -91,19 +92,19 @@ class Sweep:
         exp = self.exp
 
         def objective(trial: optuna.Trial) -> float:
-            faults.claim(trial)
+            claim(trial)
             # Retries and seed reruns are enqueued trials that carry their slot and parameters.
-            s = faults.settle_slot(trial, slot, exp.spec.trials) if role == "search" \
-                else faults.seed_offset(trial)
+            s = settle_slot(trial, slot, exp.spec.trials) if role == "search" \
+                else seed_offset(trial)
             params = {k: suggest(trial, k, p) for k, p in exp.space(cell).items()}
             run_dir = self.run_dir(cell, role, s)
             trial.set_user_attr("run_dir", str(run_dir))
             trial.set_user_attr("cell", cell.id)
-            seed_offset = s if role == "seeds" else 0
+            offset = s if role == "seeds" else 0
             tags = [f"{a.split('.')[-1]}={v}" for a, v in cell.values] + [role]
             tags += [f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                      for k, v in params.items()]
-            cfg = exp.run_config(cell, params, seed_offset, f"{cell.id}/{run_dir.name}", tags)
+            cfg = exp.run_config(cell, params, offset, f"{cell.id}/{run_dir.name}", tags)
             if self.precision is not None:
                 cfg.train.precision = self.precision
             # results_dir/runs/<name> is run_dir; wandb keeps the study's runs in results_dir/wandb.
@@ -119,11 +120,11 @@ class Sweep:
                     return
                 trial.report(value, step)
                 if trial.should_prune():
-                    from harness.train import RunPruned
+                    from harness.errors import RunPruned
 
                     raise RunPruned(f"pruned at step {step}")
 
-            summary = faults.run_trial(trial, cfg, run_dir, on_eval, labels, role)
+            summary = run_trial(trial, cfg, run_dir, on_eval, labels, role)
             trial.set_user_attr("precision", summary.get("precision"))
             if summary.get("degenerate"):
                 trial.set_user_attr("degenerate", True)
@@ -166,8 +167,8 @@ class Sweep:
             search = self.search_study(cell)
             if faults.cell_failure(search, spec.max_failures):
                 continue
-            slot = faults.waiting_slot(search)  # a retry runs (in its own slot) before new trials
-            slot = faults.free_slot(search, spec.trials) if slot is None else slot
+            slot = waiting_slot(search)  # a retry runs (in its own slot) before new trials
+            slot = free_slot(search, spec.trials) if slot is None else slot
             if slot is not None:
                 study = self.search_study(cell, slot_seed(spec.sampler_seed, cell.id, slot, self.tag))
                 return study, cell, "search", slot

@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+from harness import rundir
+
 STORAGE_ENV = "DPO_HARNESS_STORAGE"  # the storage URL when --storage is not given
 HOST_ENV = "DPO_HARNESS_HOST"  # the name this machine goes by in a shared study
 HEARTBEAT_S = 10  # a trial's heartbeat; one silent for GRACE_S is failed and re-queued
@@ -30,7 +32,7 @@ def resolve(storage: str | None, results_dir: Path, study: str) -> str:
 
 
 def default_storage(results_dir: Path, study: str) -> str:
-    db = Path(results_dir) / study / "optuna.db"
+    db = rundir.study_dir(results_dir, study) / rundir.OPTUNA_DB
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db.resolve()}"
 

@@ -97,21 +97,21 @@ def pin_precision(exp: Experiment, storage, say=None) -> str | None:
     import optuna
     import torch
 
-    from harness import models as hmodels
+    from harness import device as hdevice
 
     if any(a == PRECISION_AXIS for c in exp.cells for a, _ in c.values) or \
             any(PRECISION_AXIS in exp.space(c) for c in exp.cells):
         return None
     setting = exp.base.train.precision
     try:
-        device = hmodels.pick_device(exp.base.train.device)
+        device = hdevice.pick_device(exp.base.train.device)
     except (ValueError, RuntimeError):  # no run can start here: the precheck says why, per cell
         return None
-    here = hmodels.resolve_precision(device, setting)
+    here = hdevice.resolve_precision(device, setting)
     record = optuna.create_study(study_name=exp.study, storage=storage, load_if_exists=True)
     recorded = record.user_attrs.get("precision")
     if recorded is None:
-        cap = hmodels.precision_record(device, setting)
+        cap = hdevice.precision_record(device, setting)
         record.set_user_attr("precision", here)
         record.set_user_attr("precision_capability", {k: v for k, v in cap.items() if k != "precision"})
         return here
@@ -125,10 +125,10 @@ def pin_precision(exp: Experiment, storage, say=None) -> str | None:
                                (device.type == "cuda" and not torch.cuda.is_bf16_supported())):
         raise PrecisionMismatch(f"{where}, which {device} cannot compute in; continue it on a "
                                 "machine that can, or name another study")
-    forced = hmodels.precision_override()
-    why = f"${hmodels.PRECISION_ENV}={forced}" if forced else f"train.precision auto on {device}"
+    forced = hdevice.precision_override()
+    why = f"${hdevice.PRECISION_ENV}={forced}" if forced else f"train.precision auto on {device}"
     (say or (lambda m: print(m, file=sys.stderr)))(
         f"{where}: its runs keep {recorded} here, where {why} would pick {here}"
         + (" (bf16 is emulated on this CPU: slower)" if recorded == "bf16" and device.type == "cpu"
-           and not hmodels.capability(device)["bf16_native"] else ""))
+           and not hdevice.capability(device)["bf16_native"] else ""))
     return recorded

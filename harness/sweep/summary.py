@@ -9,14 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from harness import cache, stats
+from harness import atomic, rundir, stats
 from harness.config import TrackingConfig
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
 from harness.sweep.status import find_study
 from harness.tracking import JOB_TYPES, Tracker, Wandb
-
-SUMMARY_CSV = "summary.csv"
 
 
 def _row(sweep: Sweep, cell) -> dict[str, Any]:
@@ -96,12 +94,11 @@ def phase_totals(sweep: Sweep) -> dict[str, float]:
     import json
 
     from harness import phases
-    from harness.tracking import SUMMARY
 
     totals = dict.fromkeys(phases.NAMES, 0.0)
-    for path in sorted((sweep.study_dir / "runs").glob(f"*/*/{SUMMARY}")):
+    for run_dir in rundir.study_run_dirs(sweep.study_dir):
         try:
-            summary = json.loads(path.read_text())
+            summary = json.loads((run_dir / rundir.SUMMARY).read_text())
         except (OSError, ValueError):
             continue
         for name in phases.NAMES:
@@ -126,7 +123,7 @@ def write_summary(sweep: Sweep) -> tuple[Path, list[dict[str, Any]]]:
 
     rows = summary_rows(sweep)
     df = pd.DataFrame(rows)
-    path = cache.atomic_file(sweep.study_dir / SUMMARY_CSV, lambda tmp: df.to_csv(tmp, index=False))
+    path = atomic.atomic_file(sweep.study_dir / rundir.SUMMARY_CSV, lambda tmp: df.to_csv(tmp, index=False))
     exp = sweep.exp
     tracking = TrackingConfig.model_validate({**exp.base.tracking.model_dump(), "group": exp.study})
     tracker = Tracker([Wandb(path.parent, f"{exp.study}-summary", {"study": exp.study}, tracking,

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from harness.config import load_experiment
+from harness.quiet import quiet_libraries
 from harness.sweep import faults
 from harness.sweep.schedule import Sweep
 from harness.sweep.storage import host, masked, resolve
@@ -85,6 +86,7 @@ def _worker(path: str, study: str | None, storage_url: str, results_dir: str, th
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
+    quiet_libraries(force=True)  # before transformers is imported: the view is what is watched
     import torch
 
     torch.set_num_threads(threads)
@@ -166,6 +168,7 @@ def _work(path: str | Path, study: str | None, storage_url: str, results: Path, 
     names = {} if view is None else view.names
     if plan == [None] and log is None:
         names[faults.me()] = "w0"
+        quiet_libraries(force=True)  # this process is the worker
         sweep.work()
         return None
     try:

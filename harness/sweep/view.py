@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import rundir
 from harness.config import Experiment
 from harness.sweep import faults
 from harness.sweep.status import find_study
@@ -78,11 +79,13 @@ class Snapshot:
 
 
 def _run_name(t, role: str) -> str:
+    """The trial's run folder name (harness.rundir.run_name); `?` for a slot not known yet."""
     if "run_dir" in t.user_attrs:
         return Path(t.user_attrs["run_dir"]).name
-    if role == "seeds":
-        return f"seed{t.user_attrs.get('seed_offset', '?')}"
-    return f"trial-{int(t.user_attrs['slot']):03d}" if "slot" in t.user_attrs else "trial-?"
+    slot = t.user_attrs.get("seed_offset" if role == "seeds" else "slot")
+    if slot is None:  # not settled yet
+        return "seed?" if role == "seeds" else "trial-?"
+    return rundir.run_name(role, int(slot))
 
 
 def _result(t) -> str | None:

@@ -1,0 +1,98 @@
+"""Peak memory of a path: the resident set a training step needs, each path in a process of its own.
+
+A process's peak cannot be split between paths that run interleaved in it, so the peak of each
+path is measured in a fresh child (`python -m harness.bench --child`) that runs its steps alone.
+This module owns both ends of that: `run_child` in the parent hands the child its job on stdin
+(the case and the parent's resolved run config, so that the child prepares exactly the parent's
+data without reading the experiment YAML again), `read_job` reads it in the child, and
+`child_main` runs the naive or harness path there. TRL's child (trl_path.child_main) reads the
+same job and measures itself with `peak_rss` and `reset_peak_rss`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import resource
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from harness.bench.cases import Case, load
+from harness.bench.paths import make_path
+from harness.config import RunConfig, build_config
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (bytes). VmHWM, which starts afresh at exec; ru_maxrss
+    (the fallback off Linux) would also count the parent's peak at fork time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading and converting the
+    model, which both paths share, does not hide what a training step needs."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- the parent
+
+
+def run_child(case: Case, cfg: RunConfig, path: str, steps: int) -> dict:
+    """`steps` steps of `path` (naive, harness or trl) in a fresh process: the JSON object it
+    prints last (child_main's, or trl_path.child_main's)."""
+    job = {"case": asdict(case), "config": cfg.to_dict(), "path": path, "steps": steps}
+    out = subprocess.run([sys.executable, "-m", "harness.bench", "--child"], input=json.dumps(job),
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench child for {case.name}/{path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_child(case: Case, cfg: RunConfig, path: str, steps: int) -> float:
+    """Peak RSS (bytes) of a fresh process that loads the case and runs `steps` steps of one path."""
+    return float(run_child(case, cfg, path, steps)["peak_rss"])
+
+
+def add_peak_rss(result: dict, case: Case, cfg: RunConfig) -> None:
+    """The naive and harness paths' peak RSS (2 steps each, in children) into a case's result,
+    and their ratio harness / naive."""
+    paths = result["paths"]
+    for name in ("naive", "harness"):
+        paths[name]["peak_rss_gb"] = peak_rss_child(case, cfg, name, 2) / 1e9
+    result["rss_ratio"] = paths["harness"]["peak_rss_gb"] / paths["naive"]["peak_rss_gb"]
+
+
+# ----------------------------------------------------------------------------- the child
+
+
+def read_job(text: str) -> tuple[Case, RunConfig, str, int]:
+    """(case, run config, path, steps) from the job run_child wrote."""
+    job = json.loads(text)
+    cfg = build_config(job["config"], where="bench job")
+    return Case(**job["case"]), cfg, job["path"], job["steps"]
+
+
+def child_main(case: Case, cfg: RunConfig, path: str, steps: int) -> dict:
+    """Runs in the child: `steps` steps of the naive or harness path; its peak RSS after loading
+    and after the steps."""
+    model, bats, cfg, _ = load(case, 8 * steps, cfg)
+    runner = make_path(path, model, cfg, bats)
+    del model  # each path holds its own copies, as in a real run
+    gc.collect()
+    load_peak = peak_rss()
+    reset = reset_peak_rss()  # from here the high-water mark is the training's own
+    for idx, batch in bats[:steps]:
+        runner.step(idx, batch)
+    return {"peak_rss": peak_rss(), "load_peak_rss": load_peak, "reset": reset}
