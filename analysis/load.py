@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.rundir import CONFIG, FINISHED, LABELS, METRICS, SUMMARY, SUMMARY_CSV
+from harness.rundir import CONFIG, FINISHED, LABELS, METRICS, SUMMARY, SUMMARY_CSV, split_search
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -81,6 +81,8 @@ def _info(config: dict[str, Any], run: str) -> tuple[dict[str, Any], bool]:
     info = flatten({k: v for k, v in config.items() if k not in ("sweep", "labels")})
     info["run"] = run
     info.update({k: labels.get(k) if isinstance(labels, dict) else None for k in LABELS})
+    # a cell's independent searches are one cell, each search a replicate of the procedure
+    info["cell"], info["search"] = split_search(info.get("cell"))
     return info, isinstance(labels, dict)
 
 
@@ -166,8 +168,42 @@ def load_study_summaries(results: str | Path) -> pd.DataFrame:
             continue
         df = pd.read_csv(path)
         df.insert(0, "study", path.parent.name)
-        frames.append(df)
+        frames.append(fold_searches(df) if "search" in df else df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+_SUMMED = ["trials", "pruned", "diverged", "failed", "seeds_done", "seeds_diverged",
+           "seeds_degenerate", "other_precision", "estimate_n"]
+
+
+def _joined(values: pd.Series) -> str:
+    return "; ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in values
+                     if v == v and v != "")
+
+
+def fold_searches(df: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv rows of a cell's independent searches (`<cell>,search=<r>`) folded into one row
+    per cell: counts summed, status `done` only when every search is, each search's best
+    parameters, search value and edge flags listed (`; `), run_dirs joined; `searches` counts
+    them."""
+    df = df.copy()
+    df["cell"] = [split_search(c)[0] for c in df["cell"]]
+    rows = []
+    for _, group in df.groupby(["study", "cell"], sort=False):
+        row = group.iloc[0].to_dict()
+        row["searches"] = len(group)
+        for c in _SUMMED:
+            if c in group:
+                row[c] = group[c].fillna(0).sum()
+        statuses = sorted(set(group["status"].astype(str)))
+        row["status"] = statuses[0] if len(statuses) == 1 else ", ".join(statuses)
+        for c in [c for c in group if c.startswith("param/")] + ["search_value", "at_edge", "best_trial", "error"]:
+            if c in group:
+                row[c] = _joined(group[c])
+        if "run_dirs" in group:
+            row["run_dirs"] = ";".join(str(d) for d in group["run_dirs"] if d == d and d)
+        rows.append(row)
+    return pd.DataFrame(rows).drop(columns=["search"])
 
 
 def _wandb_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -4,13 +4,15 @@ whether the final policy is degenerate, and the greedy samples written at the en
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 
-from harness import metrics, phases
+from harness import frontier, metrics, phases
 from harness.generate import gen_eval, reference_samples
+from harness.rundir import METRICS
 from harness.step import evaluate, pref_accuracy
 
 if TYPE_CHECKING:  # the run builds its Evaluator: a type only, no import cycle
@@ -29,6 +31,9 @@ class Evaluator:
         self.run, self.on_eval = run, on_eval
         self.ref_samples = None  # the reference's samples: drawn once per reference, shared on disk
         self.rows: list = []  # the last pass's generation table
+        # The (gen/kl, gen/reward) path of the passes so far; a resumed run starts from the rows its
+        # metrics file kept (those before its checkpoint).
+        self.path = frontier.path_of(_rows(run.run_dir / METRICS)) if run.world.main else []
 
     def __call__(self, step: int, seen: int) -> dict[str, float]:
         """The pass on rank 0 while any other ranks wait (they return {})."""
@@ -60,7 +65,10 @@ class Evaluator:
         out, self.rows, _ = gen_eval(m.policy, m.reference, prep.tokenizer, prep.eval_prompts,
                                      prep.reward_fn, g.max_new_tokens, g.seed, run.device,
                                      self.ref_samples, prep.parse_fn)
-        return out
+        if not self.path and out.get("gen/ref_reward") is not None:
+            self.path.append((0.0, out["gen/ref_reward"]))  # the policy starts as the reference
+        self.path += frontier.path_of([out])
+        return {**out, **frontier.scores(self.path)}
 
     def _evaluate(self, step: int, seen: int) -> dict[str, float]:
         run = self.run
@@ -105,3 +113,11 @@ def write_samples(run: Run, reference: torch.nn.Module) -> None:
     rows = side_by_side(run.models.policy, reference, prep.tokenizer, prompts, t.sample_max_new_tokens,
                         run.device, special_tokens=prep.special_tokens)
     run.tracker.table("samples", ["split", "prompt", "reference", "policy"], rows)
+
+
+def _rows(path) -> list[dict]:
+    """The rows of a metrics file ([] when there is none yet)."""
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []

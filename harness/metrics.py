@@ -72,9 +72,14 @@ _OTHERS = [
            direction="max"),
     Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task",
            direction="max"),
+    # harness.frontier: the best reward on the run's (gen/kl, gen/reward) path so far at KL <= k
+    Metric("gen/reward_at_kl", "reward at matched KL (mean of the frontier at 1, 2, 4 nats)",
+           "reward", direction="max"),
+    *[Metric(f"gen/reward_at_kl_{k}", f"reward at KL ≤ {k} nats (frontier of the run's path)",
+             "reward", direction="max") for k in (1, 2, 4)],
 ]
 _HEADLINE = {"train/loss", "eval/loss", "eval/rewards/margins", "eval/rewards/accuracies",
-             "test/loss", "gen/reward", "gen/kl"}
+             "test/loss", "gen/reward", "gen/kl", "gen/reward_at_kl"}
 
 
 def _registry() -> dict[str, Metric]:

@@ -104,6 +104,20 @@ def run_labels(cfg: Any, sweep: dict[str, Any] | None = None) -> dict[str, Any]:
             "storage": sweep.get("storage")}
 
 
+def split_search(cell: str | None) -> tuple[str | None, int | None]:
+    """A cell label's grid cell and which of its independent searches (sweep.searches) it is:
+    "beta=0.1,masking=masked-sum,search=2" -> ("beta=0.1,masking=masked-sum", 2); a cell of a
+    study with one search per cell -> (cell, None)."""
+    if cell is None or cell != cell:  # None or NaN
+        return None, None
+    head, _, last = str(cell).rpartition(",")
+    if last.startswith("search=") and last[7:].isdigit():
+        return head, int(last[7:])
+    if not head and last.startswith("search=") and last[7:].isdigit():
+        return "all", int(last[7:])
+    return str(cell), None
+
+
 # ----------------------------------------------------------------------------- start or resume
 
 

@@ -110,10 +110,13 @@ def _looks_like_relative_path(value: str) -> bool:
 @dataclass(frozen=True)
 class Cell:
     values: tuple[tuple[str, Any], ...]  # (axis, value) in grid order
+    search: int | None = None  # which of sweep.searches independent searches (None: the only one)
 
     @property
     def id(self) -> str:
         parts = [f"{axis.split('.')[-1]}={value}" for axis, value in self.values]
+        if self.search is not None:
+            parts.append(f"search={self.search}")
         return ",".join(parts).replace("/", "-") or "all"
 
     def overrides(self) -> dict[str, Any]:
@@ -121,6 +124,9 @@ class Cell:
         for axis, value in self.values:
             out.update(MASKINGS[value] if axis == "masking" else {axis: value})
         return out
+
+
+SEARCH_SEEDS = 1000  # train.seed offset between a cell's independent searches
 
 
 @dataclass
@@ -148,7 +154,8 @@ class Experiment:
         raw = apply_overrides(self.raw, {**cell.overrides(), **params})
         cfg = build_config(raw, where=str(self.path))
         cfg.name = run_name
-        cfg.train.seed += seed_offset
+        # each independent search trains on seeds of its own (SEARCH_SEEDS apart)
+        cfg.train.seed += seed_offset + SEARCH_SEEDS * (cell.search or 0)
         cfg.tracking.group = self.study
         cfg.tracking.tags = [*cfg.tracking.tags, *tags]
         cfg.tracking.progress = False
@@ -219,6 +226,8 @@ def _cells(path: Path, spec) -> list[Cell]:
                         "appear once")
                 seen[key] = (cell, k)
             cells.append(cell)
+    if spec.searches > 1:
+        return [Cell(c.values, r) for c in cells for r in range(spec.searches)]
     return cells
 
 

@@ -79,6 +79,10 @@ class SweepSpec(Strict):
     # e.g. a learning-rate range per masking (mean-reduced log-probs need larger steps).
     search_by: dict[str, dict[str, dict[str, ParamSpec]]] = Field(default_factory=dict)
     trials: int = 1  # Optuna trials per cell (the first seed)
+    # Independent searches per cell, each with its own sampler and training seeds (cells
+    # `<cell>,search=<r>`). With 2 or more, a cell's estimate counts one fresh-seed rerun of each
+    # search's pick (seeds: 2): its interval covers the search and the seeds together.
+    searches: int = 1
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     sampler: Literal["tpe", "random"] = "tpe"
@@ -94,12 +98,21 @@ class SweepSpec(Strict):
         # rather than listing how it fails both forms of the union.
         return _GRIDS.validate_python(v) if isinstance(v, list) else _GRID.validate_python(v)
 
+    @model_validator(mode="after")
+    def _one_rerun_per_search(self) -> SweepSpec:
+        """With several searches per cell, each contributes exactly one fresh-seed rerun: the
+        estimate's unit is the search, and reruns of one search's pick are not independent."""
+        if self.searches > 1 and self.seeds != 2:
+            raise ValueError(f"searches: {self.searches} needs seeds: 2 (one fresh-seed rerun of "
+                             f"each search's pick), got seeds: {self.seeds}")
+        return self
+
     @property
     def grids(self) -> list[Grid]:
         """The grids, a single one included: [grid] or the list."""
         return self.grid if isinstance(self.grid, list) else [self.grid]
 
-    @field_validator("seeds", "trials", "max_failures")
+    @field_validator("seeds", "trials", "max_failures", "searches")
     @classmethod
     def _positive(cls, v: int) -> int:
         if v < 1:

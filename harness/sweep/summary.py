@@ -24,6 +24,8 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
     diverged = [t for t in trials if t.user_attrs.get("outcome") == "diverged"]
     row: dict[str, Any] = {"cell": cell.id, **dict(cell.values), "status": "done", "error": "",
                            "precision": sweep.precision}
+    if cell.search is not None:  # one of the cell's independent searches (sweep.searches)
+        row["search"] = cell.search
     row.update({
         "trials": sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials),
         "pruned": sum(t.state.name == "PRUNED" for t in trials) - len(diverged),
