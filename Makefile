@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 EXPERIMENT ?= experiments/default.yaml
 ARGS ?=
 
-.PHONY: install models test lint sweep paper train smoke figures bench chaos clean
+.PHONY: install models test lint sweep replicate paper train smoke figures bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ smoke: $(STAMP)
 WORKERS ?= 2
 sweep: $(STAMP)
 	$(BIN)/harness sweep $(EXPERIMENT) --workers $(WORKERS) $(ARGS)
+
+# The study run twice, independently (other sampler and training seeds), and replication.md:
+# which cells' intervals overlap and which findings replicate, flip or are inconclusive in one.
+replicate: $(STAMP)
+	$(BIN)/harness replicate $(EXPERIMENT) --workers $(WORKERS) $(ARGS)
 
 # The method comparison of experiments/paper.yaml (DPO at 5 betas, IPO, cDPO, hinge, Preferred-FT),
 # then best-of-N sampling from its SFT reference: results/paper/ and results/paper/baselines/.

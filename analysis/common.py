@@ -103,3 +103,19 @@ def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
         finals["objective"] = [objective_value(spec, row) for row in finals.to_dict("records")]
         finals = finals.dropna(subset=["objective"])
     return finals, metric
+
+
+def scored(results: Path, metric: str) -> tuple[str, str]:
+    """(what the objective is, what a cell's estimate is over), named exactly for titles: e.g.
+    ("gen/reward less 1 per nat of gen/kl over 4 nats", "fresh seed reruns") or ("reward at
+    matched KL (...) (gen/reward_at_kl)", "independent searches (one fresh-seed rerun each)")."""
+    from analysis.style import label
+
+    cells = load_study_summaries(results)
+    what = f"{label(metric)} ({metric})"
+    if "kl_budget" in cells and cells["kl_budget"].notna().any():
+        what = (f"{metric} less {cells['kl_penalty'].dropna().iloc[0]:g} per nat of gen/kl over "
+                f"{cells['kl_budget'].dropna().iloc[0]:g} nats")
+    several = "searches" in cells and cells["searches"].fillna(1).max() > 1
+    over = "independent searches (one fresh-seed rerun each)" if several else "fresh seed reruns"
+    return what, over

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
-from analysis.common import compared_runs, methods_apart
+from analysis.common import compared_runs, methods_apart, scored
 from analysis.style import COLUMN_IN, label, save, setup
 from analysis.table import cell_estimates, results_table
 
@@ -74,7 +74,7 @@ def draw(results: Path, out: Path) -> list[Path]:
                     "" if pd.isna(h) else f"\n±{h:.3f}") + f"\nn={k:.0f}"
         ax.set_facecolor("0.88")  # cells without an estimate
         sns.heatmap(mean, annot=annot, fmt="", cmap="viridis", vmin=vmin, vmax=vmax, ax=ax,
-                    cbar=ax is axes[0][-1], cbar_kws={"label": label(metric)},
+                    cbar=ax is axes[0][-1], cbar_kws={"label": metric},
                     annot_kws={"fontsize": 6})
         # seaborn leaves NaN cells unannotated: say what the grey cells are.
         for i, row in enumerate(mean.index):
@@ -85,7 +85,8 @@ def draw(results: Path, out: Path) -> list[Path]:
         ax.grid(False)
         ax.set(title=f"{model}", xlabel=label("masking"), ylabel=label("dpo.beta"))
         ax.tick_params(axis="x", labelrotation=30 if mean.shape[1] > 3 else 0)
-    fig.suptitle(f"{label(metric)}: mean ± 95% t-interval over fresh seeds (n per cell)", fontsize=9)
+    what, over = scored(results, metric)
+    fig.suptitle(f"{what}\nmean ± 95% t-interval over {over} (n per cell)", fontsize=8)
     return save(fig, out, "heatmap_beta_masking")
 
 

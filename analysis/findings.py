@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import cell_keys, compared_runs
+from analysis.common import cell_keys, compared_runs, scored
 from analysis.load import load_study_summaries
 from analysis.methods import WITHOUT_BETA, closest_n, read_best_of_n
 from analysis.style import label
@@ -201,8 +201,9 @@ def findings(results: Path) -> str:
     cells = load_study_summaries(results)
     direction = str(cells["direction"].iloc[0]) if "direction" in cells else "maximize"
 
-    lines = [f"# Findings: {label(metric)} ({metric})", "",
-             "Each comparison: difference of mean objectives over fresh seed reruns with a 95% Welch "
+    what, over = scored(results, metric)
+    lines = [f"# Findings: {what}", "",
+             f"Each comparison: difference of mean objectives over {over} with a 95% Welch "
              "t-interval; an interval containing 0 is not separated (inconclusive). Written by "
              "`make figures` from the run files.", "", arithmetic(runs), ""]
     by_axis: dict[str, list[str]] = {}

@@ -16,6 +16,7 @@ from analysis.common import cell_keys, compared_runs
 from analysis.load import load_study_summaries
 from harness import stats
 
+BESIDE = ("gen/reward", "gen/kl")  # shown beside the score, each a mean over the same runs
 # Columns copied from the sweep's summary.csv (what the runs' files cannot say).
 FROM_STUDY = {"search_value": "search trial", "seeds_diverged": "diverged reruns", "seeds_degenerate":
               "degenerate reruns", "other_precision": "other-precision reruns",
@@ -23,12 +24,15 @@ FROM_STUDY = {"search_value": "search trial", "seeds_diverged": "diverged reruns
 
 
 def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """n, mean, median, sd and 95% interval of `objective` per group of `keys`."""
+    """n, mean, median, sd and 95% interval of `objective` per group of `keys`; beside the score,
+    the mean final gen/reward and gen/kl of the same runs (where they log them), so that reward
+    and KL are read apart from the score that combines them."""
     rows = []
     for values, group in runs.groupby(keys, sort=True):
         e = stats.estimate(group["objective"].tolist())
         rows.append({**dict(zip(keys, values, strict=True)), "n": e.n, "mean": e.mean,
-                     "ci95 low": e.low, "ci95 high": e.high, "median": e.median, "sd": e.sd})
+                     "ci95 low": e.low, "ci95 high": e.high, "median": e.median, "sd": e.sd,
+                     **{f"final {m}": group[m].mean() for m in BESIDE if m in group}})
     return pd.DataFrame(rows)
 
 

@@ -1,6 +1,7 @@
 """`harness` command line.
 
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
+    harness replicate EXPERIMENT.yaml [--workers N|auto]
     harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices 0,1] [--storage URL] [--study NAME]
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
     harness baselines EXPERIMENT.yaml [--n-max 64] [--force]   (best-of-N from the SFT reference)
@@ -82,6 +83,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         run_sweep(args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
                   results_dir=args.results_dir, devices=devices, view=args.view)
+    except SweepIncomplete as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from harness.sweep import SweepIncomplete
+    from harness.sweep.replicate import run_replicate
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run_replicate(args.experiment, workers=args.workers, results_dir=args.results_dir,
+                      view=args.view)
     except SweepIncomplete as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -195,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "auto: live when stderr is a terminal, else plain")
     _study_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("replicate", help="a study run twice, independently (other sampler and "
+                       "training seeds): replication.md says which of its findings hold")
+    p.add_argument("experiment", help="experiment YAML with a `sweep:` section")
+    p.add_argument("--workers", type=_workers, default=1, help="worker processes, as for sweep")
+    p.add_argument("--view", choices=("auto", "live", "plain", "off"), default="auto",
+                   help="progress while each replica runs, as for sweep")
+    p.add_argument("--results-dir", default=None,
+                   help="where the two studies and <study>-replication/ go (default: the "
+                        "experiment's tracking.results_dir)")
+    p.set_defaults(func=cmd_replicate)
 
     p = sub.add_parser("status", help="where a study stands, from its storage (any machine)")
     p.add_argument("experiment", help="the study's experiment YAML")

@@ -55,7 +55,7 @@ STUDY = {
     "tracking": {"wandb": "disabled", "progress": False},
     "sweep": {"grid": {"dpo.beta": [0.1, 0.5]}, "trials": 2, "seeds": 2,
               "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}},
-              "objective": {"metric": "eval/rewards/margins"}, "pruner": {"type": "none"}},
+              "objective": {"metric": "gen/reward_at_kl"}, "pruner": {"type": "none"}},
 }
 
 

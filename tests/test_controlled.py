@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import metrics
+from harness import frontier, metrics
 from harness.config import load_config
 from harness.generate import continuation_logps, kl_estimate, sample
 from harness.tasks import controlled
@@ -198,6 +198,13 @@ def test_controlled_run_raises_true_reward_and_reuses_caches(tmp_path):
     assert 0 < s["gen/kl"] < 20 and s["gen/kl_se"] > 0
     assert s["eval/pref_accuracy"] > 0.6
     assert (tmp_path / "a" / "gen_samples.json").exists()
+    # The score is the frontier of the run's own (gen/kl, gen/reward) path; pass by pass it is the
+    # frontier of the passes so far, so it never falls.
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    path = frontier.path_of(rows)
+    assert len(path) >= 3 and s["gen/reward_at_kl"] == pytest.approx(frontier.scores(path)[frontier.SCORE])
+    scores = [r[frontier.SCORE] for r in rows if frontier.SCORE in r]
+    assert len(scores) == len(path) and scores == sorted(scores)
 
     s2 = train(
         controlled_config(tmp_path, **{"dpo.beta": 0.5, "train.max_steps": 2}),

@@ -1,0 +1,136 @@
+"""replication.md: two independent runs of one study (harness replicate) side by side.
+
+Per cell: each replica's estimate (n, mean, 95% t-interval over the runs its summary counts) and
+whether the two intervals overlap. Per finding (every comparison analysis.findings makes in
+either replica): whether it **replicates** (separated in both, the same way), **flips**
+(separated in both, opposite ways), is **inconclusive in one** (separated in one replica only)
+or is **not separated in either**.
+
+    python -m analysis.replication RESULTS STUDY_A STUDY_B [OUT.md]
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from analysis.common import cell_keys, compared_runs
+from analysis.findings import arithmetic, comparisons
+from analysis.load import only_study
+from analysis.table import cell_estimates
+
+VERDICTS = ("replicates", "flips", "inconclusive in one", "not separated in either")
+
+
+def _cells(results: Path, study: str) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
+    """(per-cell estimates, the keys that name a cell, the compared runs) of one study."""
+    with only_study(study):
+        runs, _ = compared_runs(results)
+    keys = [k for k in cell_keys(runs) if k != "precision"]
+    return cell_estimates(runs, keys), keys, runs
+
+
+def _interval(row) -> str:
+    if row is None or row["n"] == 0:
+        return "no runs"
+    if row["ci95 low"] is None or pd.isna(row["ci95 low"]):
+        return f"n {row['n']}, {row['mean']:.3g} (no interval)"
+    return f"n {row['n']}, {row['mean']:.3g} [{row['ci95 low']:.3g}, {row['ci95 high']:.3g}]"
+
+
+def overlap(a, b) -> bool | None:
+    """Whether two estimates' intervals overlap; None when either has none."""
+    if a is None or b is None or pd.isna(a["ci95 low"]) or pd.isna(b["ci95 low"]):
+        return None
+    return bool(a["ci95 low"] <= b["ci95 high"] and b["ci95 low"] <= a["ci95 high"])
+
+
+def cell_rows(est_a: pd.DataFrame, est_b: pd.DataFrame, keys: list[str]) -> list[dict]:
+    """One record per cell of either replica: its name, both estimates, whether they overlap."""
+    both = pd.concat([est_a[keys], est_b[keys]]).drop_duplicates().sort_values(keys)
+    out = []
+    for _, cell in both.iterrows():
+        pick = [e[(e[keys] == cell[keys]).all(axis=1)] for e in (est_a, est_b)]
+        a, b = (p.iloc[0] if len(p) else None for p in pick)
+        out.append({"cell": ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in cell[keys]),
+                    "a": _interval(a), "b": _interval(b), "overlap": overlap(a, b)})
+    return out
+
+
+def verdict(a: dict | None, b: dict | None) -> str:
+    """How one comparison fares in the two replicas (each a findings.comparisons record)."""
+    sep = [c is not None and c["interval"] is not None and c["interval"].separated for c in (a, b)]
+    if all(sep):
+        return "replicates" if (a["diff"] > 0) == (b["diff"] > 0) else "flips"
+    return "inconclusive in one" if any(sep) else "not separated in either"
+
+
+def finding_rows(runs_a: pd.DataFrame, runs_b: pd.DataFrame) -> list[dict]:
+    def key(c: dict) -> tuple:
+        return c["axis"], c["where"], c["a"], c["b"]
+
+    ca, cb = ({key(c): c for c in comparisons(r)} for r in (runs_a, runs_b))
+    out = []
+    for k in sorted(set(ca) | set(cb)):
+        a, b = ca.get(k), cb.get(k)
+        out.append({"finding": f"{k[1]}: {k[2]} − {k[3]}" if k[1] else f"{k[2]} − {k[3]}",
+                    "axis": k[0], "a": _diff(a), "b": _diff(b), "verdict": verdict(a, b)})
+    return out
+
+
+def _diff(c: dict | None) -> str:
+    if c is None:
+        return "not compared"
+    d = c["interval"]
+    spread = "no interval" if d is None else f"[{d.low:+.3g}, {d.high:+.3g}]"
+    mark = " separated" if d is not None and d.separated else ""
+    return f"{c['diff']:+.3g} {spread}{mark}"
+
+
+def report(results: Path, studies: list[str], took: dict[str, float] | None = None,
+           command: str = "") -> str:
+    (est_a, keys, runs_a), (est_b, _, runs_b) = (_cells(results, s) for s in studies)
+    cells = cell_rows(est_a, est_b, keys)
+    findings = finding_rows(runs_a, runs_b)
+    counts = {v: sum(f["verdict"] == v for f in findings) for v in VERDICTS}
+    overlapping = sum(c["overlap"] is True for c in cells)
+    apart = [c["cell"] for c in cells if c["overlap"] is False]
+    took = took or {}
+    lines = [f"# Replication: {studies[0]} and {studies[1]}", "",
+             f"{date.today().isoformat()}, `{command}` on {platform.machine()} "
+             f"({platform.processor() or 'cpu'}); " + "; ".join(
+                 f"{s}: {took[s]:.0f} s" for s in studies if s in took), "",
+             f"- {studies[0]}: {arithmetic(runs_a)}", f"- {studies[1]}: {arithmetic(runs_b)}", "",
+             f"**Cells**: intervals overlap in {overlapping} of {len(cells)}"
+             + (f"; apart: {', '.join(apart)}" if apart else "") + ". "
+             f"**Findings** ({len(findings)} comparisons): {counts['replicates']} replicate "
+             f"(separated in both, the same way), {counts['flips']} flip, "
+             f"{counts['inconclusive in one']} separated in one replica only, "
+             f"{counts['not separated in either']} separated in neither.", "",
+             "## Cells", "", f"| cell ({', '.join(keys)}) | {studies[0]} | {studies[1]} | overlap |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {c['cell']} | {c['a']} | {c['b']} | "
+              f"{ {True: 'yes', False: '**no**', None: 'no interval'}[c['overlap']]} |" for c in cells]
+    lines += ["", "## Findings", "", f"| finding | {studies[0]} | {studies[1]} | verdict |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {f['finding']} | {f['a']} | {f['b']} | {f['verdict']} |" for f in findings]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: Path, studies: list[str], out: Path, took: dict[str, float] | None = None,
+                 command: str = "") -> Path:
+    from harness.atomic import atomic_write
+
+    return atomic_write(out, report(Path(results), studies, took, command))
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if len(args) < 3:
+        sys.exit(__doc__)
+    target = Path(args[3]) if len(args) > 3 else Path(args[0]) / f"{args[1]}-replication.md"
+    print(write_report(Path(args[0]), args[1:3], target, command="python -m analysis.replication"))

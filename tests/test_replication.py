@@ -1,0 +1,105 @@
+"""Answers that replicate: independent searches per cell (the estimate's unit), the folding of
+their summary rows, and replication.md's verdicts per cell and per finding."""
+
+import pandas as pd
+import pytest
+import yaml
+
+from analysis import replication
+from analysis.load import fold_searches, load_study_summaries
+from harness import stats
+from harness.config import ConfigError, load_experiment
+from harness.rundir import split_search
+from harness.sweep.replicate import SAMPLER_STRIDE, SEED_STRIDE, replica_experiment
+from tests.test_analysis import _write_study
+
+
+def _experiment(tmp_path, **sweep) -> object:
+    raw = {"name": "r", "task": {"name": "controlled"}, "train": {"seed": 7},
+           "sweep": {"grid": {"dpo.beta": [0.1, 0.5]}, "trials": 2, "seeds": 2,
+                     "search": {"train.lr": {"type": "log_float", "low": 1e-4, "high": 1e-3}},
+                     "objective": {"metric": "gen/reward_at_kl"}, **sweep}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_independent_searches_are_cells_of_their_own_with_seeds_apart(tmp_path):
+    """searches: 3 makes each grid cell three cells `<cell>,search=<r>`, whose runs train on seeds
+    1,000 apart (the sampler seeds differ through the cell's name); the label splits back."""
+    exp = load_experiment(_experiment(tmp_path, searches=3))
+    assert [c.id for c in exp.cells[:3]] == ["beta=0.1,search=0", "beta=0.1,search=1", "beta=0.1,search=2"]
+    seeds = [exp.run_config(c, {"train.lr": 1e-4}, 1, "x", []).train.seed for c in exp.cells[:3]]
+    assert seeds == [8, 1008, 2008]
+    assert split_search("beta=0.1,search=2") == ("beta=0.1", 2)
+    assert split_search("beta=0.1") == ("beta=0.1", None) and split_search(None) == (None, None)
+    assert [c.id for c in load_experiment(_experiment(tmp_path)).cells] == ["beta=0.1", "beta=0.5"]
+
+
+def test_several_searches_need_exactly_one_rerun_each(tmp_path):
+    """Reruns of one search's pick share its learning rate: with searches > 1 the unit of the
+    estimate is the search, so seeds must be 2 (one fresh rerun), and the error says so."""
+    with pytest.raises(ConfigError, match="searches: 3 needs seeds: 2"):
+        load_experiment(_experiment(tmp_path, searches=3, seeds=4))
+
+
+def test_summary_rows_of_a_cells_searches_fold_into_one():
+    df = pd.DataFrame({"study": ["s"] * 3, "cell": ["b=1,search=0", "b=1,search=1", "b=2"],
+                       "search": [0, 1, None], "status": ["done", "done", "done"],
+                       "seeds_degenerate": [1, 0, 0], "param/train.lr": [1e-4, 3e-4, 2e-4],
+                       "at_edge": ["", "train.lr=high", ""], "run_dirs": ["x/1", "x/2", "y"]})
+    folded = fold_searches(df).set_index("cell")
+    assert list(folded.index) == ["b=1", "b=2"] and "search" not in folded
+    one = folded.loc["b=1"]
+    assert (one["searches"], one["seeds_degenerate"], one["status"]) == (2, 1, "done")
+    assert one["param/train.lr"] == "0.0001; 0.0003" and one["at_edge"] == "train.lr=high"
+    assert one["run_dirs"] == "x/1;x/2"
+
+
+def test_replica_b_draws_other_seeds_and_keeps_the_rest(tmp_path):
+    path = _experiment(tmp_path)
+    out, study = replica_experiment(path, 1, tmp_path / "rep")
+    raw = yaml.safe_load(out.read_text())
+    assert study == "r-b" and raw["sweep"]["study"] == "r-b"
+    assert raw["train"]["seed"] == 7 + SEED_STRIDE and raw["sweep"]["sampler_seed"] == SAMPLER_STRIDE
+    assert raw["sweep"]["grid"] == {"dpo.beta": [0.1, 0.5]}
+    assert load_experiment(out).study == "r-b"
+
+
+def test_verdicts_by_hand():
+    """Separated in both the same way: replicates; opposite ways: flips; in one: inconclusive in
+    one; in neither: not separated in either."""
+    up, down, wide = ({"diff": d, "interval": stats.welch(a, b)} for d, a, b in (
+        (0.3, [0.5, 0.51, 0.52], [0.2, 0.21, 0.22]), (-0.3, [0.2, 0.21, 0.22], [0.5, 0.51, 0.52]),
+        (0.01, [0.1, 0.5, 0.9], [0.2, 0.4, 0.8])))
+    assert replication.verdict(up, up) == "replicates"
+    assert replication.verdict(up, down) == "flips"
+    assert replication.verdict(up, wide) == "inconclusive in one" == replication.verdict(None, up)
+    assert replication.verdict(wide, wide) == "not separated in either"
+
+
+def test_replication_report_of_two_studies(tmp_path):
+    """Two studies of β 0.1 and 0.5: in `a` β 0.5 is clearly better; in `b` clearly worse (a flip);
+    β 0.1's intervals overlap, β 0.5's do not."""
+    results = tmp_path / "results"
+    for study, high in (("a", [0.60, 0.61, 0.62]), ("b", [0.10, 0.11, 0.12])):
+        (results / study).mkdir(parents=True)
+        _write_study(results, study, {
+            "beta=0.1": ({}, [(2.0, 0.30), (2.0, 0.31), (2.0, 0.32)], set()),
+            "beta=0.5": ({"beta": 0.5}, [(2.0, r) for r in high], set())})
+    text = replication.report(results, ["a", "b"], {"a": 12.0}, command="harness replicate x")
+    assert "**Cells**: intervals overlap in 1 of 2; apart: tiny-xs, 0.5, masked-sum." in text
+    assert "0 replicate (separated in both, the same way), 1 flip" in text
+    row = next(s for s in text.splitlines() if s.startswith("| tiny-xs, masked-sum: β 0.5 − β 0.1"))
+    assert row.endswith("| flips |") and "+0.3 [" in row and "-0.2 [" in row
+    assert "| tiny-xs, 0.1, masked-sum | n 3, 0.31 [" in text and "`harness replicate x`" in text
+    assert "a: 12 s" in text
+
+
+def test_folded_summaries_are_what_analysis_reads(tmp_path):
+    """A study whose summary.csv has a `search` column is read one row per cell."""
+    (tmp_path / "s").mkdir()
+    pd.DataFrame({"cell": ["b=1,search=0", "b=1,search=1"], "search": [0, 1],
+                  "status": ["done", "incomplete"]}).to_csv(tmp_path / "s" / "summary.csv", index=False)
+    cells = load_study_summaries(tmp_path)
+    assert list(cells["cell"]) == ["b=1"] and cells["status"].iloc[0] == "done, incomplete"
