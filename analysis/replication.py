@@ -121,11 +121,45 @@ def report(results: Path, studies: list[str], took: dict[str, float] | None = No
     return "\n".join(lines) + "\n"
 
 
+def draw(results: Path, studies: list[str], out: Path) -> list[Path]:
+    """replication.png: each cell's estimate and 95% interval in the two replicas side by side."""
+    import matplotlib.pyplot as plt
+
+    from analysis.style import COLUMN_IN, label, save, setup
+
+    setup()
+    (est_a, keys, _), (est_b, _, _) = (_cells(results, s) for s in studies)
+    names = sorted({", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r)
+                    for e in (est_a, est_b) for r in e[keys].itertuples(index=False)})
+    fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN * 1.4, 0.3 * len(names) + 1.2))
+    for shift, study, est in ((-0.15, studies[0], est_a), (0.15, studies[1], est_b)):
+        est = est.assign(name=[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r)
+                               for r in est[keys].itertuples(index=False)])
+        y = [names.index(n) + shift for n in est["name"]]
+        err = [(est["mean"] - est["ci95 low"]).fillna(0), (est["ci95 high"] - est["mean"]).fillna(0)]
+        ax.errorbar(est["mean"], y, xerr=err, fmt="o", ms=3, capsize=2, label=study)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.invert_yaxis()
+    metric = _metric(results, studies[0])
+    ax.set(xlabel=f"{label(metric)} ({metric})", ylabel=", ".join(keys))
+    ax.legend(fontsize=6, loc="best")
+    fig.suptitle("each cell in two independent replicas: mean and 95% t-interval", fontsize=8)
+    return save(fig, out, "replication")
+
+
+def _metric(results: Path, study: str) -> str:
+    with only_study(study):
+        return compared_runs(results)[1]
+
+
 def write_report(results: Path, studies: list[str], out: Path, took: dict[str, float] | None = None,
                  command: str = "") -> Path:
+    """replication.md (and replication.png beside it)."""
     from harness.atomic import atomic_write
 
-    return atomic_write(out, report(Path(results), studies, took, command))
+    draw(Path(results), studies, out.parent)
+    text = report(Path(results), studies, took, command) + "\n![the cells in both replicas](replication.png)\n"
+    return atomic_write(out, text)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,28 @@ def test_replication_report_of_two_studies(tmp_path):
     assert "a: 12 s" in text
 
 
+def test_replication_figure_draws_both_replicas(tmp_path, monkeypatch):
+    """replication.png: per replica one series of points at each cell's mean, in cell order."""
+    from analysis import style
+
+    results = tmp_path / "results"
+    for study, high in (("a", [0.60, 0.61, 0.62]), ("b", [0.10, 0.11, 0.12])):
+        (results / study).mkdir(parents=True)
+        _write_study(results, study, {
+            "beta=0.1": ({}, [(2.0, 0.30), (2.0, 0.31), (2.0, 0.32)], set()),
+            "beta=0.5": ({"beta": 0.5}, [(2.0, r) for r in high], set())})
+    figs = []
+    real = style.save
+    monkeypatch.setattr(style, "save", lambda fig, out, name: figs.append(fig) or real(fig, out, name))
+    out = replication.write_report(results, ["a", "b"], tmp_path / "rep" / "replication.md")
+    assert out.read_text().endswith("![the cells in both replicas](replication.png)\n")
+    assert (tmp_path / "rep" / "replication.png").exists()
+    (ax,) = figs[0].axes
+    means = [[round(float(x), 6) for x in c.lines[0].get_xdata()] for c in ax.containers]
+    assert means == [[0.31, 0.61], [0.31, 0.11]]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a", "b"]
+
+
 def test_folded_summaries_are_what_analysis_reads(tmp_path):
     """A study whose summary.csv has a `search` column is read one row per cell."""
     (tmp_path / "s").mkdir()
