@@ -183,19 +183,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
-    parser.add_argument(TRACEBACK, action="store_true",
-                        help="on bad input, raise with the Python traceback instead of printing one "
-                             "paragraph (accepted anywhere on the line)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="one DPO run from an experiment YAML")
-    p.add_argument("experiment", help="experiment YAML, e.g. experiments/smoke.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
-    p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
-    p.set_defaults(func=cmd_train)
-
+def _sweep_commands(sub) -> None:
+    """`sweep` and `replicate`: a study, and a study run twice."""
     p = sub.add_parser("sweep", help="a study: grid cells x Optuna trials x seeds")
     p.add_argument("experiment", help="experiment YAML with a `sweep:` section")
     p.add_argument("--workers", type=_workers, default=1,
@@ -222,6 +211,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "experiment's tracking.results_dir)")
     p.set_defaults(func=cmd_replicate)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harness", description=__doc__)
+    parser.add_argument(TRACEBACK, action="store_true",
+                        help="on bad input, raise with the Python traceback instead of printing one "
+                             "paragraph (accepted anywhere on the line)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="one DPO run from an experiment YAML")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/smoke.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
+    p.set_defaults(func=cmd_train)
+
+    _sweep_commands(sub)
     p = sub.add_parser("status", help="where a study stands, from its storage (any machine)")
     p.add_argument("experiment", help="the study's experiment YAML")
     p.add_argument("--json", action="store_true", help="the rows as JSON")
