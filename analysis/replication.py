@@ -6,11 +6,12 @@ either replica): whether it **replicates** (separated in both, the same way), **
 (separated in both, opposite ways), is **inconclusive in one** (separated in one replica only)
 or is **not separated in either**.
 
-    python -m analysis.replication RESULTS STUDY_A STUDY_B [OUT.md]
+    python -m analysis.replication RESULTS STUDY_A STUDY_B [OUT.md] [--took STUDY=SECONDS]
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from datetime import date
@@ -31,7 +32,10 @@ def _cells(results: Path, study: str) -> tuple[pd.DataFrame, list[str], pd.DataF
     with only_study(study):
         runs, _ = compared_runs(results)
     keys = [k for k in cell_keys(runs) if k != "precision"]
-    return cell_estimates(runs, keys), keys, runs
+    est = cell_estimates(runs, keys) if len(runs) else pd.DataFrame()
+    if est.empty:  # no run counted (every rerun degenerate, say): a table with no rows
+        est = pd.DataFrame(columns=[*keys, "n", "mean", "ci95 low", "ci95 high"])
+    return est, keys, runs
 
 
 def _interval(row) -> str:
@@ -101,8 +105,8 @@ def report(results: Path, studies: list[str], took: dict[str, float] | None = No
     apart = [c["cell"] for c in cells if c["overlap"] is False]
     took = took or {}
     lines = [f"# Replication: {studies[0]} and {studies[1]}", "",
-             f"{date.today().isoformat()}, `{command}` on {platform.machine()} "
-             f"({platform.processor() or 'cpu'}); " + "; ".join(
+             f"{date.today().isoformat()}, `{command}` on {os.cpu_count()} cores ({platform.machine()}); "
+             + "; ".join(
                  f"{s}: {took[s]:.0f} s" for s in studies if s in took), "",
              f"- {studies[0]}: {arithmetic(runs_a)}", f"- {studies[1]}: {arithmetic(runs_b)}", "",
              f"**Cells**: intervals overlap in {overlapping} of {len(cells)}"
@@ -162,9 +166,21 @@ def write_report(results: Path, studies: list[str], out: Path, took: dict[str, f
     return atomic_write(out, text)
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results")
+    p.add_argument("studies", nargs=2)
+    p.add_argument("out", nargs="?", help="default: RESULTS/<first study>-replication.md")
+    p.add_argument("--took", action="append", default=[], metavar="STUDY=SECONDS")
+    p.add_argument("--command", default="python -m analysis.replication")
+    args = p.parse_args(argv)
+    took = {k: float(v) for k, _, v in (t.partition("=") for t in args.took)}
+    out = Path(args.out) if args.out else Path(args.results) / f"{args.studies[0]}-replication.md"
+    print(write_report(Path(args.results), args.studies, out, took, args.command))
+    return 0
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if len(args) < 3:
-        sys.exit(__doc__)
-    target = Path(args[3]) if len(args) > 3 else Path(args[0]) / f"{args[1]}-replication.md"
-    print(write_report(Path(args[0]), args[1:3], target, command="python -m analysis.replication"))
+    sys.exit(main())

@@ -1,6 +1,8 @@
 """Answers that replicate: independent searches per cell (the estimate's unit), the folding of
 their summary rows, and replication.md's verdicts per cell and per finding."""
 
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -125,3 +127,31 @@ def test_folded_summaries_are_what_analysis_reads(tmp_path):
                   "status": ["done", "incomplete"]}).to_csv(tmp_path / "s" / "summary.csv", index=False)
     cells = load_study_summaries(tmp_path)
     assert list(cells["cell"]) == ["b=1"] and cells["status"].iloc[0] == "done, incomplete"
+
+
+@pytest.mark.slow
+def test_harness_replicate_end_to_end(tmp_path):
+    """`harness replicate` from outside the repository (the console script, as `make replicate`
+    runs it): two studies of a tiny controlled experiment, the second on other seeds, and
+    replication.md naming both, with a row per cell and per finding."""
+    import os
+    import subprocess
+    import sys
+
+    from tests import chaos
+
+    study = chaos.write_study(tmp_path / "exp", **{"sweep.seeds": 2, "sweep.trials": 1,
+                                                   "gen_eval.parsed_floor": None})
+    env = {**os.environ, "DPO_HARNESS_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    out = subprocess.run([sys.executable, "-m", "harness", "replicate", str(study), "--view", "off",
+                          "--results-dir", str(tmp_path / "results")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "results" / "chaos-replication" / "replication.md").read_text()
+    assert report.startswith("# Replication: chaos-a and chaos-b")
+    assert "| tiny-xs, 0.1, masked-sum | n 2, " in report and "| tiny-xs, 0.5, masked-sum | n 2, " in report
+    assert "masked-sum: β 0.5 − β 0.1" in report
+    seeds = {json.loads(p.read_text())["train"]["seed"]
+             for p in (tmp_path / "results").glob("chaos-*/runs/*/*/config.json")}
+    assert seeds == {0, 1, 100_000, 100_001}  # the search trials and reruns of each replica

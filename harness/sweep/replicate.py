@@ -12,6 +12,8 @@ intervals overlap, per finding whether it replicates, is inconclusive in one, or
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ import yaml
 from harness.atomic import atomic_write
 from harness.config.load import _looks_like_relative_path, read_yaml
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: analysis/ beside harness/
 REPLICAS = ("a", "b")
 SEED_STRIDE = 100_000  # train.seed apart between the replicas (a study's searches are 1,000 apart)
 SAMPLER_STRIDE = 7_919  # sweep.sampler_seed apart
@@ -49,8 +52,9 @@ def replica_experiment(path: Path, k: int, folder: Path) -> tuple[Path, str]:
 
 def run_replicate(path: str | Path, workers: int | str = 1, results_dir: str | None = None,
                   view: str = "off") -> Path:
-    """Run (or continue) both replicas of the study, then write replication.md; returns its path."""
-    from analysis.replication import write_report
+    """Run (or continue) both replicas of the study, then write replication.md (with
+    analysis/replication.py, in a process of its own: the library never imports analysis/);
+    returns its path."""
     from harness.config import load_experiment
     from harness.sweep.supervise import run_sweep
 
@@ -67,7 +71,11 @@ def run_replicate(path: str | Path, workers: int | str = 1, results_dir: str | N
         run_sweep(replica, workers=workers, results_dir=str(results), view=view)
         took[study] = time.time() - started
         studies.append(study)
-    out = write_report(results, studies, folder / "replication.md", took,
-                       command=f"harness replicate {path} --workers {workers}")
+    out = folder / "replication.md"
+    cmd = [sys.executable, "-m", "analysis.replication", str(results.resolve()), *studies, str(out.resolve()),
+           "--command", f"harness replicate {path} --workers {workers}",
+           *[f"--took={s}={t:.0f}" for s, t in took.items()]]
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True,
+                   stdout=subprocess.DEVNULL)
     print(f"replication: {out}", file=sys.stderr)
     return out
