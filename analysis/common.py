@@ -45,14 +45,26 @@ def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
     cells = load_study_summaries(results)
     keep: set[str] = set()
     if not cells.empty and "run_dirs" in cells:
-        for dirs in cells["run_dirs"].dropna():
+        for study, dirs in cells[["study", "run_dirs"]].dropna().itertuples(index=False):
             for d in str(dirs).split(";"):
-                try:
-                    keep.add(str(Path(d).resolve().relative_to(Path(results).resolve())))
-                except ValueError:
-                    continue
+                keep.add(_under_results(Path(d), Path(results), study))
     in_sweep = frame["cell"].notna() if "cell" in frame else pd.Series(False, index=frame.index)
     return frame[~in_sweep | frame["run"].isin(keep)]
+
+
+def _under_results(run_dir: Path, results: Path, study: str) -> str:
+    """A summary's run directory as a path under `results` (`<study>/runs/...`): absolute ones
+    directly; relative ones (written relative to where the sweep ran) from their study folder on."""
+    try:
+        return str(run_dir.resolve().relative_to(results.resolve())) if run_dir.is_absolute() or \
+            run_dir.resolve().is_relative_to(results.resolve()) else _from_study(run_dir, study)
+    except ValueError:
+        return _from_study(run_dir, study)
+
+
+def _from_study(run_dir: Path, study: str) -> str:
+    parts = run_dir.parts
+    return str(Path(*parts[parts.index(study):])) if study in parts else str(run_dir)
 
 
 def curves_or_fail(results: Path, needed: list[str]) -> pd.DataFrame:

@@ -2,6 +2,7 @@
 their summary rows, and replication.md's verdicts per cell and per finding."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -155,3 +156,15 @@ def test_harness_replicate_end_to_end(tmp_path):
     seeds = {json.loads(p.read_text())["train"]["seed"]
              for p in (tmp_path / "results").glob("chaos-*/runs/*/*/config.json")}
     assert seeds == {0, 1, 100_000, 100_001}  # the search trials and reruns of each replica
+
+
+def test_run_dirs_written_relative_to_another_folder_still_name_their_runs(tmp_path, monkeypatch):
+    """A sweep started with a relative results folder records relative run_dirs; analysis run
+    from another folder still finds them under RESULTS (from the study folder on)."""
+    from analysis.common import _under_results
+
+    results = tmp_path / "clone" / "results"
+    monkeypatch.chdir(tmp_path)
+    rel = "results/s/runs/b=1/seed1"
+    assert _under_results(Path(rel), results, "s") == "s/runs/b=1/seed1"
+    assert _under_results(results / "s" / "runs" / "b=1" / "seed1", results, "s") == "s/runs/b=1/seed1"
