@@ -88,7 +88,9 @@ def caveats(results: Path) -> list[str]:
         for col, what in (("seeds_diverged", "diverged"), ("seeds_degenerate", "degenerate"),
                           ("other_precision", "other-precision")):
             if col in c and c[col] == c[col] and int(c[col]):
-                notes.append(f"{int(c[col])} {what} rerun(s) left out")
+                kept = col == "seeds_degenerate" and c.get("degenerate") == "count"
+                notes.append(f"{int(c[col])} {what} rerun(s) " + (
+                    "averaged in (the score reads their path)" if kept else "left out"))
         if "at_edge" in c and isinstance(c["at_edge"], str) and c["at_edge"]:
             notes.append(f"best parameters at the range edge ({c['at_edge']}): the optimum may lie outside")
         if c.get("status") not in (None, "done"):

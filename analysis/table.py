@@ -20,7 +20,8 @@ BESIDE = ("gen/reward", "gen/kl")  # shown beside the score, each a mean over th
 # Columns copied from the sweep's summary.csv (what the runs' files cannot say).
 FROM_STUDY = {"search_value": "search trial", "seeds_diverged": "diverged reruns", "seeds_degenerate":
               "degenerate reruns", "other_precision": "other-precision reruns",
-              "at_edge": "at range edge", "estimate_from": "estimate from"}
+              "at_edge": "at range edge", "estimate_from": "estimate from",
+              "degenerate": "degenerate reruns in the mean"}
 
 
 def cell_estimates(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

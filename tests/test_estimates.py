@@ -85,6 +85,11 @@ def test_a_cell_is_estimated_from_fresh_reruns_without_degenerate_ones():
     assert alone["estimate_n"] == 4 and alone["objective_mean"] == pytest.approx(0.55)
     assert alone["run_dirs"] == "/r/0.4;/r/0.5;/r/0.6;/r/0.7"
     assert _estimate(trial(0.4, degenerate=True), done, seeds=5, selected=False)["estimate_n"] == 3
+    # objective.degenerate: count averages a degenerate rerun in (its score reads its own path).
+    kept = _estimate(best, [trial(0.5), trial(0.6), trial(0.1, degenerate=True)], seeds=4,
+                     keep_degenerate=True)
+    assert kept["estimate_n"] == 3 and kept["objective_mean"] == pytest.approx(0.4)
+    assert kept["run_dirs"] == "/r/0.5;/r/0.6;/r/0.1"
 
 
 def test_degenerate_is_a_kl_past_the_ceiling_or_samples_that_stop_parsing():

@@ -54,6 +54,11 @@ class ObjectiveSpec(Strict):
     # scores gen/reward minus kl_penalty per nat over budget.
     kl_budget: float | None = None
     kl_penalty: float = 1.0
+    # A degenerate rerun (gen_eval.kl_ceiling, parsed_floor): left out of the cell's estimate and
+    # counted (`leave_out`), or averaged in and counted (`count`): right for a score that reads
+    # the run's own path, such as gen/reward_at_kl, where leaving runs out by how they ended
+    # would condition the estimate on its outcome.
+    degenerate: Literal["leave_out", "count"] = "leave_out"
 
 
 class PrunerSpec(Strict):

@@ -56,26 +56,31 @@ def _row(sweep: Sweep, cell) -> dict[str, Any]:
                 "seeds_done": len(done),
                 "seeds_diverged": sum(t.user_attrs.get("outcome") == "diverged" for t in reruns),
                 "seeds_degenerate": sum(bool(t.user_attrs.get("degenerate")) for t in done)})
-    row.update(_estimate(best, done, spec.seeds, selected=spec.trials > 1, precision=sweep.precision))
+    row["degenerate"] = spec.objective.degenerate
+    row.update(_estimate(best, done, spec.seeds, selected=spec.trials > 1, precision=sweep.precision,
+                         keep_degenerate=spec.objective.degenerate == "count"))
     if row["status"] == "done" and len(done) + row["seeds_diverged"] < spec.seeds - 1:
         row["status"] = "incomplete"
     return row
 
 
 def _estimate(best, done: list, seeds: int, selected: bool = True,
-              precision: str | None = None) -> dict[str, Any]:
+              precision: str | None = None, keep_degenerate: bool = False) -> dict[str, Any]:
     """The cell's reported value: from its fresh seed reruns only (never the search trial that
     picked the parameters: its value is biased upward by the selection), degenerate runs left out
-    and counted. With one trial per cell (`selected` False) nothing was picked, so that trial is
+    and counted (averaged in, and counted, with `keep_degenerate`). With one trial per cell (`selected` False) nothing was picked, so that trial is
     one more fresh seed and counts too. A study without reruns (seeds: 1) reports its search
     trial, saying so. With the study's `precision` given, a run that computed in another one (or
     recorded none: an older harness) is left out and counted in `other_precision`."""
-    counted = [t for t in done if not t.user_attrs.get("degenerate")]
+    def kept(trials: list) -> list:
+        return trials if keep_degenerate else [t for t in trials if not t.user_attrs.get("degenerate")]
+
+    counted = kept(done)
     source = "seed reruns"
     if seeds == 1:
         counted, source = [best], "search trial"
     elif not selected:
-        counted = [t for t in [best] if not t.user_attrs.get("degenerate")] + counted
+        counted = kept([best]) + counted
         source = "every seed (one trial: no selection)"
     apart = [precision is not None and t.user_attrs.get("precision") != precision for t in counted]
     other = [t for t, a in zip(counted, apart, strict=True) if a]
