@@ -53,16 +53,11 @@ def best_runs(results: Path, frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _under_results(run_dir: Path, results: Path, study: str) -> str:
-    """A summary's run directory as a path under `results` (`<study>/runs/...`): absolute ones
-    directly; relative ones (written relative to where the sweep ran) from their study folder on."""
-    try:
-        return str(run_dir.resolve().relative_to(results.resolve())) if run_dir.is_absolute() or \
-            run_dir.resolve().is_relative_to(results.resolve()) else _from_study(run_dir, study)
-    except ValueError:
-        return _from_study(run_dir, study)
-
-
-def _from_study(run_dir: Path, study: str) -> str:
+    """A summary's run directory as a path under `results` (`<study>/runs/...`): directly when it
+    lies there; else (written relative to where the sweep ran) from its study folder on."""
+    resolved, root = run_dir.resolve(), results.resolve()
+    if resolved.is_relative_to(root):
+        return str(resolved.relative_to(root))
     parts = run_dir.parts
     return str(Path(*parts[parts.index(study):])) if study in parts else str(run_dir)
 
@@ -117,17 +112,23 @@ def compared_runs(results: Path) -> tuple[pd.DataFrame, str]:
     return finals, metric
 
 
-def scored(results: Path, metric: str) -> tuple[str, str]:
-    """(what the objective is, what a cell's estimate is over), named exactly for titles: e.g.
-    ("gen/reward less 1 per nat of gen/kl over 4 nats", "fresh seed reruns") or ("reward at
-    matched KL (...) (gen/reward_at_kl)", "independent searches (one fresh-seed rerun each)")."""
+def penalized(cells: pd.DataFrame, metric: str) -> str | None:
+    """The sweep's score when it is a metric less a KL penalty, in words ("gen/reward less 1 per
+    nat of gen/kl over the 4-nat KL budget"); None when the score is the metric itself."""
+    if "kl_budget" not in cells or not cells["kl_budget"].notna().any():
+        return None
+    return (f"{metric} less {cells['kl_penalty'].dropna().iloc[0]:g} per nat of gen/kl over the "
+            f"{cells['kl_budget'].dropna().iloc[0]:g}-nat KL budget")
+
+
+def scored(cells: pd.DataFrame, metric: str) -> tuple[str, str]:
+    """(what the objective is, what a cell's estimate is over), named exactly for titles, from
+    the studies' summary tables: e.g. ("gen/reward less 1 per nat of gen/kl over the 4-nat KL
+    budget", "fresh seed reruns") or ("reward at matched KL (...) (gen/reward_at_kl)",
+    "independent searches (one fresh-seed rerun each)")."""
     from analysis.style import label
 
-    cells = load_study_summaries(results)
-    what = f"{label(metric)} ({metric})"
-    if "kl_budget" in cells and cells["kl_budget"].notna().any():
-        what = (f"{metric} less {cells['kl_penalty'].dropna().iloc[0]:g} per nat of gen/kl over "
-                f"{cells['kl_budget'].dropna().iloc[0]:g} nats")
+    what = penalized(cells, metric) or f"{label(metric)} ({metric})"
     several = "searches" in cells and cells["searches"].fillna(1).max() > 1
     over = "independent searches (one fresh-seed rerun each)" if several else "fresh seed reruns"
     return what, over

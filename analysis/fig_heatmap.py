@@ -13,6 +13,7 @@ import pandas as pd
 import seaborn as sns
 
 from analysis.common import compared_runs, methods_apart, scored
+from analysis.load import load_study_summaries
 from analysis.style import COLUMN_IN, label, save, setup
 from analysis.table import cell_estimates, results_table
 
@@ -85,7 +86,7 @@ def draw(results: Path, out: Path) -> list[Path]:
         ax.grid(False)
         ax.set(title=f"{model}", xlabel=label("masking"), ylabel=label("dpo.beta"))
         ax.tick_params(axis="x", labelrotation=30 if mean.shape[1] > 3 else 0)
-    what, over = scored(results, metric)
+    what, over = scored(load_study_summaries(results), metric)
     fig.suptitle(f"{what}\nmean ± 95% t-interval over {over} (n per cell)", fontsize=8)
     return save(fig, out, "heatmap_beta_masking")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.common import cell_keys, compared_runs, scored
+from analysis.common import cell_keys, compared_runs, penalized, scored
 from analysis.load import load_study_summaries
 from analysis.methods import WITHOUT_BETA, closest_n, read_best_of_n
 from analysis.style import label
@@ -203,7 +203,7 @@ def findings(results: Path) -> str:
     cells = load_study_summaries(results)
     direction = str(cells["direction"].iloc[0]) if "direction" in cells else "maximize"
 
-    what, over = scored(results, metric)
+    what, over = scored(cells, metric)
     lines = [f"# Findings: {what}", "",
              f"Each comparison: difference of mean objectives over {over} with a 95% Welch "
              "t-interval; an interval containing 0 is not separated (inconclusive). Written by "
@@ -215,10 +215,7 @@ def findings(results: Path) -> str:
         separated = sum("is better" in s for s in sentences)
         lines += [f"## {axis} ({separated} of {len(sentences)} comparisons separated)", ""]
         lines += [f"- {s}" for s in sentences] + [""]
-    budget = ""
-    if "kl_budget" in cells and cells["kl_budget"].notna().any():
-        budget = (f" ({metric} less {cells['kl_penalty'].dropna().iloc[0]:g} per nat of gen/kl "
-                  f"over the {cells['kl_budget'].dropna().iloc[0]:g}-nat KL budget)")
+    budget = f" ({penalty})" if (penalty := penalized(cells, metric)) else ""
     lines += method_section(results, runs, direction, budget)
     notes = caveats(results)
     lines += ["## Caveats", ""] + ([f"- {n}" for n in notes] or ["- none"]) + [""]

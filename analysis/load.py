@@ -26,7 +26,16 @@ from typing import Any
 
 import pandas as pd
 
-from harness.rundir import CONFIG, FINISHED, LABELS, METRICS, SUMMARY, SUMMARY_CSV, split_search
+from harness.rundir import (
+    CONFIG,
+    FINISHED,
+    LABELS,
+    METRICS,
+    SUMMARY,
+    SUMMARY_CSV,
+    read_metrics,
+    split_search,
+)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -109,30 +118,13 @@ def _warn_unlabelled(n: int, total: int, where: str) -> None:
               f"harness): their {', '.join(LABELS)} are None, so sweep figures leave them out")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            # A run killed mid-write can leave half a last line: skip it, say so.
-            if i == len(lines) - 1:
-                print(f"warning: {path}: line {i + 1} is incomplete; skipped")
-                continue
-            raise ValueError(f"{path}: line {i + 1} is not JSON: {err}") from None
-    return rows
-
-
 def load_curves(results: str | Path) -> pd.DataFrame:
     """One row per (run, logged step): step, examples_seen, the metrics logged then, config columns
     and labels."""
     results = Path(results)
     frames = []
     for rd, info in _run_infos(results):
-        rows = read_jsonl(rd / METRICS)
+        rows = read_metrics(rd)
         if not rows:
             continue
         df = pd.DataFrame(rows)

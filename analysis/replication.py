@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -27,15 +28,31 @@ from analysis.table import cell_estimates
 VERDICTS = ("replicates", "flips", "inconclusive in one", "not separated in either")
 
 
-def _cells(results: Path, study: str) -> tuple[pd.DataFrame, list[str], pd.DataFrame]:
-    """(per-cell estimates, the keys that name a cell, the compared runs) of one study."""
+@dataclass
+class Replica:
+    """One study as replication.md reads it: its compared runs, the keys that name a cell, its
+    per-cell estimates, and the objective's metric."""
+
+    study: str
+    runs: pd.DataFrame
+    keys: list[str]
+    estimates: pd.DataFrame
+    metric: str
+
+
+def load(results: Path, study: str) -> Replica:
     with only_study(study):
-        runs, _ = compared_runs(results)
+        runs, metric = compared_runs(results)
     keys = [k for k in cell_keys(runs) if k != "precision"]
     est = cell_estimates(runs, keys) if len(runs) else pd.DataFrame()
     if est.empty:  # no run counted (every rerun degenerate, say): a table with no rows
         est = pd.DataFrame(columns=[*keys, "n", "mean", "ci95 low", "ci95 high"])
-    return est, keys, runs
+    return Replica(study, runs, keys, est, metric)
+
+
+def _name(values) -> str:
+    """A cell's name from its key values: "tiny-xs, 0.1, masked-sum"."""
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def _interval(row) -> str:
@@ -60,7 +77,7 @@ def cell_rows(est_a: pd.DataFrame, est_b: pd.DataFrame, keys: list[str]) -> list
     for _, cell in both.iterrows():
         pick = [e[(e[keys] == cell[keys]).all(axis=1)] for e in (est_a, est_b)]
         a, b = (p.iloc[0] if len(p) else None for p in pick)
-        out.append({"cell": ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in cell[keys]),
+        out.append({"cell": _name(cell[keys]),
                     "a": _interval(a), "b": _interval(b), "overlap": overlap(a, b)})
     return out
 
@@ -97,8 +114,13 @@ def _diff(c: dict | None) -> str:
 
 def report(results: Path, studies: list[str], took: dict[str, float] | None = None,
            command: str = "") -> str:
-    (est_a, keys, runs_a), (est_b, _, runs_b) = (_cells(results, s) for s in studies)
-    cells = cell_rows(est_a, est_b, keys)
+    return _report([load(results, s) for s in studies], took, command)
+
+
+def _report(replicas: list[Replica], took: dict[str, float] | None, command: str) -> str:
+    a, b = replicas
+    studies, keys, runs_a, runs_b = [a.study, b.study], a.keys, a.runs, b.runs
+    cells = cell_rows(a.estimates, b.estimates, keys)
     findings = finding_rows(runs_a, runs_b)
     counts = {v: sum(f["verdict"] == v for f in findings) for v in VERDICTS}
     overlapping = sum(c["overlap"] is True for c in cells)
@@ -127,33 +149,30 @@ def report(results: Path, studies: list[str], took: dict[str, float] | None = No
 
 def draw(results: Path, studies: list[str], out: Path) -> list[Path]:
     """replication.png: each cell's estimate and 95% interval in the two replicas side by side."""
+    return _draw([load(results, s) for s in studies], out)
+
+
+def _draw(replicas: list[Replica], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     from analysis.style import COLUMN_IN, label, save, setup
 
     setup()
-    (est_a, keys, _), (est_b, _, _) = (_cells(results, s) for s in studies)
-    names = sorted({", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r)
-                    for e in (est_a, est_b) for r in e[keys].itertuples(index=False)})
+    keys = replicas[0].keys
+    names = sorted({_name(r) for rep in replicas for r in rep.estimates[keys].itertuples(index=False)})
     fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN * 1.4, 0.3 * len(names) + 1.2))
-    for shift, study, est in ((-0.15, studies[0], est_a), (0.15, studies[1], est_b)):
-        est = est.assign(name=[", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in r)
-                               for r in est[keys].itertuples(index=False)])
-        y = [names.index(n) + shift for n in est["name"]]
+    for shift, rep in zip((-0.15, 0.15), replicas, strict=True):
+        est = rep.estimates
+        y = [names.index(_name(r)) + shift for r in est[keys].itertuples(index=False)]
         err = [(est["mean"] - est["ci95 low"]).fillna(0), (est["ci95 high"] - est["mean"]).fillna(0)]
-        ax.errorbar(est["mean"], y, xerr=err, fmt="o", ms=3, capsize=2, label=study)
+        ax.errorbar(est["mean"], y, xerr=err, fmt="o", ms=3, capsize=2, label=rep.study)
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.invert_yaxis()
-    metric = _metric(results, studies[0])
+    metric = replicas[0].metric
     ax.set(xlabel=f"{label(metric)} ({metric})", ylabel=", ".join(keys))
     ax.legend(fontsize=6, loc="best")
     fig.suptitle("each cell in two independent replicas: mean and 95% t-interval", fontsize=8)
     return save(fig, out, "replication")
-
-
-def _metric(results: Path, study: str) -> str:
-    with only_study(study):
-        return compared_runs(results)[1]
 
 
 def write_report(results: Path, studies: list[str], out: Path, took: dict[str, float] | None = None,
@@ -161,8 +180,9 @@ def write_report(results: Path, studies: list[str], out: Path, took: dict[str, f
     """replication.md (and replication.png beside it)."""
     from harness.atomic import atomic_write
 
-    draw(Path(results), studies, out.parent)
-    text = report(Path(results), studies, took, command) + "\n![the cells in both replicas](replication.png)\n"
+    replicas = [load(Path(results), s) for s in studies]  # each study read once, for both
+    _draw(replicas, out.parent)
+    text = _report(replicas, took, command) + "\n![the cells in both replicas](replication.png)\n"
     return atomic_write(out, text)
 
 

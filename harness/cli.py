@@ -68,39 +68,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
+def _run_study(args: argparse.Namespace, work) -> int:
+    """Run `work()` (a sweep, or a study twice) as a command: refused under torchrun, Ctrl-C
+    answered, exit 1 naming the cells a study could not finish."""
     from harness.distributed import launched
-    from harness.sweep import SweepIncomplete, run_sweep
+    from harness.sweep import SweepIncomplete
 
     if launched():
-        raise ConfigError("harness sweep runs its own worker processes: start it without "
+        raise ConfigError(f"harness {args.command} runs its own worker processes: start it without "
                           "torchrun (--workers/--devices give each worker a device)")
-
-    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
     # Its workers answer Ctrl-C (SIGINT) even when started from a script in the background, which
     # leaves SIGINT ignored; the command must too, or it would report them dead instead.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        run_sweep(args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
-                  results_dir=args.results_dir, devices=devices, view=args.view)
+        work()
     except SweepIncomplete as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from harness.sweep import run_sweep
+
+    devices = [d.strip() for d in args.devices.split(",") if d.strip()] if args.devices else None
+    return _run_study(args, lambda: run_sweep(
+        args.experiment, workers=args.workers, storage=_storage(args), study=args.study,
+        results_dir=args.results_dir, devices=devices, view=args.view))
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    from harness.sweep import SweepIncomplete
     from harness.sweep.replicate import run_replicate
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        run_replicate(args.experiment, workers=args.workers, results_dir=args.results_dir,
-                      view=args.view)
-    except SweepIncomplete as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+    return _run_study(args, lambda: run_replicate(args.experiment, workers=args.workers,
+                                                  results_dir=args.results_dir, view=args.view))
 
 
 def _storage(args: argparse.Namespace) -> str | None:

@@ -4,7 +4,6 @@ whether the final policy is degenerate, and the greedy samples written at the en
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ import torch
 
 from harness import frontier, metrics, phases
 from harness.generate import gen_eval, reference_samples
-from harness.rundir import METRICS
+from harness.rundir import read_metrics
 from harness.step import evaluate, pref_accuracy
 
 if TYPE_CHECKING:  # the run builds its Evaluator: a type only, no import cycle
@@ -33,7 +32,7 @@ class Evaluator:
         self.rows: list = []  # the last pass's generation table
         # The (gen/kl, gen/reward) path of the passes so far; a resumed run starts from the rows its
         # metrics file kept (those before its checkpoint).
-        self.path = frontier.path_of(_rows(run.run_dir / METRICS)) if run.world.main else []
+        self.path = frontier.path_of(read_metrics(run.run_dir)) if run.world.main else []
 
     def __call__(self, step: int, seen: int) -> dict[str, float]:
         """The pass on rank 0 while any other ranks wait (they return {})."""
@@ -113,11 +112,3 @@ def write_samples(run: Run, reference: torch.nn.Module) -> None:
     rows = side_by_side(run.models.policy, reference, prep.tokenizer, prompts, t.sample_max_new_tokens,
                         run.device, special_tokens=prep.special_tokens)
     run.tracker.table("samples", ["split", "prompt", "reference", "policy"], rows)
-
-
-def _rows(path) -> list[dict]:
-    """The rows of a metrics file ([] when there is none yet)."""
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []

@@ -112,9 +112,7 @@ def split_search(cell: str | None) -> tuple[str | None, int | None]:
         return None, None
     head, _, last = str(cell).rpartition(",")
     if last.startswith("search=") and last[7:].isdigit():
-        return head, int(last[7:])
-    if not head and last.startswith("search=") and last[7:].isdigit():
-        return "all", int(last[7:])
+        return head or "all", int(last[7:])  # a study without grid axes: its one cell is "all"
     return str(cell), None
 
 
@@ -182,6 +180,28 @@ def _start_over(run_dir: Path) -> None:
     (run_dir / METRICS).unlink(missing_ok=True)
     (run_dir / SUMMARY).unlink(missing_ok=True)
     shutil.rmtree(checkpoint_dir(run_dir), ignore_errors=True)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl ([] when it has none yet). A run killed mid-write can
+    leave half a last line: it is skipped, with a warning; a bad line before it is an error naming
+    the file and line."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                print(f"warning: {path}: line {i + 1} is incomplete; skipped")
+                continue
+            raise ValueError(f"{path}: line {i + 1} is not JSON: {err}") from None
+    return rows
 
 
 def resume_files(run_dir: Path, lines: int) -> bool:

@@ -174,3 +174,15 @@ def test_shell_sees_one_paragraph_and_exit_2(tmp_path):
     assert out.returncode == 2
     assert out.stderr == f"error: {f}: row 4 (0-based): field 'rejected' is empty. Fill it in or " \
                          "remove the record\n"
+
+
+@pytest.mark.parametrize("command", ["sweep", "replicate"])
+def test_a_study_refuses_torchrun(capsys, monkeypatch, command):
+    """`harness sweep` and `harness replicate` start their own workers: under torchrun each is
+    refused before anything runs, naming itself and what to do."""
+    from harness import distributed
+
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    assert main([command, str(ROOT / "experiments" / "default.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"harness {command} runs its own worker processes: start it without torchrun" in err

@@ -36,6 +36,7 @@ def test_independent_searches_are_cells_of_their_own_with_seeds_apart(tmp_path):
     assert seeds == [8, 1008, 2008]
     assert split_search("beta=0.1,search=2") == ("beta=0.1", 2)
     assert split_search("beta=0.1") == ("beta=0.1", None) and split_search(None) == (None, None)
+    assert split_search("search=1") == ("all", 1)  # no grid axes: the cell is "all"
     assert [c.id for c in load_experiment(_experiment(tmp_path)).cells] == ["beta=0.1", "beta=0.5"]
 
 
@@ -67,6 +68,12 @@ def test_replica_b_draws_other_seeds_and_keeps_the_rest(tmp_path):
     assert raw["train"]["seed"] == 7 + SEED_STRIDE and raw["sweep"]["sampler_seed"] == SAMPLER_STRIDE
     assert raw["sweep"]["grid"] == {"dpo.beta": [0.1, 0.5]}
     assert load_experiment(out).study == "r-b"
+    # the copy lives elsewhere: a relative local data file is named by its absolute path
+    (tmp_path / "pairs.json").write_text("[]")
+    plain = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**plain, "data": {"source": "pairs.json", "limit": 5}}))
+    data = yaml.safe_load(replica_experiment(path, 1, tmp_path / "rep")[0].read_text())["data"]
+    assert data == {"source": str((tmp_path / "pairs.json").resolve()), "limit": 5}
 
 
 def test_verdicts_by_hand():
@@ -81,15 +88,21 @@ def test_verdicts_by_hand():
     assert replication.verdict(wide, wide) == "not separated in either"
 
 
-def test_replication_report_of_two_studies(tmp_path):
-    """Two studies of β 0.1 and 0.5: in `a` β 0.5 is clearly better; in `b` clearly worse (a flip);
-    β 0.1's intervals overlap, β 0.5's do not."""
+@pytest.fixture
+def two_studies(tmp_path) -> Path:
+    """Results of two studies of β 0.1 and 0.5: in `a` β 0.5 is clearly better (0.61 against
+    0.31); in `b` clearly worse (0.11): a flip. β 0.1's intervals overlap, β 0.5's do not."""
     results = tmp_path / "results"
     for study, high in (("a", [0.60, 0.61, 0.62]), ("b", [0.10, 0.11, 0.12])):
         (results / study).mkdir(parents=True)
         _write_study(results, study, {
             "beta=0.1": ({}, [(2.0, 0.30), (2.0, 0.31), (2.0, 0.32)], set()),
             "beta=0.5": ({"beta": 0.5}, [(2.0, r) for r in high], set())})
+    return results
+
+
+def test_replication_report_of_two_studies(two_studies):
+    results = two_studies
     text = replication.report(results, ["a", "b"], {"a": 12.0}, command="harness replicate x")
     assert "**Cells**: intervals overlap in 1 of 2; apart: tiny-xs, 0.5, masked-sum." in text
     assert "0 replicate (separated in both, the same way), 1 flip" in text
@@ -99,16 +112,11 @@ def test_replication_report_of_two_studies(tmp_path):
     assert "a: 12 s" in text
 
 
-def test_replication_figure_draws_both_replicas(tmp_path, monkeypatch):
+def test_replication_figure_draws_both_replicas(two_studies, tmp_path, monkeypatch):
     """replication.png: per replica one series of points at each cell's mean, in cell order."""
     from analysis import style
 
-    results = tmp_path / "results"
-    for study, high in (("a", [0.60, 0.61, 0.62]), ("b", [0.10, 0.11, 0.12])):
-        (results / study).mkdir(parents=True)
-        _write_study(results, study, {
-            "beta=0.1": ({}, [(2.0, 0.30), (2.0, 0.31), (2.0, 0.32)], set()),
-            "beta=0.5": ({"beta": 0.5}, [(2.0, r) for r in high], set())})
+    results = two_studies
     figs = []
     real = style.save
     monkeypatch.setattr(style, "save", lambda fig, out, name: figs.append(fig) or real(fig, out, name))

@@ -154,3 +154,16 @@ def test_the_workers_log_is_where_supervise_writes_it(tmp_path, capsys):
     from harness.sweep import supervise
 
     assert supervise._open_log(tmp_path).name == rundir.WORKERS_LOG
+
+
+def test_metrics_rows_read_back_skip_half_a_last_line_and_name_a_bad_one(tmp_path, capsys):
+    """No metrics file yet: no rows. Half a last line (a run killed mid-write) is skipped with a
+    warning; a bad line before the last is an error naming the file and the line."""
+    assert rundir.read_metrics(tmp_path) == []
+    path = tmp_path / rundir.METRICS
+    path.write_text('{"step": 0}\n{"step": 1}\n{"st')
+    assert rundir.read_metrics(tmp_path) == [{"step": 0}, {"step": 1}]
+    assert "line 3 is incomplete; skipped" in capsys.readouterr().out
+    path.write_text('{"step": 0}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not JSON"):
+        rundir.read_metrics(tmp_path)

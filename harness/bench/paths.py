@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -32,15 +33,15 @@ def naive_logps(model, ids, attn, loss_mask, reduction: str) -> torch.Tensor:
     return total / mask.sum(-1) if reduction == "mean" else total
 
 
-class _Path:
+class _Path(ABC):
     """What both paths share: `step` is one timed optimizer step and returns (its loss, the
     gradient norm before the update); `logps` scores a batch without stepping."""
 
     name = ""
     policy: torch.nn.Module
 
-    def step(self, idx, batch) -> tuple[float, float]:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, idx, batch) -> tuple[float, float]: ...
 
     def tokens_run(self, batch) -> int:
         """Token positions this path's forward runs per model (not padding): both rows' prompts."""

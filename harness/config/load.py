@@ -86,16 +86,24 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return resolve_paths(build_config(raw, where=str(path)), Path(path).parent)
 
 
+DATA_PATHS = ("source", "validation_source", "test_source")  # data fields that may name local files
+
+
 def resolve_paths(cfg: RunConfig, base: Path) -> RunConfig:
     """Make relative local data paths absolute against `base` (the experiment's folder)."""
-    d = cfg.data
-    for field in ("source", "validation_source", "test_source"):
-        value = getattr(d, field)
-        if value and _looks_like_relative_path(value):
-            candidate = (base / value).resolve()
-            if candidate.exists():
-                setattr(d, field, str(candidate))
+    for field in DATA_PATHS:
+        setattr(cfg.data, field, absolute_path(getattr(cfg.data, field), base))
     return cfg
+
+
+def absolute_path(value: Any, base: Path) -> Any:
+    """A data field's value made absolute against `base` when it is a relative local path that
+    exists there; anything else (a URL, a hub name, an absolute path, None) as given."""
+    if isinstance(value, str) and value and _looks_like_relative_path(value):
+        candidate = (base / value).resolve()
+        if candidate.exists():
+            return str(candidate)
+    return value
 
 
 def _looks_like_relative_path(value: str) -> bool:

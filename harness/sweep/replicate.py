@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from harness.atomic import atomic_write
-from harness.config.load import _looks_like_relative_path, read_yaml
+from harness.config.load import DATA_PATHS, absolute_path, read_yaml
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: analysis/ beside harness/
 REPLICAS = ("a", "b")
@@ -40,10 +40,9 @@ def replica_experiment(path: Path, k: int, folder: Path) -> tuple[Path, str]:
     train = raw.setdefault("train", {})
     train["seed"] = int(train.get("seed", 0)) + SEED_STRIDE * k
     data = raw.get("data") or {}
-    for field in ("source", "validation_source", "test_source"):
-        value = data.get(field)
-        if isinstance(value, str) and _looks_like_relative_path(value) and (path.parent / value).exists():
-            data[field] = str((path.parent / value).resolve())
+    for field in DATA_PATHS:
+        if field in data:
+            data[field] = absolute_path(data[field], path.parent)
     out = folder / f"{study}.yaml"
     atomic_write(out, f"# replica {REPLICAS[k]} of {path} (harness replicate)\n"
                  + yaml.safe_dump(raw, sort_keys=False))
