@@ -36,6 +36,7 @@ from harness.rundir import (
     read_metrics,
     split_search,
 )
+from harness.sweep.estimate import NOT_NEEDED
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -177,8 +178,9 @@ def fold_searches(df: pd.DataFrame) -> pd.DataFrame:
     """summary.csv rows of a cell's independent searches (`<cell>,search=<r>`) folded into one row
     per cell: counts summed, status `done` only when every search is, each search's best
     parameters, search value and edge flags listed (`; `), run_dirs joined; `searches` counts
-    them."""
-    df = df.copy()
+    them. An adaptive search the cell did not need (status `not needed`: its interval had reached
+    sweep.target_halfwidth) is no search of it."""
+    df = df[df["status"].astype(str) != NOT_NEEDED].copy()
     df["cell"] = [split_search(c)[0] for c in df["cell"]]
     rows = []
     for _, group in df.groupby(["study", "cell"], sort=False):

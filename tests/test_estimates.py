@@ -15,7 +15,7 @@ from harness import stats
 from harness.config import ConfigError, ParamSpec
 from harness.evaluation import degenerate
 from harness.sweep import load_experiment
-from harness.sweep.summary import _estimate
+from harness.sweep.estimate import estimate as _estimate
 
 
 @pytest.mark.parametrize("df,t", [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262),
@@ -148,6 +148,31 @@ def test_search_ranges_can_depend_on_the_cell(tmp_path, seed_data):
     assert spaces["beta=0.5,masking=masked-mean"].low == 1e-3
     assert spaces["beta=0.5,masking=masked-sum"].low == 1e-5
     assert exp.spec.search["train.lr"].low == 1e-5  # the shared range is left as it was
+
+
+def test_search_ranges_can_depend_on_a_combination_of_axes(tmp_path, seed_data):
+    """A search_by key of several axes joined by commas takes their values joined the same way;
+    it wins over a single-axis key listed before it, and other combinations keep that one's."""
+    grid = {"model.name": ["tiny-xs", "tiny-s"], "masking": ["masked-sum", "masked-mean"]}
+    wide = {"type": "log_float", "low": 1e-3, "high": 3e-2}
+    pair = {"type": "log_float", "low": 2e-4, "high": 4e-4}
+    sweep = {"grid": grid, "search": SEARCH, "search_by": {
+        "masking": {"masked-mean": {"train.lr": wide}},
+        "model.name,masking": {"tiny-s,masked-mean": {"train.lr": pair}}}}
+    exp = load_experiment(write(tmp_path, seed_data, sweep))
+    lows = {(dict(c.values)["model.name"], dict(c.values)["masking"]): exp.space(c)["train.lr"].low
+            for c in exp.cells}
+    assert lows == {("tiny-xs", "masked-sum"): 1e-5, ("tiny-xs", "masked-mean"): 1e-3,
+                    ("tiny-s", "masked-sum"): 1e-5, ("tiny-s", "masked-mean"): 2e-4}
+    for by, needle in [
+        ({"model.name,beta": {"tiny-s,0.1": {"train.lr": pair}}}, "sweep.search_by.model.name,beta: "
+                                                                  "beta is not a grid axis"),
+        ({"model.name,masking": {"tiny-s": {"train.lr": pair}}}, "needs one value per axis"),
+        ({"model.name,masking": {"tiny-m,masked-sum": {"train.lr": pair}}},
+         "'tiny-m' is not a value of the grid axis model.name"),
+    ]:
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+            load_experiment(write(tmp_path, seed_data, {**sweep, "search_by": by}))
 
 
 @pytest.mark.parametrize("search_by,needle", [

@@ -176,3 +176,77 @@ def test_run_dirs_written_relative_to_another_folder_still_name_their_runs(tmp_p
     rel = "results/s/runs/b=1/seed1"
     assert _under_results(Path(rel), results, "s") == "s/runs/b=1/seed1"
     assert _under_results(results / "s" / "runs" / "b=1" / "seed1", results, "s") == "s/runs/b=1/seed1"
+
+
+def _adaptive(tmp_path, **sweep) -> Path:
+    raw = yaml.safe_load(_experiment(tmp_path).read_text())
+    raw["sweep"].update({"searches": 2, "max_searches": 5, "target_halfwidth": 0.05,
+                         "pruner": {"type": "none"}, **sweep})
+    path = tmp_path / "adaptive.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("sweep,needle", [
+    ({"target_halfwidth": None}, "target_halfwidth and max_searches go together"),
+    ({"max_searches": 2}, "max_searches > searches, got searches: 2, max_searches: 2"),
+    ({"searches": 1, "seeds": 3}, "need searches >= 2"),
+    ({"target_halfwidth": 0}, "target_halfwidth must be > 0"),
+])
+def test_adaptive_searches_settings_are_checked(tmp_path, sweep, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_experiment(_adaptive(tmp_path, **sweep))
+
+
+# Fresh-rerun values of each search (by beta): beta 0.1's agree, so its 95% half-width falls below
+# 0.05 at 3 searches (0.50, 0.51, 0.505: half-width 0.0124; at 2 it is 0.0635); beta 0.5's
+# disagree, so it runs to the cap of 5 (half-width 0.50 at 5).
+RERUNS = {0.1: [0.50, 0.51, 0.505, 0.9, 0.9], 0.5: [0.1, 0.9, 0.3, 0.7, 0.5]}
+
+
+def test_adaptive_searches_run_until_the_interval_is_narrow_or_the_cap(tmp_path, monkeypatch):
+    """A cell gets one more search while its interval is wider than target_halfwidth: beta 0.1
+    stops at 3 searches (its 4th and 5th are `not needed`), beta 0.5 runs all 5; an adaptive
+    search begins only once every earlier one of its cell has its rerun; the study continued
+    afterwards runs nothing more; analysis counts only the searches that ran."""
+    from harness.config.load import SEARCH_SEEDS
+    from harness.sweep import estimate
+    from harness.sweep.schedule import Sweep
+    from harness.sweep.summary import summary_rows
+
+    exp = load_experiment(_adaptive(tmp_path))
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sweep = Sweep(exp, url, tmp_path / "results")
+    order, early = [], []
+
+    def fake_run(trial, cfg, run_dir, on_eval, labels, role):
+        search, offset = divmod(cfg.train.seed - 7, SEARCH_SEEDS)
+        cell = Cell_of(labels["cell"])
+        if estimate.is_extra(exp.spec, cell):  # every earlier search of the cell is settled
+            rows = estimate.earlier_searches(sweep, cell)
+            early.append(rows is None or any(r["status"] != "done" for r in rows))
+        order.append((cfg.dpo.beta, search, role))
+        value = RERUNS[cfg.dpo.beta][search] if role == "seeds" else 0.2 + cfg.train.lr
+        return {"gen/reward_at_kl": value, "precision": sweep.precision}
+
+    cells = {c.id: c for c in exp.cells}
+
+    def Cell_of(cell_id):  # noqa: N802
+        return cells[cell_id]
+
+    monkeypatch.setattr("harness.sweep.schedule.run_trial", fake_run)
+    sweep.work()
+    assert early and not any(early)  # no adaptive search began before the earlier ones settled
+    rows = {r["cell"]: r for r in summary_rows(sweep)}
+    status = {cid: r["status"] for cid, r in rows.items()}
+    assert [status[f"beta=0.1,search={r}"] for r in range(5)] == ["done"] * 3 + ["not needed"] * 2
+    assert [status[f"beta=0.5,search={r}"] for r in range(5)] == ["done"] * 5
+    assert [rows[f"beta=0.5,search={r}"]["objective_mean"] for r in range(5)] == RERUNS[0.5]
+    assert sum(1 for b, _, role in order if b == 0.1 and role == "seeds") == 3
+    assert len(order) == (3 + 5) * 3  # 2 search trials + 1 rerun per search that ran
+    assert Sweep(exp, url, tmp_path / "results").work() == 0  # continued: nothing left to run
+
+    df = pd.DataFrame([{**r, "study": "r"} for r in rows.values()])
+    folded = fold_searches(df).set_index("cell")
+    assert folded.loc["beta=0.1", "searches"] == 3 and folded.loc["beta=0.5", "searches"] == 5
+    assert folded.loc["beta=0.1", "status"] == "done"

@@ -150,10 +150,14 @@ class Experiment:
         return self.spec.study or self.base.name
 
     def space(self, cell: Cell) -> dict[str, ParamSpec]:
-        """The cell's search space: `search`, with `search_by` ranges for the cell's grid values."""
+        """The cell's search space: `search`, with the `search_by` ranges of the cell's grid
+        values, in the order search_by lists its keys (a later key's range wins)."""
         space = dict(self.spec.search)
-        for axis, value in cell.values:
-            space.update(self.spec.search_by.get(axis, {}).get(str(value), {}))
+        values = {axis: str(value) for axis, value in cell.values}
+        for key, by_value in self.spec.search_by.items():
+            axes = split_axes(key)
+            if all(a in values for a in axes):
+                space.update(by_value.get(",".join(values[a] for a in axes), {}))
         return space
 
     def run_config(self, cell: Cell, params: dict[str, Any], seed_offset: int, run_name: str,
@@ -170,22 +174,39 @@ class Experiment:
         return resolve_paths(cfg, self.path.parent)
 
 
+def split_axes(key: str) -> list[str]:
+    """The grid axes a search_by key names: one (`masking`) or several joined by commas
+    (`model.name,masking`, whose values are then joined the same way: `tiny-s,masked-sum`)."""
+    return [a.strip() for a in key.split(",")]
+
+
 def _check_search_by(path: Path, raw: dict[str, Any], spec) -> None:
-    """search_by names grid axes (of any grid) and their values, and re-ranges parameters of
-    `search`."""
+    """search_by names grid axes (of any grid, or several joined by commas) and their values, and
+    re-ranges parameters of `search`."""
     axes: dict[str, set[str]] = {}
     for grid in spec.grids:
         for axis, values in grid.items():
             axes.setdefault(axis, set()).update(str(v) for v in values)
-    for axis, by_value in spec.search_by.items():
-        where = f"{path}: sweep.search_by.{axis}"
-        if axis not in axes:
-            raise ConfigError(f"{where}: not a grid axis (grid: {', '.join(axes) or 'none'})")
-        values = axes[axis]
+    for key, by_value in spec.search_by.items():
+        where = f"{path}: sweep.search_by.{key}"
+        names = split_axes(key)
+        for axis in names:
+            if axis not in axes:
+                raise ConfigError(f"{where}: {axis} is not a grid axis (grid: {', '.join(axes) or 'none'})"
+                                  if len(names) > 1 else
+                                  f"{where}: not a grid axis (grid: {', '.join(axes) or 'none'})")
         for value, params in by_value.items():
-            if str(value) not in values:
-                raise ConfigError(f"{where}.{value}: not a value of the grid axis "
-                                  f"(values: {', '.join(sorted(values))})")
+            parts = [v.strip() for v in str(value).split(",")] if len(names) > 1 else [str(value)]
+            if len(parts) != len(names):
+                raise ConfigError(f"{where}.{value}: needs one value per axis of {key}, joined by "
+                                  f"commas (e.g. {','.join(sorted(axes[a])[0] for a in names)})")
+            for axis, part in zip(names, parts, strict=True):
+                if part not in axes[axis]:
+                    raise ConfigError(f"{where}.{value}: {part!r} is not a value of the grid axis "
+                                      f"{axis} (values: {', '.join(sorted(axes[axis]))})"
+                                      if len(names) > 1 else
+                                      f"{where}.{value}: not a value of the grid axis "
+                                      f"(values: {', '.join(sorted(axes[axis]))})")
             for name, p in params.items():
                 if name not in spec.search:
                     raise ConfigError(f"{where}.{value}.{name}: only parameters of sweep.search "
@@ -234,8 +255,8 @@ def _cells(path: Path, spec) -> list[Cell]:
                         "appear once")
                 seen[key] = (cell, k)
             cells.append(cell)
-    if spec.searches > 1:
-        return [Cell(c.values, r) for c in cells for r in range(spec.searches)]
+    if spec.search_cap > 1:
+        return [Cell(c.values, r) for c in cells for r in range(spec.search_cap)]
     return cells
 
 

@@ -81,13 +81,20 @@ class SweepSpec(Strict):
     seeds: int = 1  # each cell's best parameters run with train.seed + 0..seeds-1
     search: dict[str, ParamSpec] = Field(default_factory=dict)  # Optuna space inside each cell
     # Ranges that depend on the cell: {grid axis: {grid value: {parameter: its range there}}},
-    # e.g. a learning-rate range per masking (mean-reduced log-probs need larger steps).
+    # e.g. a learning-rate range per masking (mean-reduced log-probs need larger steps); several
+    # axes joined by commas take values joined the same way ({"model.name,masking":
+    # {"tiny-s,masked-sum": ...}}). A later key's range wins.
     search_by: dict[str, dict[str, dict[str, ParamSpec]]] = Field(default_factory=dict)
     trials: int = 1  # Optuna trials per cell (the first seed)
     # Independent searches per cell, each with its own sampler and training seeds (cells
     # `<cell>,search=<r>`). With 2 or more, a cell's estimate counts one fresh-seed rerun of each
     # search's pick (seeds: 2): its interval covers the search and the seeds together.
     searches: int = 1
+    # Adaptive searches: while the 95% half-width of a cell's estimate over its searches is above
+    # target_halfwidth (in the objective's units), the cell gets one more search, up to
+    # max_searches (harness.sweep.estimate).
+    target_halfwidth: float | None = None
+    max_searches: int | None = None
     objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec)
     pruner: PrunerSpec = Field(default_factory=PrunerSpec)
     sampler: Literal["tpe", "random"] = "tpe"
@@ -111,6 +118,27 @@ class SweepSpec(Strict):
             raise ValueError(f"searches: {self.searches} needs seeds: 2 (one fresh-seed rerun of "
                              f"each search's pick), got seeds: {self.seeds}")
         return self
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> SweepSpec:
+        """target_halfwidth and max_searches go together, above `searches` (>= 2: an interval
+        needs two values)."""
+        if self.target_halfwidth is None and self.max_searches is None:
+            return self
+        if self.target_halfwidth is None or self.max_searches is None:
+            raise ValueError("target_halfwidth and max_searches go together (adaptive searches: "
+                             "one more search per cell while its interval is wider than the target)")
+        if self.target_halfwidth <= 0:
+            raise ValueError(f"target_halfwidth must be > 0, got {self.target_halfwidth}")
+        if self.searches < 2 or self.max_searches <= self.searches:
+            raise ValueError(f"adaptive searches need searches >= 2 and max_searches > searches, got "
+                             f"searches: {self.searches}, max_searches: {self.max_searches}")
+        return self
+
+    @property
+    def search_cap(self) -> int:
+        """The most searches a cell may get: max_searches, else searches."""
+        return self.max_searches or self.searches
 
     @property
     def grids(self) -> list[Grid]:

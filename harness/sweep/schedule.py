@@ -9,7 +9,8 @@ continues where it was: a slot's run folder and sampler seed come from (cell, sl
 Optuna's trial counter; a trial whose worker died is failed and retried with the same parameters;
 a run that finished before its value reached the storage is read back, not trained again; missing
 seed reruns are queued again. A cell whose trials fail `max_failures` times in a row is marked
-failed and skipped; the sweep goes on with the other cells.
+failed and skipped; the sweep goes on with the other cells. An adaptive search (beyond
+`sweep.searches`) begins only when harness.sweep.estimate says the cell's interval needs it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from harness import rundir
 from harness.chaos import crash_point
 from harness.config import Cell, Experiment
-from harness.sweep import faults
+from harness.sweep import estimate, faults
 from harness.sweep.storage import HEARTBEAT_S, host, open_storage, without_password
 from harness.sweep.study import (
     count,
@@ -167,6 +168,8 @@ class Sweep:
             search = self.search_study(cell)
             if faults.cell_failure(search, spec.max_failures):
                 continue
+            if estimate.is_extra(spec, cell) and not self._extra_runs(cell, search):
+                continue
             slot = waiting_slot(search)  # a retry runs (in its own slot) before new trials
             slot = free_slot(search, spec.trials) if slot is None else slot
             if slot is not None:
@@ -184,6 +187,16 @@ class Sweep:
             if count(seeds, "WAITING"):
                 return seeds, cell, "seeds", 0
         return None
+
+    def _extra_runs(self, cell: Cell, search) -> bool:
+        """Whether adaptive search `cell` runs now: begun already, or the one after the cell's
+        last begun search and wanted (harness.sweep.estimate.extra_search_wanted)."""
+        if search.get_trials(deepcopy=False):
+            return True
+        before = Cell(cell.values, (cell.search or 0) - 1)
+        if estimate.is_extra(self.exp.spec, before) and not estimate.opened(self, before):
+            return False  # adaptive searches run one at a time per cell
+        return bool(estimate.extra_search_wanted(self, cell))
 
     def pending(self) -> int:
         """Trials still running in some worker (each will finish, or be found stale and retried)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from harness.config import load_experiment
 from harness.quiet import quiet_libraries
 from harness.sweep import faults
+from harness.sweep.estimate import NOT_NEEDED
 from harness.sweep.schedule import Sweep
 from harness.sweep.storage import host, masked, resolve
 from harness.sweep.summary import phase_line, phase_totals, write_summary
@@ -194,10 +195,14 @@ def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = No
     plan = plan_workers(workers, devices)
     workers = len(plan)
     sweep = Sweep(exp, storage_url, results, workers=workers)
-    n_runs = len(exp.cells) * (exp.spec.trials + exp.spec.seeds - 1)
+    spec = exp.spec
+    n_runs = len(exp.cells) * (spec.trials + spec.seeds - 1)
     on = "" if plan == [None] * workers else " on devices " + ",".join(map(str, plan))
-    print(f"study {exp.study}: {len(exp.cells)} cells x ({exp.spec.trials} trials + "
-          f"{exp.spec.seeds - 1} seed reruns) = up to {n_runs} runs | storage {shown} | "
+    adaptive = "" if spec.target_halfwidth is None else \
+        (f" (searches {spec.searches} to {spec.max_searches} per cell, until its 95% half-width "
+         f"<= {spec.target_halfwidth:g})")
+    print(f"study {exp.study}: {len(exp.cells)} cells x ({spec.trials} trials + "
+          f"{spec.seeds - 1} seed reruns) = up to {n_runs} runs{adaptive} | storage {shown} | "
           f"{workers} worker(s){on} on {host()}", file=sys.stderr)
     started = time.time()
     for cell, error in faults.precheck(exp, sweep.search_study).items():
@@ -210,7 +215,7 @@ def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = No
     out, rows = write_summary(sweep)
     print(f"where the time went: {phase_line(phase_totals(sweep))}", file=sys.stderr)
     bad = [f"{r['cell']}: {r['status']}" + (f" ({r['error']})" if r["error"] else "")
-           for r in rows if r["status"] != "done"]
+           for r in rows if r["status"] not in ("done", NOT_NEEDED)]
     print(json.dumps({"summary": str(out), "storage": shown}))
     if (died or bad) and log is not None:
         print(f"last lines of {log}:\n{tail(log)}", file=sys.stderr)

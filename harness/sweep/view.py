@@ -27,6 +27,7 @@ from pathlib import Path
 from harness import rundir
 from harness.config import Experiment
 from harness.sweep import faults
+from harness.sweep.estimate import is_extra
 from harness.sweep.status import find_study
 from harness.sweep.storage import open_storage
 
@@ -132,6 +133,8 @@ def read_cell(exp: Experiment, storage, cell, names: dict[str, str],
                 runs.append(run)
                 settled[role] += run.counts
     view.done = min(settled["search"], spec.trials) + min(settled["seeds"], spec.seeds - 1)
+    if is_extra(spec, cell) and not runs and not view.running:
+        view.planned = 0  # an adaptive search not begun: it runs only if the cell needs it
     if search is None:
         return view, runs
     if any(t.state.name == "COMPLETE" for t in search.get_trials(deepcopy=False)):
@@ -226,7 +229,7 @@ def render_live(snap: Snapshot, study: str, elapsed: float, workers: int, log: P
         cells.add_column(name, overflow="ellipsis", no_wrap=True)
     for c in snap.cells:
         running = ", ".join(c.running) or ("[red]failed: " + c.failed if c.failed else "")
-        cells.add_row(c.cell, f"{c.done}/{c.planned}", best_text(c.best), last.get(c.cell, ""),
+        cells.add_row(c.cell, f"{c.done}/{c.planned}" if c.planned else "if needed", best_text(c.best), last.get(c.cell, ""),
                       running)
     recent = Table.grid(padding=(0, 2))
     for r in snap.finished[-RECENT:]:
