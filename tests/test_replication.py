@@ -2,8 +2,10 @@
 their summary rows, and replication.md's verdicts per cell and per finding."""
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -250,3 +252,30 @@ def test_adaptive_searches_run_until_the_interval_is_narrow_or_the_cap(tmp_path,
     folded = fold_searches(df).set_index("cell")
     assert folded.loc["beta=0.1", "searches"] == 3 and folded.loc["beta=0.5", "searches"] == 5
     assert folded.loc["beta=0.1", "status"] == "done"
+
+
+def test_lr_scan_finds_each_cells_peak_and_a_range_per_group():
+    """Runs scoring 0.3 − (log10 lr − log10 peak)² around peaks 1e-4 and 4e-4 (tiny-s, two betas
+    each) give those peaks back and a range a factor 4 wide around their geometric mean, as a
+    search_by block that loads; a cell whose scores curve up has no peak and is named."""
+    from analysis import lr_scan
+
+    rows = []
+    for cell, size, peak in (("a1", "tiny-s", 1e-4), ("a2", "tiny-s", 4e-4), ("b1", "tiny-xs", None)):
+        for lr in np.logspace(-5, -2.5, 7):
+            score = 0.3 - (math.log10(lr) - math.log10(peak)) ** 2 if peak else (math.log10(lr) + 4) ** 2
+            rows.append({"cell": cell, "model.name": size, "masking": "masked-sum",
+                         "train.lr": lr, "gen/reward_at_kl": score})
+    rows.append({**rows[0], "gen/reward_at_kl": float("nan")})  # a run without a score: left out
+    cells = lr_scan.scan(pd.DataFrame(rows), ["model.name", "masking"]).set_index("cell")
+    assert cells.loc["a1", "peak"] == pytest.approx(1e-4) and cells.loc["a2", "peak"] == pytest.approx(4e-4)
+    assert cells.loc["a1", "at_peak"] == pytest.approx(0.3) and cells.loc["a1", "runs"] == 7
+    assert pd.isna(cells.loc["b1", "peak"]) and "curves up" in cells.loc["b1", "why"]
+    groups = lr_scan.ranges(cells.reset_index(), ["model.name", "masking"], width=4.0)
+    text = lr_scan.report(cells.reset_index(), groups, ["model.name", "masking"], 4.0, "gen/reward_at_kl")
+    block = yaml.safe_load(text.split("```yaml\n")[1].split("```")[0])
+    got = block["search_by"]["model.name,masking"]["tiny-s,masked-sum"]["train.lr"]
+    assert (got["low"], got["high"]) == (pytest.approx(1e-4, rel=0.01), pytest.approx(4e-4, rel=0.01))
+    assert "# tiny-xs,masked-sum: no cell with an interior peak" in text
+    with pytest.raises(ValueError, match="no masking"):
+        lr_scan.scan(pd.DataFrame(rows).drop(columns=["masking"]), ["model.name", "masking"])

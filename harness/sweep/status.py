@@ -44,9 +44,11 @@ def cell_status(exp: Experiment, storage, cell, now: dt.datetime | None = None) 
                            "seeds": f"0/{spec.seeds - 1}", "best": None, "params": {},
                            "workers": [], "error": ""}
     search = find_study(storage, f"{exp.study}/{cell.id}")
-    if search is None:
+    trials = search.get_trials(deepcopy=False) if search is not None else []
+    if not trials and cell.search is not None and cell.search >= spec.searches:
+        row["state"] = "if needed"  # an adaptive search: it runs if the cell's interval is wide
+    if not trials:
         return row
-    trials = search.get_trials(deepcopy=False)
     states = [t.state.name for t in trials]
     row.update({"done": states.count("COMPLETE"), "pruned": states.count("PRUNED"),
                 "failed": sum(faults.real_failure(t) for t in trials),
