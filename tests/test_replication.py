@@ -279,3 +279,20 @@ def test_lr_scan_finds_each_cells_peak_and_a_range_per_group():
     assert "# tiny-xs,masked-sum: no cell with an interior peak" in text
     with pytest.raises(ValueError, match="no masking"):
         lr_scan.scan(pd.DataFrame(rows).drop(columns=["masking"]), ["model.name", "masking"])
+
+
+def test_lr_scan_holds_a_range_below_the_largest_stable_rate():
+    """Runs at 10^-4.0 .. 10^-3.7 are stable, 1 of 4 degenerate at 10^-3.6 (a share of 0.25 > 0.2):
+    the largest stable rate is 10^-3.6; a range around a peak at 2e-4 (factor 5: up to 4.5e-4) is
+    cut there, and a group without a peak spans a factor sqrt(5) below it."""
+    from analysis import lr_scan
+
+    lr = pd.Series([10 ** e for e in (-4.0, -4.0, -4.0, -3.8, -3.8, -3.8, -3.58, -3.58, -3.58, -3.58)])
+    degenerate = pd.Series([False] * 6 + [True, False, False, False])
+    assert lr_scan.stable_limit(lr, degenerate) == pytest.approx(10 ** -3.6)
+    assert lr_scan.stable_limit(lr, degenerate, max_share=0.3) is None
+    cells = pd.DataFrame({"model.name": ["s", "xs"], "cell": ["a", "b"], "peak": [2e-4, float("nan")]})
+    limits = {"s": 10 ** -3.6, "xs": 1e-4}
+    (s, xs) = lr_scan.ranges(cells, ["model.name"], 5.0, limits)
+    assert (s["low"], s["high"]) == (pytest.approx(2e-4 / 5 ** 0.5), pytest.approx(10 ** -3.6))
+    assert (xs["low"], xs["high"]) == (pytest.approx(1e-4 / 5 ** 0.5), 1e-4) and "centre" not in xs
