@@ -12,7 +12,7 @@ import torch
 
 from harness import device as hd
 from harness import models as hm
-from harness.sweep.summary import _estimate
+from harness.sweep.estimate import estimate as _estimate
 from harness.train import train
 from tests.runs import quick_config
 from tests.test_models import AMX_FLAGS, AVX2_FLAGS, _cpuinfo
