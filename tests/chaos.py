@@ -97,7 +97,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> int:
 
 def table(results: Path) -> pd.DataFrame:
     df = pd.read_csv(results / "chaos" / "summary.csv")
-    df["runs"] = df["run_dirs"].fillna("").map(
+    df["runs"] = df["run_dirs"].astype(object).fillna("").map(
         lambda s: ";".join(Path(p).relative_to(results).as_posix() for p in s.split(";") if p))
     cols = [c for c in COMPARED if c in df] + sorted(c for c in df if c.startswith("param/")) + ["runs"]
     return df[cols].sort_values("cell", ignore_index=True)
@@ -189,13 +189,15 @@ def killed_at_random(root: Path, reference: pd.DataFrame, kills: int, took: floa
 
 
 def two_workers_at_work(root: Path, name: str, settle_s: float):
-    """A two-worker study started in root/name, `settle_s` after both workers exist."""
+    """A two-worker study started in root/name, `settle_s` after both workers exist and a trial
+    has logged its first step (so a signal lands mid-study however fast this machine is)."""
     results, study = root / name, write_study(root / f"{name}-study")
     results.mkdir(parents=True)
     proc = start(study, results, workers=2)
     deadline = time.time() + 60
-    while time.time() < deadline and len(children(proc.pid)) < 2:
-        time.sleep(0.5)
+    while time.time() < deadline and proc.poll() is None and (
+            len(children(proc.pid)) < 2 or not any(results.glob("chaos/runs/*/*/metrics.jsonl"))):
+        time.sleep(0.2)
     time.sleep(settle_s)
     return results, study, proc, children(proc.pid)
 
@@ -208,7 +210,7 @@ def finished_with_budgets(study: Path, results: Path) -> tuple[int, bool]:
 
 
 def worker_killed(root: Path, report: list) -> None:
-    results, study, proc, kids = two_workers_at_work(root, "worker", 8)
+    results, study, proc, kids = two_workers_at_work(root, "worker", 0.5)
     if kids:
         os.kill(kids[0], signal.SIGKILL)
     rc = finish(proc, 1200)
@@ -222,7 +224,7 @@ def worker_killed(root: Path, report: list) -> None:
 def interrupted(root: Path, report: list) -> None:
     """Ctrl-C (SIGINT to the process group) of two workers: exit 130, the cut-off trials queued
     again, and the same command finishes the study."""
-    results, study, proc, _ = two_workers_at_work(root, "ctrl-c", 8)
+    results, study, proc, _ = two_workers_at_work(root, "ctrl-c", 0.5)
     os.killpg(proc.pid, signal.SIGINT)
     rc = finish(proc, 300)
     rc2, done = finished_with_budgets(study, results)
@@ -232,7 +234,7 @@ def interrupted(root: Path, report: list) -> None:
 
 
 def parent_killed(root: Path, report: list) -> None:
-    _, _, proc, kids = two_workers_at_work(root, "parent", 5)
+    _, _, proc, kids = two_workers_at_work(root, "parent", 0.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 30
