@@ -172,14 +172,18 @@ def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, m
         return tokenizer.decode([t for t in ids if t != eos])
 
     pol_text, ref_text = [text(s) for s in pol], [text(s) for s in ref_samples]
-    if parse_fn is not None:
-        metrics["gen/parsed"] = sum(map(parse_fn, prompt_texts, pol_text)) / len(pol_text)
+    parsed = None if parse_fn is None else list(map(parse_fn, prompt_texts, pol_text))
+    if parsed is not None:
+        metrics["gen/parsed"] = sum(parsed) / len(parsed)
     if reward_fn is None:
         return metrics, [[x, yr, yp, None, None] for x, yr, yp in
                          zip(prompt_texts, ref_text, pol_text, strict=True)], ref_samples
     r_pol = [reward_fn(x, y) for x, y in zip(prompt_texts, pol_text, strict=True)]
     r_ref = [reward_fn(x, y) for x, y in zip(prompt_texts, ref_text, strict=True)]
     metrics["gen/reward"], metrics["gen/reward_se"] = mean_se(r_pol)
+    if parsed is not None:  # the reward of the samples that parse (nan, logged as null, if none)
+        kept = [r for r, ok in zip(r_pol, parsed, strict=True) if ok]
+        metrics["gen/reward_parsed"] = sum(kept) / len(kept) if kept else float("nan")
     metrics["gen/ref_reward"] = sum(r_ref) / len(r_ref)
     metrics["gen/win_rate"] = sum(1.0 if a > b else 0.5 if a == b else 0.0
                                   for a, b in zip(r_pol, r_ref, strict=True)) / len(r_pol)

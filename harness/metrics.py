@@ -70,6 +70,7 @@ _OTHERS = [
     Metric("gen/win_rate", "win rate against the reference", "reward", direction="max"),
     Metric("gen/parsed", "fraction of samples that parse in the task's language", "reward",
            direction="max"),
+    Metric("gen/reward_parsed", "ground-truth reward of the samples that parse", "reward"),
     Metric("eval/pref_accuracy", "held-out preference accuracy (true reward order)", "task",
            direction="max"),
     # harness.frontier: the best reward on the run's (gen/kl, gen/reward) path so far at KL <= k

@@ -94,18 +94,16 @@ class Controlled:
         corpus = [r.prompt + r.continuation for r in controlled.generate_reviews(tc.n_sft_texts, tc.seed)]
         tokenizer, info = _tokenizer(cfg, lambda: iter(corpus))
         init_path, sft_info = _sft(cfg, tokenizer, corpus, device, say)
-        n_pair_prompts = tc.n_train_prompts + tc.n_val_prompts
-        prompts = [r.prompt for r in controlled.generate_reviews(n_pair_prompts + tc.n_eval_prompts,
-                                                                 tc.seed + 1)]
-        pairs, path, reused = self.pair_set(cfg, init_path, tokenizer, prompts[:n_pair_prompts],
-                                            device, say)
+        splits = controlled.prompt_splits(tc.seed, tc.n_train_prompts, tc.n_val_prompts, tc.n_eval_prompts)
+        pairs, path, reused = self.pair_set(cfg, init_path, tokenizer,
+                                            splits["train"] + splits["validation"], device, say)
         raw = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs[name]]
                for name in ("train", "validation")}
         rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in pairs[name]]
                    for name in ("train", "validation")}
         return Prepared(tokenizer, {**raw, "test": []}, special_tokens=False, init_path=init_path,
                         true_rewards=rewards, reward_fn=controlled.reward, parse_fn=controlled.parses,
-                        eval_prompts=prompts[n_pair_prompts:],
+                        eval_prompts=splits["eval"],
                         info={**info, **sft_info, "pairs/cache": str(path), "pairs/reused": reused})
 
     @staticmethod
@@ -114,7 +112,7 @@ class Controlled:
         """Train/validation pairs from the SFT model's own samples, cached by a hash of the SFT
         checkpoint and the task settings; made once under a lock when workers race."""
         tc = cfg.task
-        path = cache.entry("pairs", cache.Key(str(init_path), tc.model_dump(mode="json")), ".json")
+        path = cache.entry("pairs", cache.Key(str(init_path), tc.model_dump(mode="json")).texts(prompts), ".json")
 
         def sample() -> dict:
             t0 = time.time()

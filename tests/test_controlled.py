@@ -64,6 +64,41 @@ def test_reward_by_hand(prompt, continuation, expected):
     assert controlled.reward(prompt, continuation) == pytest.approx(expected)
 
 
+def test_prompt_splits_are_nested_and_independent_of_each_other():
+    """More training prompts extend the training set and leave validation and eval prompts alone
+    (a data-scaling axis compares nested training sets on the same held-out prompts)."""
+    small, large = controlled.prompt_splits(0, 16, 4, 8), controlled.prompt_splits(0, 64, 6, 8)
+    assert large["train"][:16] == small["train"] and large["eval"] == small["eval"]
+    assert large["validation"][:4] == small["validation"]
+    assert controlled.prompt_splits(1, 16, 4, 8)["eval"] != small["eval"]
+    assert [len(small[k]) for k in ("train", "validation", "eval")] == [16, 4, 8]
+
+
+def test_gen_eval_reports_the_reward_of_parsed_samples():
+    """gen/reward_parsed averages the reward over the samples that parse, by hand."""
+    from harness.generate import gen_eval
+
+    class Tok:
+        eos_token_id, pad_token_id = 0, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1]}
+
+        def decode(self, ids):
+            return TEXTS[ids[0] - 2]
+
+    TEXTS = [" the plot was great .", " the plot was great and great .", " the plot was dull ."]
+    prompts = ["review : the plot was fine ."] * 3
+    policy = torch.nn.Linear(1, 1)
+    samples = [[2, 0], [3, 0], [4, 0]]
+    m, _, _ = gen_eval(policy, policy, Tok(), prompts, controlled.reward, 4, 0, "cpu",
+                       ref_samples=samples, parse_fn=controlled.parses)
+    assert m["gen/parsed"] == pytest.approx(2 / 3)
+    # "great" alone is not a clause: sentiment 0 at weight 1 beside the on-topic clause's 2.
+    assert m["gen/reward"] == pytest.approx((1.0 + 2 / 3 - 1.0) / 3)
+    assert m["gen/reward_parsed"] == pytest.approx(0.0)  # (+1 − 1) / 2: the unparsed one left out
+
+
 def test_bradley_terry_labels_follow_the_reward():
     """Over many draws, the higher-reward continuation is chosen at σ(Δr/τ), within 4 standard
     errors of a binomial proportion (tolerance stated per reward gap)."""
@@ -244,6 +279,11 @@ def test_step_zero_generation_metrics_are_exact(tmp_path):
     assert first["gen/reward"] == first["gen/ref_reward"]
     assert first["eval/pref_accuracy"] == 0.5
     assert first["gen/kl_se"] == 0.0 and 0.0 <= first["gen/parsed"] <= 1.0
+    # The reward over the samples that parse is the reward where every sample parses.
+    if first["gen/parsed"] == 1.0:
+        assert first["gen/reward_parsed"] == pytest.approx(first["gen/reward"])
+    else:
+        assert first["gen/reward_parsed"] is None or -2.0 <= first["gen/reward_parsed"] <= 2.0
 
 
 def test_sft_on_another_field_and_gen_eval_without_a_reward(seed_data, tmp_path):

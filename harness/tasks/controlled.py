@@ -79,9 +79,17 @@ def generate_review(rng: random.Random) -> Review:
     return Review(prompt=f"review : {first} .", continuation=" " + " ".join(parts) + " .", noun=noun)
 
 
-def generate_reviews(n: int, seed: int) -> list[Review]:
+def generate_reviews(n: int, seed: int | str) -> list[Review]:
     rng = random.Random(seed)
     return [generate_review(rng) for _ in range(n)]
+
+
+def prompt_splits(seed: int, n_train: int, n_val: int, n_eval: int) -> dict[str, list[str]]:
+    """Train, validation and eval prompts, each from its own random stream: a split's prompts do
+    not depend on the other splits' sizes, and n training prompts are the first n of any larger
+    set (a data-scaling axis compares nested training sets on the same held-out prompts)."""
+    return {name: [r.prompt for r in generate_reviews(n, f"{seed}/{name}-prompts")]
+            for name, n in (("train", n_train), ("validation", n_val), ("eval", n_eval))}
 
 
 def prompt_noun(prompt: str) -> str | None:
