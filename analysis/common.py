@@ -12,6 +12,7 @@ from analysis.style import MissingData
 from harness.rundir import FINISHED, METRICS, SUMMARY
 
 KEYS = ["model.name", "dpo.beta", "masking"]  # what a study's cells differ in, in table order
+DATA_KEYS = ["task.n_train_prompts", "task.samples_per_prompt", "train.epochs"]  # when they vary
 
 
 def cell_keys(runs: pd.DataFrame) -> list[str]:
@@ -22,6 +23,7 @@ def cell_keys(runs: pd.DataFrame) -> list[str]:
         keys.insert(1 if "model.name" in keys else 0, "method")
     if "dpo.label_smoothing" in runs and runs["dpo.label_smoothing"].nunique() > 1:
         keys.append("dpo.label_smoothing")
+    keys += [k for k in DATA_KEYS if k in runs and runs[k].nunique() > 1]  # a data-scaling study
     if "precision" in runs:  # bf16 and fp32 runs are different experiments: never one estimate
         keys.append("precision")
     return keys

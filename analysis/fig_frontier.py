@@ -1,14 +1,19 @@
 """The reward-versus-KL frontier of the controlled task (the DPO paper's Figure 2, left), one
-figure per study and model size (`frontier_<study>_<model>`): x = gen/kl, y = gen/reward.
+figure per study and model size (`frontier_<study>_<model>`): x = gen/kl, y = gen/reward, and
+where the task has a language (the controlled task) two panels beside it on the same KL axis: the
+reward of the samples that parse (gen/reward_parsed) and the fraction that parse (gen/parsed), so
+a reward that stalls because samples leave the language shows as such.
 
 Drawn for the runs each cell is compared on (analysis.common.best_runs) and the cells' degenerate
 seed reruns, which are shown hollow, never dropped: each run's path through its eval points (thin,
 light), its final point with gen/kl_se and gen/reward_se error bars, and per method the Pareto
 front over the cells' final points averaged over seeds (degenerate and diverged runs left out of
-the mean). Colour = method (analysis.methods), marker = β, line style = masking (when the figure
-holds more than one, each masking has its own front). The SFT reference is a star at KL 0 (its
-gen/ref_reward); best-of-N from results/<study>/baselines/best_of_n.csv is a dashed line with a
-point per N (its KL an upper bound), or the legend says the file is missing. The KL axis ends a
+the mean), each front point with the 95% t-intervals of its cell's reward and KL over seeds. Colour =
+method (analysis.methods), marker = β, line style = masking (when the figure holds more than one,
+each masking has its own front). The SFT reference is a star at KL 0 (its gen/ref_reward);
+best-of-N from results/<study>/baselines/best_of_n.csv is a solid black line with a point per N at
+its KL estimated from samples (± se), its closed-form KL bound a dashed line beside it, or the
+legend says the file is missing. The KL axis ends a
 little past the unflagged runs and best-of-N: a degenerate run far beyond (hundreds of nats) is
 drawn at the right edge as a hollow triangle, and the figure says how many and how far."""
 
@@ -26,9 +31,11 @@ from analysis import methods
 from analysis.common import best_runs, curves_or_fail
 from analysis.load import load_finals
 from analysis.style import COLUMN_IN, MissingData, label, save, setup
+from harness.stats import estimate
 
 REFERENCE = "gen/ref_reward"  # the SFT reference's reward on the same prompts
 X, Y = "gen/kl", "gen/reward"
+PARSED, Y_PARSED = "gen/parsed", "gen/reward_parsed"  # the task's language, where it has one
 BETA_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
 NO_BETA_MARKER = "p"
 MASKING_LINES = ["-", "--", ":", "-."]
@@ -89,16 +96,28 @@ def shown_points(results: Path) -> pd.DataFrame:
     return pts
 
 
-def fronts(finals: pd.DataFrame, by_masking: bool) -> pd.DataFrame:
-    """Per series the Pareto front over cell means of the unflagged final points."""
-    ok = finals[finals["flag"] == ""]
+def fronts(paths: pd.DataFrame, by_masking: bool) -> pd.DataFrame:
+    """Per series the Pareto front over the cells' mean eval points: every cell's runs averaged at
+    each number of pairs seen (the DPO paper's Figure 2 takes every run's checkpoints), with the
+    95% t-interval half-widths of reward and KL over its seeds; degenerate and diverged runs left
+    out. The SFT reference (0 pairs seen) starts every front."""
+    ok = paths[paths["flag"] == ""]
     if ok.empty:
-        return pd.DataFrame(columns=[*CELL, X, Y, "n", "series"])
-    cells = ok.groupby(CELL, sort=True).agg(**{X: (X, "mean"), Y: (Y, "mean"), "n": ("run", "size")})
-    cells = cells.reset_index()
+        return pd.DataFrame(columns=[*CELL, "examples_seen", X, Y, "n", "x_half", "y_half", "series"])
+    cells = ok.groupby([*CELL, "examples_seen"], sort=True).agg(
+        **{X: (X, "mean"), Y: (Y, "mean"), "n": ("run", "size"), "x_half": (X, _half),
+           "y_half": (Y, _half)}).reset_index()
     cells["series"] = cells["method"] + (" · " + cells["masking"] if by_masking else "")
+    start = cells["examples_seen"] == 0  # every cell's first point is the same SFT reference
+    cells = cells[~start | ~cells.duplicated(["series", "examples_seen"])]
     return pd.concat([methods.pareto_front(g) for _, g in cells.groupby("series", sort=True)],
                      ignore_index=True)
+
+
+def _half(values: pd.Series) -> float:
+    """Half the width of the 95% t-interval of the mean (0 for a single value)."""
+    e = estimate(values.dropna().tolist()) if values.notna().any() else None
+    return 0.0 if e is None or e.low is None else (e.high - e.low) / 2
 
 
 def frontiers(results: Path) -> list[Frontier]:
@@ -114,11 +133,11 @@ def frontiers(results: Path) -> list[Frontier]:
         else:
             mine = (baseline["model.name"] == model) & (baseline["study"] == study)
             bon = baseline[mine].sort_values("n", ignore_index=True)
-            bound = (bon["kl_kind"] == "bound").any()
-            note = f"best-of-N{' (KL: upper bound)' if bound else ''}" if len(bon) else \
-                "best-of-N: none for this model"
+            bound = (bon["kl_kind"] == "bound").all()
+            note = f"best-of-N{' (KL: upper bound)' if bound else ' (KL from samples)'}" if len(bon) \
+                else "best-of-N: none for this model"
             bon = bon if len(bon) else None
-        out.append(Frontier(str(study), str(model), frame, finals, fronts(finals, frame["masking"].nunique() > 1),
+        out.append(Frontier(str(study), str(model), frame, finals, fronts(frame, frame["masking"].nunique() > 1),
                             None if ref is None or pd.isna(ref) else float(ref), bon, note))
     return out
 
@@ -132,31 +151,39 @@ def _styles(f: Frontier) -> tuple[dict, dict, dict]:
             dict(zip(maskings, MASKING_LINES * 3, strict=False)))
 
 
-def _draw_runs(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
-    for _, path in f.paths.groupby("run", sort=True):
+def _draw_runs(ax, f: Frontier, colour: dict, marker: dict, line: dict, y: str = Y) -> None:
+    """Each run's path and final point on (gen/kl, y); the fronts only on the reward panel."""
+    for _, path in f.paths.dropna(subset=[y]).groupby("run", sort=True):
         first = path.iloc[0]
-        ax.plot(path[X], path[Y], color=colour[first["method"]], ls=line[first["masking"]],
+        ax.plot(path[X], path[y], color=colour[first["method"]], ls=line[first["masking"]],
                 lw=0.6, alpha=0.3, zorder=1)
-    for _, r in f.finals.iterrows():
+    for _, r in f.finals.dropna(subset=[y]).iterrows():
         c = colour[r["method"]]
         xerr = r.get("gen/kl_se") if pd.notna(r.get("gen/kl_se")) else None
-        yerr = r.get("gen/reward_se") if pd.notna(r.get("gen/reward_se")) else None
-        ax.errorbar([r[X]], [r[Y]], xerr=xerr, yerr=yerr, marker=marker[r["β"]], ms=4,
+        yerr = r.get("gen/reward_se") if y == Y and pd.notna(r.get("gen/reward_se")) else None
+        ax.errorbar([r[X]], [r[y]], xerr=xerr, yerr=yerr, marker=marker[r["β"]], ms=4,
                     color=c, mfc="none" if r["flag"] else c, elinewidth=0.6, capsize=1.5,
                     alpha=0.8, ls="none", zorder=2)
+    if y != Y:
+        return
     for _, front in f.fronts.groupby("series", sort=True):
         first = front.iloc[0]
-        ax.plot(front[X], front[Y], color=colour[first["method"]], ls=line[first["masking"]],
-                lw=1.6, zorder=3)
+        ax.errorbar(front[X], front[Y], xerr=front["x_half"], yerr=front["y_half"],
+                    color=colour[first["method"]], ls=line[first["masking"]], lw=1.6,
+                    elinewidth=1.0, capsize=2.0, zorder=3)
 
 
 def _draw_baselines(ax, f: Frontier) -> None:
     if f.reference is not None:
         ax.scatter([0], [f.reference], marker="*", s=120, color="black", zorder=5)
     if f.baseline is not None:
-        b = f.baseline
-        ax.errorbar(b["kl"], b["reward"], yerr=b["reward_se"], color=methods.PALETTE[methods.BEST_OF_N],
-                    ls="--", lw=1.0, marker=".", ms=4, capsize=1.5, elinewidth=0.6, zorder=4)
+        b, colour = f.baseline, methods.PALETTE[methods.BEST_OF_N]
+        estimated = (b["kl_kind"] != "bound").all()
+        ax.errorbar(b["kl"], b["reward"], xerr=b["kl_se"] if estimated else None, yerr=b["reward_se"],
+                    color=colour, ls="-" if estimated else "--", lw=1.0, marker=".", ms=4,
+                    capsize=1.5, elinewidth=0.6, zorder=4)
+        if estimated:  # the closed-form bound beside the estimate
+            ax.plot(b["kl_bound"], b["reward"], color=colour, ls="--", lw=0.8, alpha=0.6, zorder=4)
         for _, r in b.iterrows():
             ax.annotate(f"N={r['n']:g}", (r["kl"], r["reward"]), fontsize=5,
                         textcoords="offset points", xytext=(3, -6))
@@ -179,7 +206,11 @@ def _legend(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
     handles += [entry("thin: a run's eval points", lw=0.6), entry("thick: front of cell means", lw=1.6)]
     if f.reference is not None:
         handles.append(entry("SFT reference", color="black", marker="*", ms=8, ls="none"))
-    handles.append(entry(f.baseline_note, color="black", ls="--" if f.baseline is not None else "none"))
+    if f.baseline is not None and (f.baseline["kl_kind"] != "bound").all():
+        handles += [entry(f.baseline_note, color="black", marker=".", lw=1.0),
+                    entry("best-of-N at its KL bound", color="black", ls="--", lw=0.8)]
+    else:
+        handles.append(entry(f.baseline_note, color="black", ls="--" if f.baseline is not None else "none"))
     ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside
 
 
@@ -204,17 +235,34 @@ def _draw_beyond(ax, f: Frontier, xmax: float, colour: dict) -> None:
                 xycoords="axes fraction", ha="right", va="bottom", fontsize=6)
 
 
+def language_panels(f: Frontier) -> list[str]:
+    """The extra panels this frontier has data for: reward over parsed samples, fraction parsed."""
+    return [y for y in (Y_PARSED, PARSED) if y in f.paths and f.paths[y].notna().any()]
+
+
 def plot(f: Frontier):
-    """The figure of one model's Frontier."""
-    fig, ax = plt.subplots(layout="constrained", figsize=(COLUMN_IN + 2.4, 3.0))
+    """The figure of one model's Frontier: reward vs KL, then the language panels."""
+    extra = language_panels(f)
+    fig, axes = plt.subplots(1, 1 + len(extra), layout="constrained", sharex=True, squeeze=False,
+                             figsize=(COLUMN_IN + 2.4 + 2.6 * len(extra), 3.0))
+    ax = axes[0][0]
     colour, marker, line = _styles(f)
     _draw_runs(ax, f, colour, marker, line)
     _draw_baselines(ax, f)
-    _legend(ax, f, colour, marker, line)
     xmax = kl_limit(f)
     ax.set_xlim(min(-0.03 * xmax, f.paths[X].min()), xmax)
     _draw_beyond(ax, f, xmax, colour)
     ax.set(xlabel=label(X), ylabel=label(Y), title=f"{f.study + ' · ' if f.study else ''}{f.model}: reward vs KL")
+    for panel, y in zip(axes[0][1:], extra, strict=True):
+        _draw_runs(panel, f, colour, marker, line, y)
+        start = f.paths[f.paths["step"] == 0][y].dropna() if "step" in f.paths else pd.Series([])
+        if len(start):  # step 0: the policy is the SFT reference
+            panel.scatter([0], [start.mean()], marker="*", s=120, color="black", zorder=5)
+        panel.set(xlabel=label(X), ylabel=label(y), title="of the samples that parse" if y == Y_PARSED
+                  else "samples that parse (the task's language)")
+        if y == PARSED:
+            panel.set_ylim(-0.02, 1.02)
+    _legend(axes[0][-1], f, colour, marker, line)
     return fig
 
 

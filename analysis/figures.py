@@ -14,6 +14,7 @@ from analysis import (
     fig_heatmap,
     fig_notebook,
     fig_optuna,
+    fig_scaling,
     fig_size,
     findings,
     table,
@@ -23,7 +24,8 @@ from analysis.style import MissingData
 
 SCRIPTS = {
     "notebook plots": fig_notebook, "curves by beta": fig_curves, "beta x masking heatmap": fig_heatmap,
-    "model size": fig_size, "reward-vs-KL frontier": fig_frontier, "optuna": fig_optuna,
+    "model size": fig_size, "reward-vs-KL frontier": fig_frontier, "data scaling": fig_scaling,
+    "optuna": fig_optuna,
     "results table": table, "findings": findings,
 }
 

@@ -25,15 +25,26 @@ import pandas as pd
 from analysis.common import cell_keys, compared_runs, penalized, scored
 from analysis.load import load_study_summaries
 from analysis.methods import WITHOUT_BETA, closest_n, read_best_of_n
-from analysis.style import label
 from analysis.table import cell_estimates
 from harness import stats
 
-AXES = {  # what is compared: (the varied column, the columns held fixed, how a level is named)
-    "β": ("dpo.beta", ["model.name", "masking"], lambda v: f"β {v:g}"),
-    "masking": ("masking", ["model.name", "dpo.beta"], str),
-    "model size": ("model.name", ["dpo.beta", "masking"], str),
+AXES = {  # what is compared: (the varied column, how a level is named); every other column of
+    # CELL_COLUMNS the runs have is held fixed
+    "β": ("dpo.beta", lambda v: f"β {v:g}"),
+    "masking": ("masking", str),
+    "model size": ("model.name", str),
+    "training prompts": ("task.n_train_prompts", lambda v: f"{v:g} prompts"),
+    "samples per prompt": ("task.samples_per_prompt", lambda v: f"{v:g} samples/prompt"),
+    "epochs": ("train.epochs", lambda v: f"{v:g} epochs"),
 }
+CELL_COLUMNS = ["model.name", "dpo.beta", "masking", "task.n_train_prompts",
+                "task.samples_per_prompt", "train.epochs"]
+HELD = {"dpo.beta": "β {:g}", "task.n_train_prompts": "{:g} prompts",
+        "task.samples_per_prompt": "{:g} samples/prompt", "train.epochs": "{:g} epochs"}
+
+
+def _held_name(column: str, value) -> str:
+    return HELD[column].format(value) if column in HELD else str(value)
 
 
 def _levels(runs: pd.DataFrame, column: str) -> list:
@@ -46,16 +57,17 @@ def comparisons(runs: pd.DataFrame) -> list[dict]:
     """One record per comparison of neighbouring levels of each axis, the others held fixed."""
     out = []
     several = "method" in runs and runs["method"].nunique() > 1
-    for axis, (column, fixed, name) in AXES.items():
+    for axis, (column, name) in AXES.items():
         if column not in runs or runs[column].nunique() < 2:
             continue
+        fixed = [c for c in CELL_COLUMNS if c != column and c in runs]
         fixed = [*fixed, "method"] if several else fixed
         fixed = [*fixed, "precision"] if "precision" in runs else fixed  # never across precisions
         levels = _levels(runs, column)
         for held, group in runs.groupby(fixed, sort=True):
-            where = ", ".join(f"{label(f)} {v:g}" if isinstance(v, float) else str(v)
-                              for f, v in zip(fixed, held, strict=True)
-                              if f != "precision" or runs["precision"].nunique() > 1)
+            where = ", ".join(_held_name(f, v) for f, v in zip(fixed, held, strict=True)
+                              if f in ("model.name", "masking", "method", "dpo.beta")
+                              or runs[f].nunique() > 1)  # data settings and precision if they vary
             for lo, hi in zip(levels, levels[1:], strict=False):
                 a = group.loc[group[column] == hi, "objective"].tolist()
                 b = group.loc[group[column] == lo, "objective"].tolist()
@@ -107,6 +119,8 @@ def _cell_name(cell: pd.Series, keys: list[str]) -> str:
             parts.append(f"β {cell[k]:g}")
         elif k == "dpo.label_smoothing" and cell[k] > 0:
             parts.append(f"ε {cell[k]:g}")
+        elif k in HELD:
+            parts.append(_held_name(k, cell[k]))
         elif k not in ("model.name", "method", "dpo.beta", "dpo.label_smoothing"):
             parts.append(str(cell[k]))
     return ", ".join(parts)

@@ -21,30 +21,41 @@ BEST_OF_N = "best-of-N"
 # Okabe & Ito's colour-blind-safe palette, one fixed colour per known method; other methods take
 # the remaining ones in name order.
 PALETTE = {"DPO": "#0072B2", "cDPO": "#56B4E9", "IPO": "#009E73", "SLiC (hinge)": "#D55E00",
-           "Preferred-FT": "#CC79A7", BEST_OF_N: "#000000"}
-SPARE = ["#E69F00", "#F0E442", "#999999", "#882255", "#44AA99", "#117733"]
+           "Preferred-FT": "#CC79A7", "DPO + NLL": "#E69F00", BEST_OF_N: "#000000"}
+SPARE = ["#F0E442", "#999999", "#882255", "#44AA99", "#117733"]
 
 BEST_OF_N_FILE = Path("baselines") / "best_of_n.csv"  # under results/<study>/
-BEST_OF_N_COLUMNS = ["model.name", "n", "reward", "reward_se", "kl", "kl_kind"]
+BEST_OF_N_COLUMNS = ["model.name", "n", "reward", "reward_se", "kl", "kl_se", "kl_bound", "kl_kind"]
+# The first layout (KL: only the closed-form bound), still read: its kl is the bound.
+BEST_OF_N_COLUMNS_V1 = ["model.name", "n", "reward", "reward_se", "kl", "kl_kind"]
 
 
-def method_of(loss: str | None, label_smoothing: float | None = 0.0) -> str:
+def method_of(loss: str | None, label_smoothing: float | None = 0.0,
+              sft_weight: float | None = 0.0) -> str:
     """The method a run's `dpo.loss` and `dpo.label_smoothing` stand for (None: the default,
     sigmoid)."""
     loss = "sigmoid" if loss is None or loss != loss else str(loss)
-    if loss == "sigmoid" and label_smoothing is not None and label_smoothing == label_smoothing \
-            and float(label_smoothing) > 0:
+    if loss == "sigmoid" and _positive(label_smoothing):
         return "cDPO"
-    return NAMES.get(loss, loss)
+    name = NAMES.get(loss, loss)
+    # dpo.sft_weight adds the chosen NLL (RPO, Pang et al. 2024): DPO + NLL is its own method.
+    return f"{name} + NLL" if _positive(sft_weight) and loss != "sft" else name
+
+
+def _positive(value) -> bool:
+    """A number read back by pandas (None or NaN count as unset) that is above zero."""
+    return value is not None and value == value and float(value) > 0
 
 
 def add_method(frame: pd.DataFrame) -> pd.DataFrame:
-    """`frame` with a `method` column from its `dpo.loss` and `dpo.label_smoothing` columns."""
+    """`frame` with a `method` column from its `dpo.loss`, `dpo.label_smoothing` and `dpo.sft_weight`
+    columns."""
     frame = frame.copy()
     loss = frame["dpo.loss"] if "dpo.loss" in frame else pd.Series(None, index=frame.index, dtype=object)
     eps = frame["dpo.label_smoothing"] if "dpo.label_smoothing" in frame else pd.Series(
         0.0, index=frame.index)
-    frame["method"] = [method_of(a, b) for a, b in zip(loss, eps, strict=True)]
+    nll = frame["dpo.sft_weight"] if "dpo.sft_weight" in frame else pd.Series(0.0, index=frame.index)
+    frame["method"] = [method_of(a, b, w) for a, b, w in zip(loss, eps, nll, strict=True)]
     return frame
 
 
@@ -81,6 +92,8 @@ def read_best_of_n(results: Path) -> pd.DataFrame | None:
         if not in_scope(path, Path(results)):
             continue
         df = pd.read_csv(path)
+        if list(df.columns) == BEST_OF_N_COLUMNS_V1:
+            df = df.assign(kl_se=float("nan"), kl_bound=df["kl"])[BEST_OF_N_COLUMNS]
         if list(df.columns) != BEST_OF_N_COLUMNS:
             raise ValueError(f"{path}: columns {list(df.columns)}; expected exactly "
                              f"{', '.join(BEST_OF_N_COLUMNS)}")

@@ -178,8 +178,8 @@ def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, m
     if reward_fn is None:
         return metrics, [[x, yr, yp, None, None] for x, yr, yp in
                          zip(prompt_texts, ref_text, pol_text, strict=True)], ref_samples
-    r_pol = [reward_fn(x, y) for x, y in zip(prompt_texts, pol_text, strict=True)]
-    r_ref = [reward_fn(x, y) for x, y in zip(prompt_texts, ref_text, strict=True)]
+    r_pol = rewards(reward_fn, prompt_texts, pol_text)
+    r_ref = rewards(reward_fn, prompt_texts, ref_text)
     metrics["gen/reward"], metrics["gen/reward_se"] = mean_se(r_pol)
     if parsed is not None:  # the reward of the samples that parse (nan, logged as null, if none)
         kept = [r for r, ok in zip(r_pol, parsed, strict=True) if ok]
@@ -190,6 +190,15 @@ def gen_eval(policy, reference, tokenizer, prompt_texts: list[str], reward_fn, m
     rows = [[x, yr, yp, rr, rp] for x, yr, yp, rr, rp in
             zip(prompt_texts, ref_text, pol_text, r_ref, r_pol, strict=True)]
     return metrics, rows, ref_samples
+
+
+def rewards(reward_fn, prompts: list[str], texts: list[str]) -> list[float]:
+    """r(x, y) of each prompt and continuation: one batched call where the reward has `batch`
+    (a classifier, harness/tasks/imdb.py), else one call per sample (an exact reward)."""
+    batch = getattr(reward_fn, "batch", None)
+    if batch is not None:
+        return [float(r) for r in batch(prompts, texts)]
+    return [reward_fn(x, y) for x, y in zip(prompts, texts, strict=True)]
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

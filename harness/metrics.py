@@ -128,15 +128,23 @@ def _has_split(cfg: Any, split: str) -> bool:
     return d.split[1 if split == "validation" else 2] > 0
 
 
+# Metrics of whether samples parse in the task's language, and the tasks that have one (a parse
+# function in harness.prepare): a task without one (imdb: free text) does not log them.
+PARSE_METRICS = frozenset({"gen/parsed", "gen/reward_parsed"})
+PARSE_TASKS = frozenset({"controlled"})
+
+
 def enabled(cfg: Any) -> set[str]:
     """Every metric name a run of this config logs: eval/ and gen/ need a validation split, test/
-    a test split and train.test_at_end, gen/ generation metrics on, and the rest as `needs` says."""
+    a test split and train.test_at_end, gen/ generation metrics on, the parse metrics a task with
+    a language, and the rest as `needs` says."""
     gen, task = gen_enabled(cfg), cfg.task.name != "none"
     on = {"always": True, "task": task, "gen": gen, "reward": gen and task}
     split_on = {"train": True, "perf": True, "eval": _has_split(cfg, "validation"),
                 "gen": _has_split(cfg, "validation"),
                 "test": cfg.train.test_at_end and _has_split(cfg, "test")}
-    return {m.name for m in METRICS.values() if on[m.needs] and split_on[m.split]}
+    names = {m.name for m in METRICS.values() if on[m.needs] and split_on[m.split]}
+    return names if cfg.task.name in PARSE_TASKS else names - PARSE_METRICS
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:

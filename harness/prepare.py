@@ -10,6 +10,9 @@ and prompts for generation metrics. Two tasks exist:
   tiny model; optional SFT on a record field; chat `messages` rendered with the tokenizer.
 - `Controlled` (task.name: controlled): the synthetic review language (harness/tasks); SFT on
   unlabelled reviews; pairs sampled from the SFT model and labelled by the true reward.
+- `Imdb` (task.name: imdb): the DPO paper's own sentiment task (harness/tasks/imdb.py): SFT on
+  IMDb reviews; prompts are review prefixes; pairs sampled from the SFT model and labelled by a
+  sentiment classifier's log-odds of `positive`.
 
 The order "tokenizer needs texts → messages need the tokenizer → the controlled task needs SFT
 before it has pairs" lives inside each task; the loop sees only `Prepared`.
@@ -31,7 +34,7 @@ from harness.chaos import crash_point
 from harness.config import RunConfig
 from harness.phases import phase
 from harness.sft import load_checkpoint, sft_checkpoint
-from harness.tasks import controlled
+from harness.tasks import controlled, imdb
 
 Say = Callable[..., None]
 
@@ -134,7 +137,64 @@ class Controlled:
         return pairs, path, reused
 
 
-TASKS: dict[str, Task] = {"none": FileData(), "controlled": Controlled()}
+class Imdb:
+    """The DPO paper's IMDb task: a real model, IMDb reviews, a sentiment classifier as the reward
+    (harness/tasks/imdb.py)."""
+
+    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared:
+        tc = cfg.task
+        # The classifier first: a reward model that cannot be loaded fails before any SFT.
+        reward = imdb.SentimentReward(tc.reward_model, device, tc.reward_label)
+        say(f"reward: {reward.describe()}")
+        texts = imdb.split_texts(imdb.load_texts(tc.texts, tc.texts_split, cfg.data), tc.seed,
+                                 tc.n_sft_texts, {"eval": tc.n_eval_prompts,
+                                                  "validation": tc.n_val_prompts,
+                                                  "train": tc.n_train_prompts})
+        tokenizer, info = _tokenizer(cfg, lambda: iter(texts["sft"]))
+        init_path, sft_info = _sft(cfg, tokenizer, texts["sft"], device, say)
+        prompts = {name: imdb.prefixes(texts[name], tokenizer, tc.prompt_tokens, f"{tc.seed}/{name}-prompts")
+                   for name in ("train", "validation", "eval")}
+        pairs, path, reused = self.pair_set(cfg, init_path, tokenizer, reward,
+                                            prompts["train"] + prompts["validation"], device, say)
+        raw = {name: [hdata.Pair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs[name]]
+               for name in ("train", "validation")}
+        rewards = {name: [(p["r_chosen"], p["r_rejected"]) for p in pairs[name]]
+                   for name in ("train", "validation")}
+        return Prepared(tokenizer, {**raw, "test": []}, special_tokens=False, init_path=init_path,
+                        true_rewards=rewards, reward_fn=reward, eval_prompts=prompts["eval"],
+                        info={**info, **sft_info, "reward/model": reward.describe(),
+                              "pairs/cache": str(path), "pairs/reused": reused})
+
+    @staticmethod
+    def pair_set(cfg: RunConfig, init_path: Path, tokenizer, reward: imdb.SentimentReward,
+                 prompts: list[str], device, say: Say) -> tuple[dict, Path, bool]:
+        """Train/validation pairs from the SFT model's samples, scored by the classifier; cached by a
+        hash of the SFT checkpoint, the task settings, the classifier's weights and the prompts."""
+        tc = cfg.task
+        key = cache.Key(str(init_path), tc.model_dump(mode="json"), reward.digest).texts(prompts)
+        path = cache.entry("pairs", key, ".json")
+
+        def sample() -> dict:
+            t0 = time.time()
+            model = load_checkpoint(init_path).to(device)
+            pairs = {}
+            for split, ps, seed in (("train", prompts[: tc.n_train_prompts], tc.seed),
+                                    ("validation", prompts[tc.n_train_prompts:], tc.seed + 10_000)):
+                pairs[split] = imdb.build_pairs(model, tokenizer, ps, tc.samples_per_prompt,
+                                                tc.bt_temperature, tc.max_new_tokens, seed, device,
+                                                reward.batch)
+            atomic.atomic_write(path, json.dumps(pairs))
+            say(f"pairs: sampled {sum(len(v) for v in pairs.values())} in {time.time() - t0:.0f}s -> {path}")
+            return pairs
+
+        with phase("pairs"), atomic.file_lock(path.with_suffix(".lock")):
+            pairs, reused = cache.read_or_rebuild(path, lambda p: json.loads(p.read_text()), sample)
+        if reused:
+            say(f"pairs: reused {path}")
+        return pairs, path, reused
+
+
+TASKS: dict[str, Task] = {"none": FileData(), "controlled": Controlled(), "imdb": Imdb()}
 
 
 def prepare(cfg: RunConfig, device, say: Say) -> Prepared:

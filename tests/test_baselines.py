@@ -43,6 +43,20 @@ def test_kl_bound_and_the_ns():
     assert baselines.powers_of_two(6) == [1, 2, 4, 6]
 
 
+def test_kl_of_best_of_n_by_hand():
+    """Σ_r q_r log(q_r / p_r) with q_r = F(r)^N − F(r⁻)^N. Rewards [0, 0, 1, 1], N = 2: p = (½, ½),
+    q = (¼, ¾), KL = ¼ log ½ + ¾ log 3/2 = 0.130812. One reward level: best-of-N is the reference
+    (KL 0). Many distinct rewards: the closed-form bound log N − (N−1)/N."""
+    assert baselines.kl_best_of_n([0.0, 0.0, 1.0, 1.0], 2) == pytest.approx(
+        0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert baselines.kl_best_of_n([0.3] * 7, 16) == 0.0
+    assert baselines.kl_best_of_n([0.0, 1.0, 2.0], 1) == pytest.approx(0.0, abs=1e-15)
+    distinct = [i / 5000 for i in range(5000)]
+    for n in (2, 4, 16):
+        assert baselines.kl_best_of_n(distinct, n) == pytest.approx(baselines.kl_bound(n), abs=1e-3)
+    assert baselines.kl_best_of_n([0.0, 0.0, 1.0, 1.0], 4) < baselines.kl_bound(4)  # ties: below
+
+
 def tiny_study(tmp_path, task: str = "controlled"):
     """A study of two cells (DPO and Preferred-FT) on the controlled task at its smallest."""
     raw = {
@@ -68,12 +82,17 @@ def test_baselines_end_to_end(tmp_path, capsys):
     assert main(["baselines", str(path), "--n-max", "8"]) == 0
     csv = tmp_path / "results" / "bon" / "baselines" / "best_of_n.csv"
     df = pd.read_csv(csv)
-    assert list(df.columns) == ["model.name", "n", "reward", "reward_se", "kl", "kl_kind"]
+    assert list(df.columns) == ["model.name", "n", "reward", "reward_se", "kl", "kl_se", "kl_bound",
+                                "kl_kind"]
     assert df["model.name"].tolist() == ["tiny-xs"] * 4 and df["n"].tolist() == [1, 2, 4, 8]
     assert (df["reward"].diff().dropna() >= -1e-12).all()
     assert df["reward"].iloc[-1] > df["reward"].iloc[0]  # the samples' rewards differ
-    assert df["kl"].tolist() == pytest.approx([0.0, *(math.log(n) - (n - 1) / n for n in (2, 4, 8))])
-    assert set(df["kl_kind"]) == {"bound"} and (df["reward_se"] >= 0).all()
+    bound = [0.0, *(math.log(n) - (n - 1) / n for n in (2, 4, 8))]
+    assert df["kl_bound"].tolist() == pytest.approx(bound)
+    # The estimate: 0 at N = 1, rising with N, never above the bound.
+    assert df["kl"].iloc[0] == pytest.approx(0.0, abs=1e-12) and (df["kl"].diff().dropna() > 0).all()
+    assert (df["kl"] <= df["kl_bound"] + 1e-12).all() and (df["kl_se"] >= 0).all()
+    assert set(df["kl_kind"]) == {"estimate"} and (df["reward_se"] >= 0).all()
     assert "tiny-xs" in capsys.readouterr().out  # the printed table
 
     stamp = csv.stat().st_mtime_ns

@@ -218,15 +218,67 @@ class SFTConfig(_Section):
 class TaskConfig(_Section):
     """A task with a known reward (harness/tasks): pairs come from the SFT model's own samples."""
 
-    name: Literal["none", "controlled"] = "none"  # none: pairs come from `data`
+    # none: pairs come from `data`; controlled: the synthetic review language; imdb: the DPO
+    # paper's IMDb sentiment task (a hub model, IMDb reviews, a sentiment classifier as reward)
+    name: Literal["none", "controlled", "imdb"] = "none"
     n_sft_texts: int = 4000  # unlabelled reviews for the SFT stage
     n_train_prompts: int = 256  # prompts whose samples become training pairs
     n_val_prompts: int = 32  # prompts whose samples become validation pairs
     n_eval_prompts: int = 64  # held-out prompts for generation metrics (gen/*)
     samples_per_prompt: int = 4  # 4 samples → 6 pairs per prompt, as the DPO paper
-    bt_temperature: float = 0.25  # Bradley–Terry: P(y1 ≻ y2) = σ((r1 − r2)/τ); reward in [−2, 2]
+    # Bradley–Terry: P(y1 ≻ y2) = σ((r1 − r2)/τ). controlled: reward in [−2, 2]; imdb: reward in
+    # log-odds of `positive` (about −10..10), where τ = 1 is the classifier's own probability scale
+    bt_temperature: float = 0.25
     max_new_tokens: int = 48  # tokens per sampled continuation
     seed: int = 0  # generator and sampling seed
+    # Task imdb only. Review texts: a hub dataset id, a `datasets` directory or a .jsonl / .json /
+    # .parquet file, each record with a `text` field (a relative path reads against the cwd).
+    texts: str = "stanfordnlp/imdb"
+    texts_split: str = "train"  # task imdb only: split of a hub dataset or saved DatasetDict
+    # Task imdb only. The reward: a two-label sentiment classifier (hub id or local directory);
+    # r(x, y) = its POSITIVE logit minus its NEGATIVE logit on x + y (harness/tasks/imdb.py).
+    reward_model: str = "lvwerra/distilbert-imdb"
+    # Task imdb only: the classifier's positive label (a name in its id2label, or an index), when
+    # id2label names none of POSITIVE / pos / LABEL_1; null = found from id2label.
+    reward_label: str | None = None
+    # Task imdb only: a prompt is a review's first k tokens, k uniform in [min, max] (the paper's
+    # Appendix C.1: prefixes of 2 to 8 tokens).
+    prompt_tokens: tuple[int, int] = (2, 8)
+
+    @field_validator("n_sft_texts", "n_train_prompts", "samples_per_prompt", "max_new_tokens")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("n_val_prompts", "n_eval_prompts")
+    @classmethod
+    def _not_negative(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0, got {v}")
+        return v
+
+    @field_validator("bt_temperature")
+    @classmethod
+    def _temperature_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"must be > 0 (Bradley–Terry divides the reward gap by it), got {v}")
+        return v
+
+    @field_validator("texts", "reward_model")
+    @classmethod
+    def _named(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a hub id or a local path, got an empty string")
+        return v
+
+    @field_validator("prompt_tokens")
+    @classmethod
+    def _token_range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= v[0] <= v[1]:
+            raise ValueError(f"must be [min, max] tokens with 1 <= min <= max, got {list(v)}")
+        return v
 
 
 class GenEvalConfig(_Section):
