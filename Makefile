@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 EXPERIMENT ?= experiments/default.yaml
 ARGS ?=
 
-.PHONY: install models test lint sweep replicate paper train smoke figures bench chaos clean
+.PHONY: install models test lint sweep replicate paper scaling train smoke figures bench chaos clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,11 +66,16 @@ sweep: $(STAMP)
 replicate: $(STAMP)
 	$(BIN)/harness replicate $(EXPERIMENT) --workers $(WORKERS) $(ARGS)
 
-# The method comparison of experiments/paper.yaml (DPO at 5 betas, IPO, cDPO, hinge, Preferred-FT),
-# then best-of-N sampling from its SFT reference: results/paper/ and results/paper/baselines/.
+# The method comparison of experiments/paper.yaml (DPO at 3 betas, DPO + NLL, IPO, Preferred-FT on
+# 24,576 pairs), then best-of-N sampling from its SFT reference: results/paper/ and
+# results/paper/baselines/.
 paper: $(STAMP)
 	$(BIN)/harness sweep experiments/paper.yaml --workers $(WORKERS) $(ARGS)
 	$(BIN)/harness baselines experiments/paper.yaml
+
+# The data-scaling study of experiments/scaling.yaml (what moves DPO's frontier): results/scaling/.
+scaling: $(STAMP)
+	$(BIN)/harness sweep experiments/scaling.yaml --workers $(WORKERS) $(ARGS)
 
 # The DPO step against the seed notebook's path and TRL's DPOTrainer (the trl extra, installed here
 # when missing; without it the bench runs and says the baseline was skipped); a table, and JSON into

@@ -24,7 +24,7 @@ import pandas as pd
 
 from analysis.common import cell_keys, compared_runs, penalized, scored
 from analysis.load import load_study_summaries
-from analysis.methods import WITHOUT_BETA, closest_n, read_best_of_n
+from analysis.methods import WITHOUT_BETA, closest_n, compare_fronts, read_best_of_n
 from analysis.table import cell_estimates
 from harness import stats
 
@@ -185,12 +185,41 @@ def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: st
         compared += [line] if line else []
     if not any(b["method"] == "DPO" for b in best):
         compared.append("no DPO cell to compare with")
+    compared += front_lines(results)
     separated = sum("is better" in s for s in compared)
     n_pairs = sum(" − DPO = " in s for s in compared)
     return [f"## Methods ({separated} of {n_pairs} comparisons with DPO separated)", "",
             f"Each method's best cell by the objective{budget}, mean over fresh seeds with its 95% "
             "t-interval; then each against DPO's best cell (95% Welch interval).", "",
             *[f"- {s}" for s in found], "", *[f"- {s}" for s in compared], ""]
+
+
+def front_lines(results: Path) -> list[str]:
+    """DPO's front against every other method's, over the KL both cover (analysis.methods.
+    compare_fronts on the fronts the frontier figure draws: cell means of eval points)."""
+    from analysis.fig_frontier import frontiers
+    from analysis.style import MissingData
+
+    try:
+        figures = frontiers(results)
+    except MissingData:
+        return []
+    out = []
+    for f in figures:
+        dpo = f.fronts[f.fronts["series"] == "DPO"]
+        for series, other in f.fronts[f.fronts["series"] != "DPO"].groupby("series", sort=True):
+            if dpo.empty:
+                break
+            c = compare_fronts(dpo, other)
+            where = f"{f.study + ' · ' if f.study else ''}{f.model}: DPO's front against {series}'s"
+            if c["range"] is None:
+                out.append(f"{where}: no KL that both cover (not compared)")
+                continue
+            lo, hi = c["range"]
+            out.append(f"{where} over KL {lo:.2g}–{hi:.2g} nats: above at {c['above']} of {c['n']} "
+                       f"front points, its 95% interval wholly above at {c['separated']}; smallest "
+                       f"gap {c['min_gap']:+.3g}")
+    return out
 
 
 def arithmetic(runs: pd.DataFrame) -> str:

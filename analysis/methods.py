@@ -107,3 +107,35 @@ def closest_n(baseline: pd.DataFrame, kl: float) -> pd.Series:
     gap = (baseline["kl"] - kl).abs()
     order = pd.DataFrame({"gap": gap, "n": baseline["n"]}).sort_values(["gap", "n"], kind="stable")
     return baseline.loc[order.index[0]]
+
+
+def compare_fronts(a: pd.DataFrame, b: pd.DataFrame, x: str = "gen/kl", y: str = "gen/reward") -> dict:
+    """Front `a` against front `b` (rows with x, y, y_half and examples_seen, as
+    analysis.fig_frontier.fronts) over the KL range both cover: from the larger of their smallest
+    trained points' KL (the shared SFT reference left out) to the smaller of their largest. At
+    every front point's KL k in that range each front's value is its best reward at KL <= k;
+    `above` counts the ks where a's value is higher, `separated` those where a's 95% interval lies
+    wholly above b's. Returns {range: (lo, hi) or None, n, above, separated, min_gap}."""
+    def trained(front):
+        return front[front["examples_seen"] > 0] if "examples_seen" in front else front
+
+    ta, tb = trained(a), trained(b)
+    if ta.empty or tb.empty:
+        return {"range": None, "n": 0, "above": 0, "separated": 0, "min_gap": float("nan")}
+    lo, hi = max(ta[x].min(), tb[x].min()), min(ta[x].max(), tb[x].max())
+    ks = sorted(k for k in set(ta[x]) | set(tb[x]) if lo <= k <= hi)
+    if lo > hi or not ks:
+        return {"range": None, "n": 0, "above": 0, "separated": 0, "min_gap": float("nan")}
+
+    def value(front, k):
+        row = front[front[x] <= k].sort_values(y).iloc[-1]
+        return row[y], row.get("y_half", 0.0)
+
+    gaps, above, separated = [], 0, 0
+    for k in ks:
+        (va, ha), (vb, hb) = value(a, k), value(b, k)
+        gaps.append(va - vb)
+        above += va > vb
+        separated += (va - ha) > (vb + hb)
+    return {"range": (lo, hi), "n": len(ks), "above": above, "separated": separated,
+            "min_gap": min(gaps)}

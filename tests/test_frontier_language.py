@@ -143,3 +143,22 @@ def test_scaling_figure_by_hand(tmp_path):
 def test_scaling_figure_needs_a_data_axis(language_study):
     with pytest.raises(MissingData, match="no study varies task.n_train_prompts"):
         fig_scaling.scaling_points(language_study)
+
+
+def test_fronts_compared_over_the_kl_both_cover():
+    """A: (0.5, .3), (1, .5), (2, .8); B: (0.2, .2), (1.5, .45). Both cover 0.5–1.5 nats; at k =
+    0.5, 1, 1.5 A's best is .3, .5, .5 against B's .2, .2, .45: above at all 3, gap ≥ +0.05; with
+    half-widths 0.1 A is wholly above only where the gap exceeds 0.2 (k = 1). Fronts that share
+    no KL are not compared."""
+    from analysis.methods import compare_fronts
+
+    def front(points, half=0.1):
+        return pd.DataFrame({"gen/kl": [0.0] + [k for k, _ in points], "gen/reward": [0.0] + [r for _, r in points],
+                             "y_half": half, "examples_seen": range(len(points) + 1)})
+
+    a, b = front([(0.5, 0.3), (1.0, 0.5), (2.0, 0.8)]), front([(0.2, 0.2), (1.5, 0.45)])
+    c = compare_fronts(a, b)
+    assert c["range"] == (0.5, 1.5) and c["n"] == 3 and c["above"] == 3 and c["separated"] == 1
+    assert c["min_gap"] == pytest.approx(0.05)
+    assert compare_fronts(b, a)["above"] == 0
+    assert compare_fronts(front([(3.0, 1.0)]), b)["range"] is None
