@@ -162,3 +162,28 @@ def test_fronts_compared_over_the_kl_both_cover():
     assert c["min_gap"] == pytest.approx(0.05)
     assert compare_fronts(b, a)["above"] == 0
     assert compare_fronts(front([(3.0, 1.0)]), b)["range"] is None
+
+
+def test_findings_compare_training_prompts_with_the_rest_held(tmp_path):
+    """A study over training prompts (256, 1024) at two βs: findings.md compares the prompt
+    counts within each β and the βs within each prompt count, never across them; the results
+    table names the prompt count."""
+    from analysis.findings import findings
+    from analysis.table import draw as table
+
+    results = tmp_path / "results"
+    dirs = {}
+    for beta in (0.1, 0.5):
+        for n, base in ((256, 0.3), (1024, 0.7)):
+            cell = f"n{n}-b{beta}"
+            dirs[cell] = [write_run(results, "sc", cell, f"seed{k}",
+                                    eval_rows([(0, 0, 0, 0.9), (n * 6, 1.0, base + beta + 0.01 * k, 0.8)]),
+                                    n_train=n, beta=beta) for k in (1, 2, 3)]
+    summary_csv(results, "sc", dirs)
+    text = findings(results)
+    section = text.split("## training prompts")[1].split("##")[0]
+    assert section.startswith(" (2 of 2 comparisons separated)")
+    assert "- tiny-xs, β 0.1, masked-sum: 1024 prompts − 256 prompts = +0.4 " in section
+    assert "## β (2 of 2 comparisons separated)" in text and "tiny-xs, masked-sum, 1024 prompts: β 0.5 − β 0.1" in text
+    table(results, tmp_path / "out")
+    assert "task.n_train_prompts" in (tmp_path / "out" / "results_table.md").read_text()
