@@ -215,10 +215,11 @@ def _legend(ax, f: Frontier, colour: dict, marker: dict, line: dict) -> None:
 
 
 def kl_limit(f: Frontier) -> float:
-    """Where the KL axis ends: 15% past the unflagged runs' eval points and best-of-N (at least
-    1 nat), or past every point when that is within twice as far."""
-    ok = f.paths[f.paths["flag"] == ""][X]
-    inside = max([*ok.tolist(), *(f.baseline["kl"].tolist() if f.baseline is not None else []), 1.0])
+    """Where the KL axis ends: 15% past the fronts, the unflagged runs' final points and best-of-N
+    (at least 1 nat), or past every point when that is within twice as far. A path that runs on
+    past it is cut at the edge, a final point beyond is marked there (_draw_beyond)."""
+    ok = [*f.finals[f.finals["flag"] == ""][X].tolist(), *f.fronts[X].tolist()]
+    inside = max([*ok, *(f.baseline["kl"].tolist() if f.baseline is not None else []), 1.0])
     every = max(f.paths[X].max(), inside)
     return 1.15 * (every if every <= 2 * inside else inside)
 

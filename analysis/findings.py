@@ -119,7 +119,7 @@ def _cell_name(cell: pd.Series, keys: list[str]) -> str:
             parts.append(f"β {cell[k]:g}")
         elif k == "dpo.label_smoothing" and cell[k] > 0:
             parts.append(f"ε {cell[k]:g}")
-        elif k in HELD:
+        elif k in HELD and k != "dpo.beta":
             parts.append(_held_name(k, cell[k]))
         elif k not in ("model.name", "method", "dpo.beta", "dpo.label_smoothing"):
             parts.append(str(cell[k]))
@@ -197,7 +197,7 @@ def method_section(results: Path, runs: pd.DataFrame, direction: str, budget: st
 def front_lines(results: Path) -> list[str]:
     """DPO's front against every other method's, over the KL both cover (analysis.methods.
     compare_fronts on the fronts the frontier figure draws: cell means of eval points)."""
-    from analysis.fig_frontier import frontiers
+    from analysis.fig_frontier import frontiers, fronts
     from analysis.style import MissingData
 
     try:
@@ -206,8 +206,9 @@ def front_lines(results: Path) -> list[str]:
         return []
     out = []
     for f in figures:
-        dpo = f.fronts[f.fronts["series"] == "DPO"]
-        for series, other in f.fronts[f.fronts["series"] != "DPO"].groupby("series", sort=True):
+        by_method = fronts(f.paths, by_masking=False)  # one front per method, maskings pooled
+        dpo = by_method[by_method["series"] == "DPO"]
+        for series, other in by_method[by_method["series"] != "DPO"].groupby("series", sort=True):
             if dpo.empty:
                 break
             c = compare_fronts(dpo, other)
