@@ -9,6 +9,7 @@ import difflib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -234,6 +235,15 @@ def _first_line(err: Exception) -> str:
 # ----------------------------------------------------------------------------- models
 
 
+def gguf_to_safetensors_path(cfg, name: str, gguf: str) -> Path:
+    """Where gguf_to_safetensors keeps the converted directory of a GGUF file: keyed by the
+    file's path, size and mtime (or the hub name)."""
+    local = Path(name).expanduser() / gguf
+    ident = f"{local.resolve()}|{local.stat().st_size}|{local.stat().st_mtime_ns}" if local.exists() \
+        else f"{name}|{gguf}|{cfg.revision}"
+    return cache.entry("gguf", cache.Key(ident))
+
+
 def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
     """Convert a GGUF model once into a cached transformers directory (safetensors, float32).
 
@@ -243,10 +253,7 @@ def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(name).expanduser() / gguf
-    ident = f"{local.resolve()}|{local.stat().st_size}|{local.stat().st_mtime_ns}" if local.exists() \
-        else f"{name}|{gguf}|{cfg.revision}"
-    target = cache.entry("gguf", cache.Key(ident))
+    target = gguf_to_safetensors_path(cfg, name, gguf)
     if (target / "config.json").exists():
         return target
     quantized = _from_pretrained(AutoModelForCausalLM, cfg, name, gguf, dtype=torch.float32)
@@ -265,8 +272,38 @@ def gguf_to_safetensors(cfg, name: str, gguf: str) -> Path:
     return atomic.atomic_dir(target, save)
 
 
-def load_model(cfg, tokenizer, max_length: int):
-    """(model in float32, info) for a tiny name, a local directory, a .gguf file or a hub id."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def frozen_dtype(cfg, precision: str) -> torch.dtype:
+    """model.dtype resolved for a run computing in `precision` (fp32 | bf16): `auto` holds frozen
+    weights in bfloat16 where the run computes in bf16, else in float32."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    return DTYPES[cfg.dtype]
+
+
+def trainable_dtype(cfg) -> torch.dtype:
+    return DTYPES[cfg.trainable_dtype]
+
+
+def load_config(cfg):
+    """The transformers config of a non-tiny model.name (a directory, a hub id, a .gguf file: its
+    header), without its weights."""
+    from transformers import AutoConfig
+
+    cfg, _ = resolve_model_name(cfg)
+    name, gguf = _gguf_location(cfg)
+    if gguf:
+        converted = gguf_to_safetensors_path(cfg, name, gguf)
+        if (converted / "config.json").exists():
+            return AutoConfig.from_pretrained(converted)
+    return _from_pretrained(AutoConfig, cfg, name, gguf)
+
+
+def load_model(cfg, tokenizer, max_length: int, dtype: torch.dtype = torch.float32):
+    """(model in `dtype`, info) for a tiny name, a local directory, a .gguf file or a hub id.
+    Weights load straight into `dtype` (a bf16 checkpoint is never widened to float32 first)."""
     from transformers import AutoModelForCausalLM
 
     if is_tiny(cfg.name):
@@ -279,16 +316,29 @@ def load_model(cfg, tokenizer, max_length: int):
         where = note or ("local directory" if Path(name).expanduser().exists() else "hub")
         if gguf:
             converted = gguf_to_safetensors(cfg, name, gguf)
-            model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
             source = f"{name}/{gguf} ({where}; converted once to {converted})"
         else:
-            model = _from_pretrained(AutoModelForCausalLM, cfg, name, None, dtype=torch.float32)
+            model = _from_pretrained(AutoModelForCausalLM, cfg, name, None, dtype=dtype)
             source = f"{name} ({where})"
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        model = model.float()
+    if any(p.dtype != dtype for p in model.parameters()):
+        model = model.to(dtype)
     info = {"model_source": source, "n_params": count_params(model),
             "model_type": model.config.model_type}
     return model, info
+
+
+def frozen_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A frozen copy of `model` (eval mode, no gradients) with its floating-point weights in
+    `dtype`, cast tensor by tensor: no full-precision copy exists on the way (peak: the model plus
+    the copy). Tied weights stay tied."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype, copy=True) if t.is_floating_point() else t.detach().clone()
+
+    memo: dict[int, Any] = {id(p): torch.nn.Parameter(cast(p), requires_grad=False)
+                            for p in model.parameters()}
+    memo.update({id(b): cast(b) for b in model.buffers()})
+    return copy.deepcopy(model, memo).eval().requires_grad_(False)
 
 
 def save_policy(model, out_dir: Path) -> Path:

@@ -18,7 +18,8 @@ What a run directory holds:
 - `data_counts.json`: pairs per split: total, kept, truncated, dropped;
 - `checkpoint/`: while a run with train.checkpoint_every is under way (its contents:
   harness.checkpoint); removed at the end unless train.keep_checkpoint;
-- `model/` and `tokenizer/` (harness.train), and `wandb/` for a single run (harness.tracking).
+- `model/`: a Hugging Face model directory (weights or LoRA adapter, tokenizer, model card:
+  harness.export) with train.save_model; `tokenizer/` (harness.train); and `wandb/` for a single run (harness.tracking).
 
 A run directory whose summary says `finished` is never written again. Any other earlier attempt
 (cut off: no summary, or another status) resumes from its checkpoint or starts over: open_run_dir.
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 
 CONFIG, METRICS, SUMMARY = "config.json", "metrics.jsonl", "summary.json"
 DATA_COUNTS = "data_counts.json"  # pairs per split: total, kept, truncated, dropped
+MODEL_DIR = "model"  # the finished run as a Hugging Face model directory (harness.export)
 CHECKPOINT = "checkpoint"  # the folder of the run's checkpoint (harness.checkpoint)
 FINISHED = "finished"  # the summary status of a complete run
 RUNS = "runs"  # the folder of a results directory's (or a study's) runs

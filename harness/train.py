@@ -12,7 +12,6 @@ checkpoint, evaluation, tracking); the run's state lives on `Run`, and only the 
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import os
@@ -27,7 +26,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import atomic, checkpoint, distributed, metrics, optim, phases
+from harness import (
+    adapters,
+    atomic,
+    checkpoint,
+    distributed,
+    export,
+    memory,
+    metrics,
+    optim,
+    phases,
+    plan,
+)
 from harness import data as hdata
 from harness import device as hdevice
 from harness import models as hmodels
@@ -130,18 +140,19 @@ class Models:
     reference_digest: str | None = None
 
 
-def start_model(cfg: RunConfig, prep: Prepared, device) -> tuple[torch.nn.Module, dict]:
-    """The model DPO starts from, on `device` in eval mode without dropout: the SFT checkpoint
-    when the run has an SFT stage, else the configured model (seeded: a random init is the same
-    every time). The one builder of the frozen start: the policy's initial weights, the live
-    reference, and the samples' reference when the reference is cached."""
+def start_model(cfg: RunConfig, prep: Prepared, device, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.nn.Module, dict]:
+    """The model DPO starts from, in `dtype` on `device` in eval mode without dropout: the SFT
+    checkpoint when the run has an SFT stage, else the configured model (seeded: a random init is
+    the same every time). The one builder of the frozen start: the policy's initial weights (or a
+    LoRA policy's base), the live reference, and the samples' reference when it is cached."""
     seed_everything(cfg.train.seed)
     if prep.init_path is not None:
-        model = load_checkpoint(prep.init_path)
+        model = load_checkpoint(prep.init_path).to(dtype)
         info = {"model_source": f"{cfg.model.name} after SFT ({prep.init_path})",
                 "n_params": hmodels.count_params(model)}
     else:
-        model, info = hmodels.load_model(cfg.model, prep.tokenizer, cfg.data.max_length)
+        model, info = hmodels.load_model(cfg.model, prep.tokenizer, cfg.data.max_length, dtype)
         info = {k: info[k] for k in ("model_source", "n_params")}
     hmodels.disable_dropout(model)
     return model.to(device).eval(), info
@@ -149,22 +160,35 @@ def start_model(cfg: RunConfig, prep: Prepared, device) -> tuple[torch.nn.Module
 
 def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
                  world: distributed.World = distributed.World()) -> Models:
-    """The policy (the SFT checkpoint or the configured model), its frozen copy, and the cached
-    reference log-probs when dpo.reference is `cache`."""
-    policy, info = start_model(cfg, prep, device)
+    """The policy (the SFT checkpoint or the configured model, or LoRA adapters on it), its frozen
+    reference, and the cached reference log-probs when dpo.reference is `cache`.
+
+    Which weights are in which dtype (model.dtype, model.trainable_dtype): trained weights in
+    float32 master copies; the frozen ones (a full run's reference copy, a LoRA run's base) in
+    model.dtype. The reference is one of three things, chosen here: cached log-probs, the LoRA
+    base with its adapter disabled, or a frozen copy of the start in model.dtype."""
+    precision = hdevice.resolve_precision(device, cfg.train.precision)
+    frozen = hmodels.frozen_dtype(cfg.model, precision)
+    lora = cfg.model.lora.enabled
+    policy, info = start_model(cfg, prep, device, frozen if lora else hmodels.trainable_dtype(cfg.model))
+    if lora:
+        policy = adapters.wrap(policy, cfg.model.lora)
+        scorer = adapters.AdapterOff(policy)
+    else:
+        scorer = hmodels.frozen_copy(policy, frozen)
     policy.train()
-    live = cfg.dpo.reference == "model"
-    reference = None
-    if live or metrics.gen_enabled(cfg):  # generation metrics need the model itself
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    m = Models(policy, policy, reference, reference if live else None, info=info)
-    if not live or metrics.gen_enabled(cfg):
-        m.reference_digest = weights_digest(policy)
+    live, gen = cfg.dpo.reference == "model", metrics.gen_enabled(cfg)
+    reference = scorer if live or gen or lora else None
+    m = Models(policy, policy, reference, scorer if live else None, info=info)
+    if not live or gen:
+        m.reference_digest = weights_digest(scorer)
     if not live:
-        m.ref_logps, path, reused = cached_logps(policy, prep.splits, s, prep.tokenizer.pad_token_id,
+        m.ref_logps, path, reused = cached_logps(scorer, prep.splits, s, prep.tokenizer.pad_token_id,
                                                  device, cfg.dpo.reference_cache_dir,
                                                  cfg.tracking.progress, world, m.reference_digest)
         m.info.update({"reference_cache": str(path), "reference_cache_reused": reused})
+    del scorer  # a cached full reference is freed here
+    m.info.update(plan.state_record(policy, m.reference))
     if cfg.train.gradient_checkpointing:
         hmodels.enable_checkpointing(policy)
     m.train_policy = distributed.wrap(world, policy, device)
@@ -235,12 +259,14 @@ class Run:
     progress: Progress
     evaluate: Evaluator
     say: Callable[..., None]
+    watermark: memory.Watermark  # memory from before the models loaded to the last step
 
     @classmethod
     def build(cls, cfg: RunConfig, run_dir: Path, device, world: distributed.World, tracker: Tracker,
               say, on_eval: EvalHook | None, resume: checkpoint.Checkpoint | None) -> Run:
         t, s = cfg.train, StepSettings.from_config(cfg)
         prep = prepare(cfg, device, say)
+        watermark = memory.Watermark.start(device)  # what harness plan estimates starts here
         m = build_models(cfg, prep, s, device, world)
         steps = total_steps(cfg, len(prep.splits["train"]))
         optimizer = optim.adamw(m.policy, device, t.lr, t.weight_decay, t.adam_betas)
@@ -251,7 +277,8 @@ class Run:
         if resume is not None:
             checkpoint.restore(resume, m.policy, optimizer, scheduler)
             p = Progress(**resume.state["progress"])
-        run = cls(cfg, run_dir, device, world, tracker, prep, m, s, stepper, steps, p, None, say)
+        run = cls(cfg, run_dir, device, world, tracker, prep, m, s, stepper, steps, p, None, say,
+                  watermark)
         run.evaluate = Evaluator(run, on_eval)
         say(run.header())
         return run
@@ -327,6 +354,7 @@ def loop(run: Run) -> None:
             run.save_checkpoint()
         bar.update(1)
     bar.close()
+    run.models.info.update(run.watermark.record())  # the training's peak, before eval and export
     if validate and (not t.eval_every or p.seen % t.eval_every):
         p.last_eval = run.evaluate(steps, p.seen)
 
@@ -349,14 +377,15 @@ def finish(run: Run) -> dict:
     if cfg.train.sample_validation or cfg.train.sample_test:
         # a cached reference: rebuild the frozen start (the SFT checkpoint when there is one)
         write_samples(run, m.reference or start_model(cfg, prep, device)[0])
-    if cfg.train.save_model:
-        hmodels.save_policy(m.policy, run.run_dir / "model")
     prep.tokenizer.save_pretrained(run.run_dir / "tokenizer")
     atomic.atomic_json(run.run_dir / DATA_COUNTS, prep.counts)
+    ends = {**p.last_train, **p.last_eval, **test}
+    if cfg.train.save_model:  # a Hugging Face model directory: weights or adapter, tokenizer, card
+        m.info["model_dir"] = str(export.model_dir(m.policy, prep.tokenizer, run.run_dir, cfg, ends))
     run.world.barrier()
     return {
         "status": "finished", "steps": run.steps, "examples_seen": p.seen, "tokens_seen": p.tokens,
-        **p.last_train, **p.last_eval, **test, **prep.counts, **prep.info, **m.info,
+        **ends, **prep.counts, **prep.info, **m.info,
         "gen/reward_available": prep.reward_fn is not None,
         **degenerate(p.last_eval, cfg.gen_eval.kl_ceiling, cfg.gen_eval.parsed_floor),
         "device": str(device), "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

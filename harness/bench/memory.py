@@ -13,38 +13,14 @@ from __future__ import annotations
 
 import gc
 import json
-import resource
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 from harness.bench.cases import Case, load
 from harness.bench.paths import make_path
 from harness.config import RunConfig, build_config
-
-
-def peak_rss() -> int:
-    """This process's peak resident set (bytes). VmHWM, which starts afresh at exec; ru_maxrss
-    (the fallback off Linux) would also count the parent's peak at fork time."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Start the high-water mark afresh (Linux: clear_refs 5), so that loading and converting the
-    model, which both paths share, does not hide what a training step needs."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
+from harness.memory import peak_rss, reset_peak_rss
 
 # ----------------------------------------------------------------------------- the parent
 

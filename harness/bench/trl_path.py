@@ -27,8 +27,8 @@ import torch
 
 from harness.bench import agree
 from harness.bench.cases import Case, build, load_items
-from harness.bench.memory import peak_rss, reset_peak_rss
 from harness.config import RunConfig
+from harness.memory import peak_rss, reset_peak_rss
 
 TRL_MISSING = "trl is not installed: pip install -e '.[trl]' (in .venv: .venv/bin/pip install -e '.[trl]')"
 

@@ -67,6 +67,38 @@ class DataConfig(_Section):
         return v
 
 
+class LoRAConfig(_Section):
+    """LoRA adapters through `peft` (Hu et al. 2021): the base's weights stay frozen in
+    model.dtype, and the DPO reference is the same base with the adapter disabled (no copy)."""
+
+    r: int = 0  # adapter rank; 0 = no adapter, every weight trains; typical 8..64 (a sweep axis)
+    alpha: float = 16.0  # scale: the update is (alpha / r) x B A; typical 1..2 x r
+    dropout: float = 0.0  # dropout on the adapter's input; 0 keeps policy and reference exact
+    # Modules that get an adapter: peft's "all-linear" (every linear layer but the LM head), or a
+    # list of module names (llama: q_proj, k_proj, v_proj, o_proj, ...; gpt2: c_attn, c_proj, c_fc)
+    target_modules: str | list[str] = "all-linear"
+    # Also write the base with the adapter merged in (<run>/model/merged), loadable without peft.
+    merge_export: bool = True
+
+    @field_validator("r")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"must be >= 0 (0 = no adapter), got {v}")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"must be in [0, 1), got {v}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+
 class ModelConfig(_Section):
     # A tiny model built from config by name (tiny-xs, tiny-s, tiny-m, tiny-l), a hub id,
     # a local directory holding a transformers model, or a .gguf file.
@@ -76,6 +108,15 @@ class ModelConfig(_Section):
     tokenizer_vocab_size: int = 2048  # when the harness trains a byte-level BPE; 512..50k
     trust_remote_code: bool = False  # run code shipped with a hub model; off unless asked for
     revision: str | None = None  # hub revision (branch, tag or commit)
+    # Weights that never train, held in this dtype: a live reference copy and a LoRA base. auto:
+    # bfloat16 where the run computes in bf16 (train.precision), else float32. 2 bytes a
+    # parameter instead of 4.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Weights that train, with their gradients and AdamW state: float32 master copies (a bf16
+    # weight loses any update below 2^-8 of itself, so a step of lr 5e-6 vanishes), or bfloat16
+    # for pure bf16 training, knowingly (half the memory of the trained state).
+    trainable_dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)  # r > 0: train adapters, not weights
 
 
 class DPOConfig(_Section):
