@@ -422,22 +422,22 @@ def _source_pairs(cfg: DataConfig, tokenizer, source: str, split: str, field: st
 def load_pairs(cfg: DataConfig, tokenizer=None) -> dict[str, list[Pair]]:
     """Pairs per split (`train`, `validation`, `test`): fractions of `source` in file order, or
     given sources / splits (validation_source, validation_split, test_...)."""
+    given = {name: (src or cfg.source, split or cfg.hub_split)
+             for name, src, split in (("validation", cfg.validation_source, cfg.validation_split),
+                                      ("test", cfg.test_source, cfg.test_split)) if src or split}
+    for name, source_split in given.items():
+        if source_split == (cfg.source, cfg.hub_split):
+            raise DataError(f"data.{name}_split: the {name} pairs would be the training pairs "
+                            f"({cfg.source} [split {cfg.hub_split}]). Name another split or slice in "
+                            f"data.{name}_split (e.g. test, or train[90%:] beside hub_split "
+                            "train[:90%])")
     pairs = _source_pairs(cfg, tokenizer, cfg.source, cfg.hub_split, "data.source", "data.hub_split",
                           cfg.limit)
-    given = {"validation": (cfg.validation_source, cfg.validation_split),
-             "test": (cfg.test_source, cfg.test_split)}
-    if any(src or split for src, split in given.values()):
+    if given:
         out = {"train": pairs, "validation": [], "test": []}
         for name, (src, split) in given.items():
-            if not (src or split):
-                continue
-            if (src or cfg.source) == cfg.source and (split or cfg.hub_split) == cfg.hub_split:
-                raise DataError(f"data.{name}_split: the {name} pairs would be the training pairs "
-                                f"({cfg.source} [split {cfg.hub_split}]). Name another split or "
-                                f"slice in data.{name}_split (e.g. test, or train[90%:] beside "
-                                "hub_split train[:90%])")
-            out[name] = _source_pairs(cfg, tokenizer, src or cfg.source, split or cfg.hub_split,
-                                      f"data.{name}_source", f"data.{name}_split")
+            out[name] = _source_pairs(cfg, tokenizer, src, split, f"data.{name}_source",
+                                      f"data.{name}_split")
         return out
     out = split_records(pairs, cfg.split)
     if not out["train"]:
