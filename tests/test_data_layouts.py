@@ -294,3 +294,34 @@ def test_seed_experiment_loads_with_the_new_fields_at_their_defaults():
     """The experiments that name the seed data keep their meaning: no columns, no score filter."""
     d = load_config(ROOT / "experiments" / "seed_polite.yaml").data
     assert (d.columns, d.min_score_gap, d.hub_config, d.validation_split) == ({}, None, None, None)
+
+
+def test_summary_json_counts_the_pairs_dropped_by_score_gap(tmp_path, monkeypatch):
+    """A one-step run on 20 scored pairs whose gaps alternate 0.5 and 2: min_score_gap 1 trains
+    on the 8 of its 17 train pairs with gap 2, and summary.json says 9 were dropped by the gap."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    f = write_jsonl(tmp_path / "scored.jsonl", [
+        {"prompt": f"Question {i}?", "chosen": f"Kind answer {i}.", "rejected": f"Rude answer {i}!",
+         "score_chosen": 5.0 + (2.0 if i % 2 else 0.5), "score_rejected": 5.0} for i in range(20)])
+    run_dir = tmp_path / "run"
+    sets = [f"data.source={f}", "data.format=auto", "data.min_score_gap=1", "model.name=tiny-xs",
+            "train.max_steps=1", "train.batch_size=2", "tracking.progress=false",
+            "train.save_model=false", "train.test_at_end=false"]
+    assert main(["train", str(SMOKE), "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["data/train/total"], summary["data/train/dropped_score_gap"],
+            summary["data/train/kept"]) == (17, 9, 8)
+    assert summary["data/test/dropped_score_gap"] == 0
+
+
+def test_readme_data_layouts_are_valid_configs():
+    """Each one-line `data:` config in the README's "Data layouts" block validates as a
+    DataConfig, so the documented layouts cannot drift from the fields."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("#### Data layouts"):]
+    block = block[block.index("```yaml\n") + 8:block.index("```\n", block.index("```yaml"))]
+    entries = [e for e in block.split("\n#") if "data:" in e]
+    assert len(entries) == 7
+    for entry in entries:
+        body = entry[entry.index("data:"):]
+        DataConfig(**yaml.safe_load(body)["data"])
