@@ -159,39 +159,38 @@ def _split_rows(splits: dict, spec: str, where: str, field: str) -> list[dict]:
     return [dict(r) for a in ranges for r in splits[a.splitname].select(range(a.from_, a.to))]
 
 
-HUB_ONLY = ("hub_config", "hub_data_dir", "revision")
+HUB_ONLY = ("hub_config", "hub_data_dir", "revision")  # DataConfig fields only a hub name uses
 
 
 def _read(source: str, split: str, cfg: DataConfig, field: str, split_field: str
           ) -> tuple[list[dict], str]:
     """(records, where): `where` names the source, and its split for a DatasetDict or the hub,
     so that an error's row number can be found."""
+    path = Path(source).expanduser()
+    local = datafiles.is_url(source) or path.exists() or _looks_local(source)
     hub_set = [f"data.{k}" for k in HUB_ONLY if getattr(cfg, k) is not None]
-    if datafiles.is_url(source):
-        records, where = _read_file(datafiles.locate(source, cfg.sha256, cfg.cache_dir)), source
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            ds = _datasets().load_from_disk(str(path))
-            where = f"{path} [split {split}]" if hasattr(ds, "keys") else str(path)
-            records = _split_rows(ds, split, str(path), split_field) if hasattr(ds, "keys") else [dict(r) for r in ds]
-        elif path.is_file():
-            records, where = _read_file(path), source
-        elif _looks_local(source):
-            raise DataError(
-                f"{field}: no such file {source} (looked for {path.absolute()}; a relative path in "
-                "an experiment file is read against the file's folder, then the current directory). "
-                "Give the path of an existing file, or the file's URL with data.sha256 to find it by "
-                f"name in ${datafiles.DATA_ENV} or ../shared/data, else download it")
-        else:  # a hub dataset name: for users with hub access; `datasets` slices the split
-            records = [dict(r) for r in _datasets().load_dataset(
-                source, name=cfg.hub_config, data_dir=cfg.hub_data_dir, revision=cfg.revision,
-                split=split)]
-            return records, f"{source} [split {split}]"
-    if hub_set and field == "data.source":
+    if local and hub_set and field == "data.source":
         raise DataError(f"{', '.join(hub_set)}: set for a hub dataset, but data.source {source} is "
-                        "a local file or URL. Remove them, or give the hub dataset's name")
-    return records, where
+                        "a local file, folder or URL. Remove them, or give the hub dataset's name")
+    if datafiles.is_url(source):
+        return _read_file(datafiles.locate(source, cfg.sha256, cfg.cache_dir)), source
+    if path.is_dir():
+        ds = _datasets().load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict
+            return _split_rows(ds, split, str(path), split_field), f"{path} [split {split}]"
+        return [dict(r) for r in ds], str(path)
+    if path.is_file():
+        return _read_file(path), source
+    if local:
+        raise DataError(
+            f"{field}: no such file {source} (looked for {path.absolute()}; a relative path in an "
+            "experiment file is read against the file's folder, then the current directory). Give "
+            "the path of an existing file, or the file's URL with data.sha256 to find it by name in "
+            f"${datafiles.DATA_ENV} or ../shared/data, else download it")
+    # A hub dataset name: for users with hub access (not reachable here); `datasets` slices the split.
+    records = _datasets().load_dataset(source, name=cfg.hub_config, data_dir=cfg.hub_data_dir,
+                                       revision=cfg.revision, split=split)
+    return [dict(r) for r in records], f"{source} [split {split}]"
 
 
 def load_records(source: str, cfg: DataConfig, field: str = "data.source") -> list[dict]:
@@ -236,8 +235,9 @@ def _text(record: Any, i: int, key: str, rows: _Rows | str, optional: bool = Fal
     if key not in record or record[key] is None:
         if optional:
             return ""
-        raise DataError(f"{rows.at(i)}: missing field {name}. Add it to that record or remove the "
-                        "record")
+        fields = f" (the record's fields: {', '.join(map(str, record))})" if key in rows.columns else ""
+        raise DataError(f"{rows.at(i)}: missing field {name}{fields}. Add it to that record or "
+                        "remove the record")
     value = record[key]
     if not isinstance(value, str):
         raise DataError(f"{rows.at(i)}: field {name} must be text, got {type(value).__name__}. "
@@ -326,7 +326,10 @@ def _render_messages(r: dict, i: int, rows: _Rows, tokenizer, cfg: DataConfig) -
     or a text: one user message), or, when chosen and rejected are whole conversations, the
     turns they share before their last message; UltraFeedback has both, and a string prompt
     beside conversations that already hold it is their first turn, not said twice."""
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None:  # format auto found chat lists: the run loaded pairs before the tokenizer
+        raise DataError(f"{rows.where}: the records are chat messages; set data.format: messages, "
+                        "so that the tokenizer and its chat template are loaded first")
+    if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{rows.where}: the messages format needs a tokenizer with a chat template; "
                         "this tokenizer has none")
     chosen = _as_messages(r, i, "chosen", rows, "assistant")

@@ -77,6 +77,10 @@ class FileData:
     def pairs(self, cfg: RunConfig) -> Prepared:
         """The tokenizer and the pairs per split: everything but an SFT stage."""
         messages = cfg.data.format == "messages"  # rendering needs the tokenizer first
+        if messages and hmodels.is_tiny(cfg.model.name) and not cfg.model.tokenizer:
+            raise ConfigError(f"data.format messages with model.name {cfg.model.name}: a tiny "
+                              "model's tokenizer is trained on the pairs' texts, which need a chat "
+                              "template first. Set model.tokenizer to a chat tokenizer")
         raw = None if messages else hdata.load_pairs(cfg.data)
         tokenizer, info = _tokenizer(cfg, lambda: hdata.iter_texts(raw["train"]) if raw else iter(()))
         return Prepared(tokenizer, raw or hdata.load_pairs(cfg.data, tokenizer),
