@@ -12,7 +12,7 @@ import yaml
 from harness import data as hdata
 from harness import prepare
 from harness.cli import main
-from harness.config import DataConfig, build_config, load_config, load_experiment
+from harness.config import ConfigError, DataConfig, build_config, load_config, load_experiment
 from harness.data import DataError, Pair
 from harness.models import train_tokenizer
 from tests.conftest import ROOT, SMOKE
@@ -115,6 +115,17 @@ def test_identical_responses_are_dropped_and_counted_in_every_layout(chat_tok, s
     _, counts = hdata.tokenize_pairs(pairs, chat_tok, max_length=256)
     assert counts["pairs/dropped_identical"] == 1
     assert counts["pairs/kept"] == len(rows(source)) - 1
+
+
+def test_chat_records_need_format_messages_and_a_chat_tokenizer():
+    """Chat records under format auto (loaded before any tokenizer) ask for format messages, and
+    format messages with a tiny model's tokenizer (trained on the pairs, so after them) asks for
+    model.tokenizer, instead of failing later with a message about something else."""
+    with pytest.raises(DataError, match="the records are chat messages; set data.format: messages"):
+        hdata.load_pairs(DataConfig(source=str(UF_TRAIN), split=ALL))
+    cfg = build_config({"model": {"name": "tiny-xs"}, "data": {"source": str(UF_TRAIN), "format": "messages"}})
+    with pytest.raises(ConfigError, match="Set model.tokenizer to a chat tokenizer"):
+        prepare.preview(cfg)
 
 
 # ----------------------------------------------------------------------------- hub arguments, slices
