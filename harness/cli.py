@@ -1,6 +1,7 @@
 """`harness` command line.
 
-    harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR]
+    harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR] [--dry-run]
+    harness data EXPERIMENT.yaml [--set key=value ...]   (the first pair and the pairs per split)
     harness replicate EXPERIMENT.yaml [--workers N|auto]
     harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices 0,1] [--storage URL] [--study NAME]
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
@@ -42,7 +43,28 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """The experiment's data as a run would see it: the first train pair, tokenized, with the
+    tokens that do not count marked, and the pairs per split. Writes no run files."""
+    cfg = load_config(args.experiment, _overrides(args.set))
+    from harness import data, prepare  # torch import only when needed
+
+    prep = prepare.preview(cfg)
+    d = cfg.data
+    print(f"{cfg.name}: {d.source} (format {d.format}; tokenizer {prep.info['tokenizer_source']})")
+    print(f"first train pair as the model sees it; {data.MASKED[0]}...{data.MASKED[1]}: tokens that do "
+          f"not count in its log-probs (dpo.mask_prompt: {str(cfg.dpo.mask_prompt).lower()})")
+    print(data.show_pair(prep.splits["train"][0], prep.tokenizer, cfg.dpo.mask_prompt))
+    kinds = ["total", "kept", "truncated", "dropped_too_long", "dropped_identical", "dropped_score_gap"]
+    print("\n" + f"{'pairs':<10}" + "".join(f"  {k}" for k in kinds))
+    for split in ("train", "validation", "test"):
+        print(f"{split:<10}" + "".join(f"  {prep.counts.get(f'data/{split}/{k}', 0):>{len(k)}}" for k in kinds))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        return cmd_data(args)
     cfg = load_config(args.experiment, _overrides(args.set))
     from harness import distributed
     from harness.errors import RunDiverged
@@ -224,7 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="train nothing: print what `harness data` prints, then stop")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("data", help="check an experiment's data in seconds: the first pair as the "
+                                    "model sees it (masked tokens marked) and the pairs per split")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/seed_polite.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.limit=100 (repeatable)")
+    p.set_defaults(func=cmd_data)
 
     _sweep_commands(sub)
     p = sub.add_parser("status", help="where a study stands, from its storage (any machine)")

@@ -31,7 +31,8 @@ from harness import atomic, cache, metrics
 from harness import data as hdata
 from harness import models as hmodels
 from harness.chaos import crash_point
-from harness.config import RunConfig
+from harness.config import ConfigError, RunConfig
+from harness.errors import DataError
 from harness.phases import phase
 from harness.sft import load_checkpoint, sft_checkpoint
 from harness.tasks import controlled, imdb
@@ -73,15 +74,23 @@ def _sft(cfg: RunConfig, tokenizer, corpus: list[str], device, say: Say) -> tupl
 class FileData:
     """Pairs from data.source (file, URL, `datasets` directory or hub)."""
 
-    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared:
+    def pairs(self, cfg: RunConfig) -> Prepared:
+        """The tokenizer and the pairs per split: everything but an SFT stage."""
         messages = cfg.data.format == "messages"  # rendering needs the tokenizer first
+        if messages and hmodels.is_tiny(cfg.model.name) and not cfg.model.tokenizer:
+            raise ConfigError(f"data.format messages with model.name {cfg.model.name}: a tiny "
+                              "model's tokenizer is trained on the pairs' texts, which need a chat "
+                              "template first. Set model.tokenizer to a chat tokenizer")
         raw = None if messages else hdata.load_pairs(cfg.data)
         tokenizer, info = _tokenizer(cfg, lambda: hdata.iter_texts(raw["train"]) if raw else iter(()))
-        out = Prepared(tokenizer, raw or hdata.load_pairs(cfg.data, tokenizer),
-                       special_tokens=not messages, info=info)
+        return Prepared(tokenizer, raw or hdata.load_pairs(cfg.data, tokenizer),
+                        special_tokens=not messages, info=info)
+
+    def prepare(self, cfg: RunConfig, device, say: Say) -> Prepared:
+        out = self.pairs(cfg)
         if cfg.sft.enabled:
-            corpus = hdata.sft_texts(cfg.data, cfg.sft.field, tokenizer)
-            out.init_path, sft_info = _sft(cfg, tokenizer, corpus, device, say)
+            corpus = hdata.sft_texts(cfg.data, cfg.sft.field, out.tokenizer)
+            out.init_path, sft_info = _sft(cfg, out.tokenizer, corpus, device, say)
             out.info.update(sft_info)
         if metrics.gen_enabled(cfg):
             out.eval_prompts = [p.prompt for p in out.raw_splits["validation"][: cfg.gen_eval.n_prompts]]
@@ -197,16 +206,32 @@ class Imdb:
 TASKS: dict[str, Task] = {"none": FileData(), "controlled": Controlled(), "imdb": Imdb()}
 
 
-def prepare(cfg: RunConfig, device, say: Say) -> Prepared:
-    """The task's tokenizer, pairs and extras, then token ids per split with their counts."""
-    out = TASKS[cfg.task.name].prepare(cfg, device, say)
+def tokenized(cfg: RunConfig, out: Prepared) -> Prepared:
+    """Token ids per split with their counts (data/<split>/<what>); data.min_score_gap filters
+    the train split only, so every cell of a sweep over it is evaluated on the same pairs."""
     for name, pairs in out.raw_splits.items():
         out.splits[name], c = hdata.tokenize_pairs(
             pairs, out.tokenizer, cfg.data.max_length, cfg.data.too_long, cfg.data.add_eos,
             prompt_special_tokens=out.special_tokens,
+            min_score_gap=cfg.data.min_score_gap if name == "train" else None,
         )
         out.counts.update({f"data/{name}/{k.split('/')[-1]}": v for k, v in c.items()})
     if not out.splits["train"]:
-        raise ValueError(f"data.source {cfg.data.source}: no training pairs left after filtering: "
-                         f"{out.counts}")
+        raise DataError(f"data.source {cfg.data.source}: no training pairs left after filtering: "
+                        f"{out.counts}")
     return out
+
+
+def prepare(cfg: RunConfig, device, say: Say) -> Prepared:
+    """The task's tokenizer, pairs and extras, then token ids per split with their counts."""
+    return tokenized(cfg, TASKS[cfg.task.name].prepare(cfg, device, say))
+
+
+def preview(cfg: RunConfig) -> Prepared:
+    """A file-data run's tokenizer, pairs and token ids as training would have them, without the
+    SFT stage or a model: what `harness data` shows."""
+    if cfg.task.name != "none":
+        raise ConfigError(f"task.name: {cfg.task.name}: this task samples its pairs from an SFT "
+                          "model, so there is no data file to check; `harness data` reads "
+                          "data.source (task.name: none)")
+    return tokenized(cfg, FileData().pairs(cfg))

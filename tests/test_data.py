@@ -247,7 +247,7 @@ def test_identical_and_too_long_pairs_policies(tokenizers_pair):
              Pair("Instruction 3\n\n", "fine", "also fine")]
     kept, c = hdata.tokenize_pairs(pairs, tok, max_length=24, too_long="truncate")
     assert c == {"pairs/total": 3, "pairs/kept": 2, "pairs/truncated": 1, "pairs/dropped_too_long": 0,
-                 "pairs/dropped_identical": 1}
+                 "pairs/dropped_identical": 1, "pairs/dropped_score_gap": 0}
     assert len(kept[0].prompt_ids) + len(kept[0].chosen_ids) == 24
     assert len(kept[0].prompt_ids) + len(kept[0].rejected_ids) <= 24
     kept, c = hdata.tokenize_pairs(pairs, tok, max_length=24, too_long="drop")

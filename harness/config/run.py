@@ -37,22 +37,49 @@ def masking_label(mask_prompt: bool, reduction: str) -> str:
     raise ValueError(f"no masking label for mask_prompt={mask_prompt}, reduction={reduction!r}")
 
 
+# The harness's record fields that `data.columns` may map to a file's own column names.
+DATA_FIELDS = ("prompt", "chosen", "rejected", "system", "score_chosen", "score_rejected",
+               "instruction", "input")
+
+
 class DataConfig(_Section):
     # Where pairs come from: a file (.json/.jsonl/.parquet), a `datasets` saved directory,
     # an http(s) URL (downloaded once into cache_dir and checked against sha256), or a hub name.
     source: str = "../shared/data/instruction-data-with-preference.json"
     # Record layout: alpaca (instruction/input/chosen/rejected), prompt (prompt/chosen/rejected
-    # strings), messages (chat lists rendered with the tokenizer's chat template), or auto.
-    format: Literal["auto", "alpaca", "prompt", "messages"] = "auto"
+    # strings), transcript (chosen/rejected whole dialogues as strings, the prompt implicit:
+    # HH-RLHF), messages (chat lists, or a string prompt beside them, rendered with the
+    # tokenizer's chat template), or auto. Layouts and examples: README, "Data layouts".
+    format: Literal["auto", "alpaca", "prompt", "transcript", "messages"] = "auto"
+    # The file's column for each harness field it names differently, e.g. {prompt: question,
+    # chosen: response_j, rejected: response_k}; keys: prompt, chosen, rejected, system,
+    # score_chosen, score_rejected, instruction, input. {} = the fields' own names.
+    columns: dict[str, str] = Field(default_factory=dict)
+    # transcript format: the text that opens an assistant turn. The prompt runs to the end of
+    # the last one that chosen and rejected share; the responses follow it.
+    assistant_tag: str = "\n\nAssistant:"
     sha256: str | None = None  # required for URL sources: hex digest of the downloaded file
     cache_dir: str | None = None  # where URL downloads are kept; null = <cache root>/data
-    hub_split: str = "train"  # split name when `source` is a hub dataset or a DatasetDict
+    # Split of a hub dataset or a saved DatasetDict, sliced as `datasets` reads it:
+    # train, train_prefs, train[:10%], train[100:200], train[:50%]+test[:50%].
+    hub_split: str = "train"
+    hub_config: str | None = None  # hub dataset config (subset) name; null = its default
+    hub_data_dir: str | None = None  # hub dataset folder, e.g. helpful-base (HH-RLHF); null = all
+    revision: str | None = None  # hub dataset revision (branch, tag or commit); null = main
     # Fractions of the records, in file order, for train/validation/test (the seed uses 85/5/10).
     split: tuple[float, float, float] = (0.85, 0.05, 0.10)
-    # Given split files instead of fractions (any of the sources above); override `split`.
+    # Given split sources instead of fractions (any of the sources above); override `split`.
     validation_source: str | None = None
     test_source: str | None = None
+    # Their split (as hub_split), or, with no validation_source/test_source, another split of
+    # `source` itself (e.g. test_prefs); null = hub_split. Either overrides `split`.
+    validation_split: str | None = None
+    test_split: str | None = None
     limit: int | None = None  # keep only the first N records of `source` before splitting
+    # Keep train pairs whose score_chosen - score_rejected is at least this (score units, e.g.
+    # 1..10 for UltraFeedback); null = keep all. Validation and test keep every pair, so each
+    # cell of a sweep over it is evaluated on the same pairs. Drops: data/train/dropped_score_gap.
+    min_score_gap: float | None = None
     max_length: int = 512  # tokens per sequence (prompt + response + eos); 64..4096
     # Pairs longer than max_length: `truncate` cuts the response tail, `drop` removes the pair.
     # Either way the count lands in summary.json.
@@ -64,6 +91,30 @@ class DataConfig(_Section):
     def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
         if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] <= 0:
             raise ValueError(f"fractions must be >= 0, train > 0, and sum to 1; got {list(v)}")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, column in v.items():
+            if key not in DATA_FIELDS:
+                raise ValueError(f"unknown field {key!r}; valid: {', '.join(DATA_FIELDS)}")
+            if not column.strip():
+                raise ValueError(f"{key}: the file's column name is empty")
+        return v
+
+    @field_validator("min_score_gap")
+    @classmethod
+    def _gap_not_negative(cls, v: float | None) -> float | None:
+        if v is not None and not v >= 0:
+            raise ValueError(f"must be >= 0 (a score difference; null keeps every pair), got {v}")
+        return v
+
+    @field_validator("assistant_tag")
+    @classmethod
+    def _tag_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must hold the text that opens an assistant turn, e.g. '\\n\\nAssistant:'")
         return v
 
 
