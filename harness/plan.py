@@ -76,13 +76,15 @@ class Plan:
 
 # ----------------------------------------------------------------------------- the estimate
 
-# What one token keeps for the backward pass in one transformer layer, in units of the hidden
-# width h and the MLP width i, and the element size of what it keeps: the norms' inputs and
-# outputs, q/k/v and the attention output, the MLP's inputs, gates and activations (after
-# Korthikanti et al. 2022, section 4.1, counted for these layers' own ops).
-PER_TOKEN = {"h": 16, "i": 4}
-LOGITS_COPIES = 3  # the scored rows' logits: float32 logits, their logsumexp input, the backward's grad
-RUNTIME = 120e6  # bytes a first forward and backward add before any tensor (kernels, thread pools)
+# What one token keeps for the backward pass in one transformer layer, in float32 elements per
+# unit of the hidden width h and of the MLP width i: norms' inputs and outputs, q/k/v and the
+# attention output, the MLP's inputs, gates and activations. Counted with saved-tensor hooks on
+# one micro-batch of the seed data (notes/memory-plan.md): gpt2 (tiny-l) 30.8 h at i = 4h,
+# llama (SmolLM2-135M) 4 i + 11 h; other families take llama's.
+PER_TOKEN = {"gpt2": (15.0, 4.0), "llama": (11.0, 4.0)}  # (x h, x i)
+BF16_SAVED = 0.6  # under bf16 autocast: the share of float32's bytes the saved tensors take
+LOGITS_COPIES = 3  # scored rows' logits: float32 logits, their gradient, the softmax of the backward
+RUNTIME = 120e6  # bytes the first forward and backward add beside any tensor (kernels, threads)
 
 
 @dataclass(frozen=True)
@@ -142,3 +144,174 @@ def model_shape(cfg, tokenizer, max_length: int) -> Shape:
     layers, hidden, inter = _dims(model.config)
     return Shape(hmodels.count_params(model), layers, hidden, inter, model.config.vocab_size,
                  lora_param_count(model, cfg.model.lora))
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def batch_tokens(items, cfg, world_size: int = 1) -> tuple[int, int]:
+    """(tokens through the model, scored tokens) of the largest micro-batch the run draws: its
+    data order, batch after batch, as harness.train.micro_batches gives it."""
+    from harness.train import micro_batches, total_steps
+
+    n = total_steps(cfg, len(items)) * cfg.train.grad_accum
+    worst = (0, 0)
+    for _, (_, batch, _) in zip(range(n), micro_batches(cfg, items, 0), strict=False):
+        B, T = batch["input_ids"].shape
+        if cfg.train.share_prompt:  # the packed row's width (harness.packing), not a model's support
+            lengths = batch["attention_mask"].sum(-1)
+            P = batch["prompt_lens"][: B // 2]
+            width = int((lengths[: B // 2] + lengths[B // 2 :] - P).max())
+            tokens = (B // 2) * width
+        else:
+            tokens = B * T
+        scored = int(batch["loss_mask"][:, 1:].sum())
+        worst = max(worst, (tokens, scored))
+    return worst
+
+
+def task_tokens(cfg) -> tuple[int, int]:
+    """The same bound for a task that samples its pairs: prompts of up to 16 tokens and
+    continuations of task.max_new_tokens."""
+    b, new = cfg.train.batch_size, cfg.task.max_new_tokens
+    prompt = 16
+    if cfg.train.share_prompt:
+        return b * (prompt + 2 * new), 2 * b * new
+    return 2 * b * (prompt + new), 2 * b * new
+
+
+def estimate(cfg, shape: Shape, tokens: int, scored: int, family: str, precision: str,
+             device: str = "cpu", capacity: float | None = None) -> Plan:
+    """The peak memory of a run of `cfg` (module docstring), its largest micro-batch having
+    `tokens` tokens through the model and `scored` tokens whose log-probs count."""
+    from harness import models as hmodels
+
+    lora = cfg.model.lora.enabled
+    frozen = _bytes(hmodels.frozen_dtype(cfg.model, precision))
+    trained_b = _bytes(hmodels.trainable_dtype(cfg.model))
+    n_train = shape.lora_params if lora else shape.n_params
+    parts: dict[str, float] = {}
+    parts["weights"] = shape.n_params * (frozen if lora else trained_b) + (n_train * trained_b if lora else 0)
+    parts["gradients"] = n_train * trained_b
+    parts["optimizer"] = 2 * n_train * trained_b
+    live = cfg.dpo.reference == "model"
+    from harness import metrics
+
+    parts["reference"] = 0 if lora or not (live or metrics.gen_enabled(cfg)) else shape.n_params * frozen
+    a_h, a_i = PER_TOKEN.get(family, PER_TOKEN["llama"])
+    per_token = shape.n_layers * (a_h * shape.hidden + a_i * shape.intermediate) * 4
+    saved = per_token * tokens * (BF16_SAVED if precision == "bf16" else 1.0)
+    if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's inside at a time
+        saved = saved / shape.n_layers + shape.n_layers * tokens * shape.hidden * 4
+    parts["activations"] = saved + LOGITS_COPIES * scored * shape.vocab * 4
+    # bf16 autocast keeps bf16 casts of float32 weights for the backward
+    parts["autocast"] = shape.n_params * 2 if precision == "bf16" and not lora and trained_b == 4 else 0
+    parts["runtime"] = RUNTIME if device == "cpu" else 0
+    return Plan(cfg.name, parts, shape.n_params, n_train, device, capacity)
+
+
+# ----------------------------------------------------------------------------- per experiment
+
+
+def device_capacity(device: torch.device) -> float | None:
+    """The memory a run on `device` may use (bytes): the GPU's total, or this machine's RAM."""
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemTotal:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def family(model_type: str | None) -> str:
+    return "gpt2" if model_type == "gpt2" else "llama"
+
+
+def plan_run(cfg, device: torch.device) -> Plan:
+    """The plan of one run config: its model's shape (meta device), its largest micro-batch (the
+    tokenized data in the run's order; a task's bound), its precision on `device`."""
+    from harness import device as hdevice
+    from harness import models as hmodels
+    from harness.prepare import preview
+
+    precision = hdevice.resolve_precision(device, cfg.train.precision)
+    if cfg.task.name == "none":
+        prep = preview(cfg)
+        tokenizer = prep.tokenizer
+        tokens, scored = batch_tokens(prep.splits["train"], cfg)
+    else:
+        tokenizer, _ = hmodels.load_tokenizer(cfg.model, lambda: iter(["a b c"]))
+        tokens, scored = task_tokens(cfg)
+    shape = model_shape(cfg, tokenizer, cfg.data.max_length)
+    with torch.device("meta"):
+        model_type = (cfg.model.name and "gpt2") if hmodels.is_tiny(cfg.model.name) else \
+            hmodels.load_config(cfg.model).model_type
+    return estimate(cfg, shape, tokens, scored, family(model_type), precision, device.type,
+                    device_capacity(device))
+
+
+def runs_of(path, overrides: dict | None = None) -> list:
+    """(label, run config) of every grid cell of an experiment (one run without a sweep)."""
+    from harness.config import load_config, load_experiment
+
+    cfg = load_config(path, overrides)
+    if cfg.sweep is None:
+        return [(cfg.name, cfg)]
+    exp = load_experiment(path)
+    out = []
+    for cell in exp.cells:
+        if cell.search not in (None, 0):
+            continue
+        run = exp.run_config(cell, dict(overrides or {}), 0, cell.id, [])
+        out.append((cell.id, run))
+    return out
+
+
+def measure(cfg, steps: int = 3) -> float:
+    """The measured peak memory increase (bytes) of `steps` optimizer steps of the run in a fresh
+    process (`harness train`, evaluation, samples and saving off): its mem/peak_increase_gb."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from harness.config.load import apply_overrides
+
+    quick = {"train.max_steps": steps, "train.eval_every": 0, "train.test_at_end": False,
+             "train.sample_validation": 0, "train.sample_test": 0, "train.save_model": False,
+             "train.checkpoint_every": 0, "tracking.progress": False, "tracking.wandb": "disabled",
+             "gen_eval.enabled": False}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = apply_overrides(cfg.to_dict(), {**quick, "sweep": None})
+        exp = Path(tmp) / "run.json"
+        exp.write_text(json.dumps(raw))
+        out = subprocess.run([sys.executable, "-m", "harness", "train", str(exp), "--run-dir",
+                              str(Path(tmp) / "run")], capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"measuring {cfg.name}: the run failed:\n{out.stderr[-2000:]}")
+        summary = json.loads((Path(tmp) / "run" / "summary.json").read_text())
+    return summary["mem/peak_increase_gb"] * GB
+
+
+def table(plans: list[Plan], measured: dict[str, float] | None = None) -> str:
+    """The plans as a text table, GB per part; with `measured`, the measured peak beside."""
+    names = ["weights", "gradients", "optimizer", "reference", "activations", "autocast", "runtime"]
+    head = ["run", "params", "trained", *names, "peak", "fits", "per device"]
+    if measured:
+        head += ["measured", "est/meas"]
+    rows = [head]
+    for p in plans:
+        row = [p.name, f"{p.n_params / 1e6:.1f}M", f"{p.n_trainable / 1e6:.2f}M",
+               *(f"{p.parts.get(n, 0) / GB:.3f}" for n in names), f"{p.peak / GB:.3f}",
+               {True: "yes", False: "NO", None: "?"}[p.fits], str(p.per_device() or "-")]
+        if measured:
+            m = measured.get(p.name)
+            row += [f"{m / GB:.3f}" if m else "-", f"{p.peak / m:.2f}" if m else "-"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
