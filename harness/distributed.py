@@ -215,17 +215,18 @@ def wrap(world: World, model: torch.nn.Module, device: torch.device) -> torch.nn
     if not world.active:
         return model
     if world.fsdp:
-        return shard(model)
+        return shard(world, model, device)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(Logps(model), device_ids=ids)
 
 
-def wrap_reference(world: World, reference: torch.nn.Module | None) -> torch.nn.Module | None:
+def wrap_reference(world: World, reference: torch.nn.Module | None, device: torch.device
+                   ) -> torch.nn.Module | None:
     """The frozen reference the DPO step scores with: sharded like the policy under FSDP (its
     root runs the log-probs), as it is otherwise (it takes no gradient to average)."""
-    return shard(reference) if world.fsdp and reference is not None else reference
+    return shard(world, reference, device) if world.fsdp and reference is not None else reference
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -239,17 +240,20 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
-def shard(model: torch.nn.Module) -> Logps:
-    """FSDP2 over `model`: each transformer block one group (gathered for its forward and backward
-    only), then the Logps root holding the rest (embeddings, final norm, head). Keeps a skeleton
-    of `model` (parameters on the meta device: no memory) for `gathered`."""
+def shard(world: World, model: torch.nn.Module, device: torch.device) -> Logps:
+    """FSDP2 over `model`, on a mesh of all ranks' `device`s: each transformer block one group
+    (gathered for its forward and backward only), then the Logps root holding the rest
+    (embeddings, final norm, head). Keeps a skeleton of `model` (parameters on the meta device:
+    no memory) for `gathered`."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    mesh = init_device_mesh(device.type, (world.size,))
     skeleton = _copy_parameters_to(model, torch.device("meta"))
     root = Logps(model)
     for block in _blocks(model):
-        fully_shard(block)
-    fully_shard(root)
+        fully_shard(block, mesh=mesh)
+    fully_shard(root, mesh=mesh)
     root.__dict__["skeleton"] = skeleton  # not a submodule: FSDP and state_dict must not see it
     return root
 

@@ -245,7 +245,7 @@ class Run:
         t, s = cfg.train, StepSettings.from_config(cfg)
         prep = prepare(cfg, device, say)
         m = build_models(cfg, prep, s, device, world)
-        m.step_reference = distributed.wrap_reference(world, m.step_reference)  # FSDP: sharded
+        m.step_reference = distributed.wrap_reference(world, m.step_reference, device)  # FSDP: sharded
         steps = total_steps(cfg, len(prep.splits["train"]))
         optimizer = optim.adamw(m.policy, device, t.lr, t.weight_decay, t.adam_betas)
         scheduler = optim.scheduler(optimizer, t.schedule, t.warmup_steps, steps)
