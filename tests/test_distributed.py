@@ -145,6 +145,15 @@ def test_fsdp_on_two_cpu_ranks_trains_the_single_process_run(seed_data, tmp_path
     assert all(torch.equal(two[k], cut[k]) for k in two)
 
 
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_ranks_in_bf16(seed_data, tmp_path):
+    """bf16 (forced, on any CPU): FSDP2 on two ranks gives the single process's metrics within
+    bf16's rounding (tests/precision.py)."""
+    run(seed_data, tmp_path, "one", 1, precision="bf16", settings=FSDP)
+    run(seed_data, tmp_path, "two", 2, precision="bf16", settings=FSDP)
+    same_run(tmp_path, "bf16")
+
+
 def test_fsdp_refuses_generation_and_only_fsdp():
     """Under FSDP no rank holds the whole model to generate with: a run that generates is refused
     before it starts, naming the fields to turn off; DDP and a single process are not affected;
