@@ -337,7 +337,7 @@ def loop(run: Run) -> None:
         p.last_eval = run.evaluate(steps, p.seen)
 
 
-def test_pass(run: Run) -> dict[str, float]:
+def evaluate_test(run: Run) -> dict[str, float]:
     """test/* metrics of the whole test split, logged (rank 0 alone logs; under FSDP every rank
     runs the pass); {} without a test pass."""
     cfg, prep, m = run.cfg, run.prep, run.models
@@ -357,7 +357,7 @@ def finish(run: Run) -> dict:
     gathers the weights, which rank 0 then holds whole on its CPU as `models.policy`."""
     cfg, prep, m, p, device = run.cfg, run.prep, run.models, run.progress, run.device
     ranks = {"world_size": run.world.size, "distributed_backend": run.world.backend}
-    test = test_pass(run) if run.world.main or run.world.fsdp else {}
+    test = evaluate_test(run) if run.world.main or run.world.fsdp else {}
     if run.world.fsdp and cfg.train.save_model:
         m.policy = distributed.gathered(run.world, m.train_policy)
     if not run.world.main:
