@@ -19,14 +19,14 @@ only the newest is kept. It holds:
                   "torch_rng": torch.get_rng_state() (ByteTensor), "cuda_rng": a ByteTensor per
                   cuda device or None, "python_rng": random.getstate()}.
 
-Under FSDP (train.distributed: fsdp under torchrun) no rank holds the whole weights: in place of
-`weights.pt` the directory holds `sharded/`, a torch.distributed.checkpoint (DCP) of
-{"model": the policy's state dict, "optimizer": AdamW's} as torch.distributed.checkpoint.
-state_dict.get_state_dict gives them (keyed by parameter name), each rank writing its own
-shards (one file per rank, plus `.metadata`), and `training.pt`'s "optimizer" is None. Rank 0
-writes the rest as above (its RNG states, restored on every rank as under DDP), and renames the
-whole directory into place once every rank's shards are written. DCP reshards on load: the
-checkpoint also loads on another number of ranks.
+With train.distributed: fsdp the directory holds `sharded/` in place of `weights.pt`: a
+torch.distributed.checkpoint (DCP) of {"model": the policy's state dict, "optimizer": AdamW's},
+keyed by parameter name as torch.distributed.checkpoint.state_dict.get_state_dict gives them,
+one file per rank plus `.metadata`; `training.pt`'s "optimizer" is None. Under torchrun no rank
+holds the whole weights: each writes its own shards into the directory rank 0 makes, and rank 0
+writes the rest (its RNG states, restored on every rank as under DDP) and renames the directory
+into place once every rank's shards are written. One process writes the same layout (one file)
+and DCP reshards on load, so the checkpoint loads on any number of ranks.
 
 A checkpoint is `usable` for a run only when it was saved under the same config (the resolved
 config dicts compared apart from tracking.progress and tracking.tags) and in the same precision
@@ -37,9 +37,12 @@ metrics.jsonl still holds the rows the checkpoint counted).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,9 +82,12 @@ class Checkpoint:
 def save(root: Path, config: dict, precision: str, progress: dict, tracker: TrackerState, policy,
          optimizer: torch.optim.Optimizer, scheduler, world: World = World()) -> Path | None:
     """Write a checkpoint of the loop at `progress["step"]` into `root`, then remove every older
-    one; returns its directory. Under FSDP every rank calls it (`world`), each writing its shards
-    into the directory rank 0 makes; the others return None."""
+    one; returns its directory. A run of strategy fsdp (`world.strategy`, in any number of
+    processes: the same config always writes the same layout) writes `sharded/`; under torchrun
+    every rank calls it, each writing its shards into the directory rank 0 makes, and the others
+    return None."""
     root = Path(root)
+    sharded = world.strategy == "fsdp"
     if world.fsdp and not world.main:
         _save_shards(Path(world.broadcast(None)), policy, optimizer)
         return None
@@ -89,12 +95,12 @@ def save(root: Path, config: dict, precision: str, progress: dict, tracker: Trac
              "metrics_lines": tracker.metrics_lines(), "tracker_last": tracker.last}
 
     def write(d: Path) -> None:
-        if world.fsdp:
+        if sharded:
             _save_shards(Path(world.broadcast(str(d))), policy, optimizer)
         else:
             torch.save(policy.state_dict(), d / WEIGHTS)
         (d / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        torch.save(_training_state(None if world.fsdp else optimizer, scheduler), d / TRAINING)
+        torch.save(_training_state(None if sharded else optimizer, scheduler), d / TRAINING)
 
     target = atomic.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
     for other in root.iterdir():
@@ -118,18 +124,28 @@ def _state_dicts(policy, optimizer) -> dict[str, Any]:
     return {"model": model, "optimizer": optim}
 
 
-def _save_shards(d: Path, policy, optimizer) -> None:
+@contextlib.contextmanager
+def _dcp() -> Iterator[Any]:
+    """torch.distributed.checkpoint, without its warning that one process (no process group)
+    saves or loads alone: that is what a one-process FSDP-config run means."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(_state_dicts(policy, optimizer), checkpoint_id=d / SHARDED)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield dcp
+
+
+def _save_shards(d: Path, policy, optimizer) -> None:
+    with _dcp() as dcp:
+        dcp.save(_state_dicts(policy, optimizer), checkpoint_id=d / SHARDED)
 
 
 def _load_shards(d: Path, policy, optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = _state_dicts(policy, optimizer)
-    dcp.load(state, checkpoint_id=d)
+    with _dcp() as dcp:
+        dcp.load(state, checkpoint_id=d)
     set_state_dict(policy, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 
