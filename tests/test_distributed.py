@@ -112,16 +112,18 @@ def test_two_cpu_ranks_in_bf16(seed_data, tmp_path):
         torch.testing.assert_close(a[split], b[split], rtol=BF16_U, atol=0.0)
 
 
-# FSDP2 with a live reference (sharded too, scored through its own root) and the final weights
+# FSDP2 with a live reference (sharded too, scored through its own root), the gradient clipped at
+# every step (its norm ~0.1: clipping scales by the norm over all shards), and the final weights
 # gathered and saved; the rest as SETTINGS.
-FSDP = {"train.distributed": "fsdp", "dpo.reference": "model", "train.save_model": True}
+FSDP = {"train.distributed": "fsdp", "dpo.reference": "model", "train.max_grad_norm": 0.05,
+        "train.save_model": True}
 
 
 @pytest.mark.slow
 def test_fsdp_on_two_cpu_ranks_trains_the_single_process_run(seed_data, tmp_path):
     """fp32, FSDP2 on two gloo ranks (weights, gradients, AdamW state and the live reference
-    sharded): the single process's metrics to 1e-4 relative, validation and test passes
-    included (every rank runs them, rank 0 alone writes); the mid-run checkpoint is sharded (one
+    sharded; the gradient clipped): the single process's metrics to 1e-4 relative, validation
+    and test passes included (every rank runs them, rank 0 alone writes); the mid-run checkpoint is sharded (one
     DCP file per rank, no whole weights); SIGKILLed right after it and run again, the ranks load
     their shards and the run ends exactly as the uncut one, down to the saved weights, which are
     the whole model (the single process's tensor names and shapes)."""
