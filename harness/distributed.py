@@ -231,7 +231,8 @@ def wrap_reference(world: World, reference: torch.nn.Module | None, device: torc
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks: the modules whose class the model names in `_no_split_modules`
-    (GPT2Block, LlamaDecoderLayer, ...), outermost only."""
+    (GPT2Block, LlamaDecoderLayer, ...), outermost only. None named: the root alone shards the
+    whole model (correct, but gathered whole for every forward)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
     found: list[torch.nn.Module] = []
     for module in model.modules():
