@@ -172,13 +172,10 @@ def latest(root: Path) -> Checkpoint | None:
 
 def restore(ckpt: Checkpoint, policy, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Load the checkpoint's weights, optimizer and scheduler state and RNG states over freshly
-    built ones (the same config builds the same shapes). A sharded checkpoint (every rank calls
-    it) loads each rank's shards."""
+    built ones (the same config builds the same shapes, and the same layout: train.distributed
+    fsdp, sharded). A sharded checkpoint (every rank calls it) loads each rank's shards."""
     if (ckpt.path / SHARDED).is_dir():
         _load_shards(ckpt.path / SHARDED, policy, optimizer)
-    elif any(type(p).__name__ == "DTensor" for p in policy.parameters()):
-        raise ValueError(f"{ckpt.path}: a checkpoint of whole weights (saved without FSDP) does "
-                         "not load into a sharded policy; run it as it was saved")
     else:
         policy.load_state_dict(torch.load(ckpt.path / WEIGHTS, map_location="cpu", weights_only=True))
     saved = torch.load(ckpt.path / TRAINING, map_location="cpu", weights_only=True)
