@@ -126,7 +126,8 @@ def test_fsdp_on_two_cpu_ranks_trains_the_single_process_run(seed_data, tmp_path
     and test passes included (every rank runs them, rank 0 alone writes); the mid-run checkpoint is sharded (one
     DCP file per rank, no whole weights); SIGKILLed right after it and run again, the ranks load
     their shards and the run ends exactly as the uncut one, down to the saved weights, which are
-    the whole model (the single process's tensors, to float tolerance)."""
+    the whole model (the single process's tensors, to float tolerance); a run cut in one process
+    resumes from its checkpoint on two ranks."""
     run(seed_data, tmp_path, "one", 1, settings=FSDP)
     run(seed_data, tmp_path, "two", 2, settings=FSDP)
     fsdp = same_run(tmp_path, "fp32")
@@ -147,6 +148,14 @@ def test_fsdp_on_two_cpu_ranks_trains_the_single_process_run(seed_data, tmp_path
     for k in one:  # gathered whole: the single process's weights (they differ by ~2e-7)
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4)
     assert all(torch.equal(two[k], cut[k]) for k in two)
+    # Cut in one process (its checkpoint one DCP file), resumed on two ranks: DCP reshards it,
+    # and the run ends as the two-rank run, to float tolerance.
+    run(seed_data, tmp_path, "moved", 1, crash_at="checkpoint", code=1, settings=FSDP)
+    moved = run(seed_data, tmp_path, "moved", 2, settings=FSDP)
+    assert "resuming from the checkpoint at step 2" in moved.stderr
+    for a, b in zip(fsdp, read_metrics(tmp_path / "moved"), strict=True):
+        keys = [k for k, v in a.items() if not k.startswith("perf/") and isinstance(v, float)]
+        assert_close(a, b, keys, "fp32", beta=0.1, pairs=8)
 
 
 @pytest.mark.slow
