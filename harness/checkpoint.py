@@ -19,6 +19,15 @@ only the newest is kept. It holds:
                   "torch_rng": torch.get_rng_state() (ByteTensor), "cuda_rng": a ByteTensor per
                   cuda device or None, "python_rng": random.getstate()}.
 
+With train.distributed: fsdp the directory holds `sharded/` in place of `weights.pt`: a
+torch.distributed.checkpoint (DCP) of {"model": the policy's state dict, "optimizer": AdamW's},
+keyed by parameter name as torch.distributed.checkpoint.state_dict.get_state_dict gives them,
+one file per rank plus `.metadata`; `training.pt`'s "optimizer" is None. Under torchrun no rank
+holds the whole weights: each writes its own shards into the directory rank 0 makes, and rank 0
+writes the rest (its RNG states, restored on every rank as under DDP) and renames the directory
+into place once every rank's shards are written. One process writes the same layout (one file)
+and DCP reshards on load, so the checkpoint loads on any number of ranks.
+
 A checkpoint is `usable` for a run only when it was saved under the same config (the resolved
 config dicts compared apart from tracking.progress and tracking.tags) and in the same precision
 (`auto` may resolve otherwise on another machine: a run never mixes two). Whether a run resumes
@@ -28,9 +37,12 @@ metrics.jsonl still holds the rows the checkpoint counted).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,9 +50,10 @@ from typing import Any, Protocol
 import torch
 
 from harness import atomic
+from harness.distributed import World
 
 FORMAT = 1
-STATE, WEIGHTS, TRAINING = "state.json", "weights.pt", "training.pt"
+STATE, WEIGHTS, TRAINING, SHARDED = "state.json", "weights.pt", "training.pt", "sharded"
 PREFIX = "step-"
 IGNORED = (("tracking", "progress"), ("tracking", "tags"))  # config fields a resume may change
 
@@ -67,17 +80,27 @@ class Checkpoint:
 
 
 def save(root: Path, config: dict, precision: str, progress: dict, tracker: TrackerState, policy,
-         optimizer: torch.optim.Optimizer, scheduler) -> Path:
+         optimizer: torch.optim.Optimizer, scheduler, world: World = World()) -> Path | None:
     """Write a checkpoint of the loop at `progress["step"]` into `root`, then remove every older
-    one."""
+    one; returns its directory. A run of strategy fsdp (`world.strategy`, in any number of
+    processes: the same config always writes the same layout) writes `sharded/`; under torchrun
+    every rank calls it, each writing its shards into the directory rank 0 makes, and the others
+    return None."""
     root = Path(root)
+    sharded = world.strategy == "fsdp"
+    if world.fsdp and not world.main:
+        _save_shards(Path(world.broadcast(None)), policy, optimizer)
+        return None
     state = {"format": FORMAT, "config": config, "precision": precision, "progress": progress,
              "metrics_lines": tracker.metrics_lines(), "tracker_last": tracker.last}
 
     def write(d: Path) -> None:
+        if sharded:
+            _save_shards(Path(world.broadcast(str(d))), policy, optimizer)
+        else:
+            torch.save(policy.state_dict(), d / WEIGHTS)
         (d / STATE).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        torch.save(policy.state_dict(), d / WEIGHTS)
-        torch.save(_training_state(optimizer, scheduler), d / TRAINING)
+        torch.save(_training_state(None if sharded else optimizer, scheduler), d / TRAINING)
 
     target = atomic.atomic_dir(root / f"{PREFIX}{progress['step']:08d}", write)
     for other in root.iterdir():
@@ -88,8 +111,43 @@ def save(root: Path, config: dict, precision: str, progress: dict, tracker: Trac
 
 def _training_state(optimizer, scheduler) -> dict[str, Any]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(), "cuda_rng": cuda, "python_rng": random.getstate()}
+    return {"optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": cuda, "python_rng": random.getstate()}
+
+
+def _state_dicts(policy, optimizer) -> dict[str, Any]:
+    """{"model", "optimizer"} state dicts keyed by parameter name, each rank's shards (DTensors)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(policy, optimizer)
+    return {"model": model, "optimizer": optim}
+
+
+@contextlib.contextmanager
+def _dcp() -> Iterator[Any]:
+    """torch.distributed.checkpoint, without its warning that one process (no process group)
+    saves or loads alone: that is what a one-process FSDP-config run means."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        yield dcp
+
+
+def _save_shards(d: Path, policy, optimizer) -> None:
+    with _dcp() as dcp:
+        dcp.save(_state_dicts(policy, optimizer), checkpoint_id=d / SHARDED)
+
+
+def _load_shards(d: Path, policy, optimizer) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _state_dicts(policy, optimizer)
+    with _dcp() as dcp:
+        dcp.load(state, checkpoint_id=d)
+    set_state_dict(policy, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def remove(root: Path) -> None:
@@ -114,10 +172,15 @@ def latest(root: Path) -> Checkpoint | None:
 
 def restore(ckpt: Checkpoint, policy, optimizer: torch.optim.Optimizer, scheduler) -> None:
     """Load the checkpoint's weights, optimizer and scheduler state and RNG states over freshly
-    built ones (the same config builds the same shapes)."""
-    policy.load_state_dict(torch.load(ckpt.path / WEIGHTS, map_location="cpu", weights_only=True))
+    built ones (the same config builds the same shapes, and the same layout: train.distributed
+    fsdp, sharded). A sharded checkpoint (every rank calls it) loads each rank's shards."""
+    if (ckpt.path / SHARDED).is_dir():
+        _load_shards(ckpt.path / SHARDED, policy, optimizer)
+    else:
+        policy.load_state_dict(torch.load(ckpt.path / WEIGHTS, map_location="cpu", weights_only=True))
     saved = torch.load(ckpt.path / TRAINING, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    if saved["optimizer"] is not None:
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
     if saved["cuda_rng"] is not None and torch.cuda.is_available():

@@ -35,19 +35,23 @@ class Evaluator:
         self.path = frontier.path_of(read_metrics(run.run_dir)) if run.world.main else []
 
     def __call__(self, step: int, seen: int) -> dict[str, float]:
-        """The pass on rank 0 while any other ranks wait (they return {})."""
-        out = self._evaluate(step, seen) if self.run.world.main else {}
-        self.run.world.barrier()
+        """The pass on rank 0 while any other ranks wait (they return {}); under FSDP the others
+        run its forward passes too (each holds a shard of the weights), and rank 0 alone logs."""
+        world = self.run.world
+        out = self._evaluate(step, seen) if world.main else {}
+        if world.fsdp and not world.main:
+            self._pairs()
+        world.barrier()
         return out
 
     def _pairs(self) -> dict[str, float]:
         run = self.run
-        prep, m, s, device = run.prep, run.models, run.settings, run.device
+        prep, m, s, device, policy = run.prep, run.models, run.settings, run.device, scoring(run)
         pad, val, ref_val = prep.tokenizer.pad_token_id, prep.splits["validation"], m.ref_logps.get("validation")
-        out = evaluate(m.policy, m.step_reference, ref_val, val, s, pad, device, run.cfg.train.eval_batches)
+        out = evaluate(policy, m.step_reference, ref_val, val, s, pad, device, run.cfg.train.eval_batches)
         out = {f"eval/{k}": v for k, v in out.items()}
         if prep.true_rewards.get("validation"):
-            acc = pref_accuracy(m.policy, m.step_reference, ref_val, val,
+            acc = pref_accuracy(policy, m.step_reference, ref_val, val,
                                 prep.true_rewards["validation"], s, pad, device)
             if acc is not None:  # None: every validation pair has equal true rewards
                 out["eval/pref_accuracy"] = acc
@@ -83,6 +87,12 @@ class Evaluator:
         if self.on_eval is not None:
             self.on_eval(step, out)
         return out
+
+
+def scoring(run: Run) -> torch.nn.Module:
+    """What evaluation passes score the policy with: the policy, or under FSDP its sharded root
+    (harness.distributed.Logps), whose forward gathers the weights."""
+    return run.models.train_policy if run.world.fsdp else run.models.policy
 
 
 def degenerate(last_eval: dict[str, float], kl_ceiling: float | None,

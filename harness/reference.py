@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness import atomic, cache, packing
+from harness import atomic, cache, distributed, packing
 from harness import device as hdevice
 from harness import models as hmodels
 from harness.chaos import crash_point
@@ -21,10 +21,12 @@ from harness.step import StepSettings, concatenated_logps, to_device
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of every parameter and buffer: the identity of the reference model."""
+    """sha256 of every parameter and buffer: the identity of the reference model. Sharded (FSDP:
+    DTensors), each is gathered whole first, on every rank in the same order."""
     key = cache.Key()
     for name, tensor in sorted(model.state_dict().items()):
-        key.add(name, tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        tensor = distributed.full(tensor.detach())
+        key.add(name, tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return key.hex(64)
 
 

@@ -52,8 +52,9 @@ def concatenated_logps(model, batch: Batch, reduction: str, share_prompt: bool =
     once when `share_prompt` and the model allows it (harness.packing), else over the
     [2B, T] chosen and rejected rows."""
     args = (batch, reduction, share_prompt)
-    # A DDP-wrapped harness.distributed.Logps returns the log-probs from its own forward.
-    logps = model(*args) if isinstance(model, DistributedDataParallel) else pair_logps(model, *args)
+    # harness.distributed.Logps (in DDP, or an FSDP root) returns the log-probs from its forward.
+    wrapped = isinstance(model, DistributedDataParallel | distributed.Logps)
+    logps = model(*args) if wrapped else pair_logps(model, *args)
     half = logps.shape[0] // 2
     return logps[:half], logps[half:]
 
@@ -129,6 +130,7 @@ def optimizer_step(st: Stepper, micro: Sequence[Micro], step: int) -> StepResult
             sums[k] = sums.get(k, 0.0) + v.sum().item()
         pairs += len(idx)
     grad_norm = torch.nn.utils.clip_grad_norm_(st.policy.parameters(), st.max_grad_norm or float("inf"))
+    grad_norm = distributed.full(grad_norm)  # FSDP: a replicated DTensor over the sharded grads
     if not torch.isfinite(grad_norm):
         raise RunDiverged(step, "the gradient norm", float(grad_norm))
     lr = st.scheduler.get_last_lr()[0]

@@ -44,7 +44,7 @@ from harness import models as hmodels
 from harness.chaos import crash_point
 from harness.config import RunConfig
 from harness.errors import CUT_OFF, RunDiverged
-from harness.evaluation import EvalHook, Evaluator, degenerate, write_samples
+from harness.evaluation import EvalHook, Evaluator, degenerate, scoring, write_samples
 from harness.prepare import Prepared, prepare
 from harness.reference import cached_logps, weights_digest
 from harness.rundir import DATA_COUNTS, checkpoint_dir, open_run_dir, run_labels
@@ -69,8 +69,11 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     is refused (FileExistsError). RunDiverged, RunPruned and KeyboardInterrupt propagate after
     the summary is written.
     """
-    world, device = distributed.setup(cfg.train.device)
+    world, device = distributed.setup(cfg.train.device, cfg.train.distributed)
     distributed.check_batch(world, cfg.train.batch_size)
+    distributed.check_strategy(world, {"gen_eval.enabled": metrics.gen_enabled(cfg),
+                                       "train.sample_validation": bool(cfg.train.sample_validation),
+                                       "train.sample_test": bool(cfg.train.sample_test)})
     # What the run computes in, and what the machine does natively: part of the result (a bf16
     # run and an fp32 run are different experiments; a study never pools them, a resume never
     # mixes them).
@@ -268,6 +271,7 @@ class Run:
         prep = prepare(cfg, device, say)
         watermark = memory.Watermark.start(device)  # what harness plan estimates starts here
         m = build_models(cfg, prep, s, device, world)
+        m.step_reference = distributed.wrap_reference(world, m.step_reference, device)  # FSDP: sharded
         steps = total_steps(cfg, len(prep.splits["train"]))
         optimizer = optim.adamw(m.policy, device, t.lr, t.weight_decay, t.adam_betas)
         scheduler = optim.scheduler(optimizer, t.schedule, t.warmup_steps, steps)
@@ -291,14 +295,16 @@ class Run:
                 f"wandb: {wandb}\npairs train/validation/test: {len(splits['train'])}/"
                 f"{len(splits['validation'])}/{len(splits['test'])} | {t.batch_size * t.grad_accum} "
                 f"pairs per step ({t.batch_size} x {t.grad_accum} accum) | {self.steps} steps | "
-                f"run dir: {self.run_dir}" + (f" | {w.size} processes ({w.backend})" if w.active else ""))
+                f"run dir: {self.run_dir}" + (f" | {w.size} processes ({w.strategy}, {w.backend})"
+                                            if w.active else ""))
 
     def save_checkpoint(self) -> None:
-        if self.world.main:
+        if self.world.main or self.world.fsdp:  # FSDP: every rank writes its shards
             precision = hdevice.resolve_precision(self.device, self.cfg.train.precision)
             checkpoint.save(checkpoint_dir(self.run_dir), self.cfg.to_dict(), precision, asdict(self.progress),
                             self.tracker, self.models.policy, self.stepper.optimizer,
-                            self.stepper.scheduler)
+                            self.stepper.scheduler, self.world)
+        if self.world.main:
             crash_point("checkpoint")
         self.world.barrier()
 
@@ -359,21 +365,32 @@ def loop(run: Run) -> None:
         p.last_eval = run.evaluate(steps, p.seen)
 
 
+def evaluate_test(run: Run) -> dict[str, float]:
+    """test/* metrics of the whole test split, logged (rank 0 alone logs; under FSDP every rank
+    runs the pass); {} without a test pass."""
+    cfg, prep, m = run.cfg, run.prep, run.models
+    if not (cfg.train.test_at_end and prep.splits["test"]):
+        return {}
+    with phases.phase("eval"):
+        test = evaluate(scoring(run), m.step_reference, m.ref_logps.get("test"), prep.splits["test"],
+                        run.settings, prep.tokenizer.pad_token_id, run.device, None)
+    test = {f"test/{k}": v for k, v in test.items()}
+    run.tracker.log(test, run.steps, run.progress.seen)
+    return test
+
+
 def finish(run: Run) -> dict:
     """Test split, greedy samples, weights and tokenizer (rank 0); returns the run's summary (the
-    last eval logged the final gen/samples table)."""
+    last eval logged the final gen/samples table). Under FSDP every rank runs the test pass and
+    gathers the weights, which rank 0 then holds whole on its CPU as `models.policy`."""
     cfg, prep, m, p, device = run.cfg, run.prep, run.models, run.progress, run.device
     ranks = {"world_size": run.world.size, "distributed_backend": run.world.backend}
+    test = evaluate_test(run) if run.world.main or run.world.fsdp else {}
+    if run.world.fsdp and cfg.train.save_model:
+        m.policy = distributed.gathered(run.world, m.train_policy)
     if not run.world.main:
         run.world.barrier()
         return {"status": "finished", "steps": run.steps, **ranks}
-    test = {}
-    if cfg.train.test_at_end and prep.splits["test"]:
-        with phases.phase("eval"):
-            test = evaluate(m.policy, m.step_reference, m.ref_logps.get("test"), prep.splits["test"],
-                            run.settings, prep.tokenizer.pad_token_id, device, None)
-        test = {f"test/{k}": v for k, v in test.items()}
-        run.tracker.log(test, run.steps, p.seen)
     if cfg.train.sample_validation or cfg.train.sample_test:
         # a cached reference: rebuild the frozen start (the SFT checkpoint when there is one)
         write_samples(run, m.reference or start_model(cfg, prep, device)[0])

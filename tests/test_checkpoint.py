@@ -5,6 +5,7 @@ config starts over, and the checkpoint is removed at the end unless kept."""
 import json
 
 import pytest
+import torch
 
 from harness.train import train
 from tests.precision import PRECISIONS
@@ -100,6 +101,26 @@ def test_resumed_run_writes_the_uninterrupted_metrics_exactly(uncut, seed_data, 
     for key in ("train/loss", "eval/loss", "test/loss", "gen/kl", "examples_seen", "tokens_seen"):
         assert summary[key] == ref[key], key
     assert [p.name for p in (run_dir / "checkpoint").iterdir()] == ["step-00000004"]
+
+
+def test_an_fsdp_run_in_one_process_resumes_from_its_dcp_checkpoint(uncut, seed_data, tmp_path):
+    """train.distributed fsdp in one process (nothing to shard) writes the layout a torchrun FSDP
+    run writes, a torch.distributed.checkpoint (sharded/, no weights.pt, no optimizer in
+    training.pt), so the same config resumes on any number of ranks; cut off at step 6 and re-run,
+    it loads the step-4 checkpoint and ends with the uninterrupted run's metrics exactly (in one
+    process the strategy changes no number)."""
+    ref_dir, _ = uncut("fp32")
+    run_dir = tmp_path / "f"
+    cfg = quick_config(seed_data, tmp_path, **RESUMABLE, **{"train.precision": "fp32",
+                                                            "train.distributed": "fsdp"})
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_dir=run_dir, on_eval=Hook(stop=6))
+    (ckpt,) = (run_dir / "checkpoint").iterdir()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["sharded", "state.json", "training.pt"]
+    assert torch.load(ckpt / "training.pt", weights_only=True)["optimizer"] is None
+    summary = train(cfg, run_dir=run_dir)
+    assert summary["resumed_from_step"] == 4
+    assert without_perf(read_metrics(run_dir)) == without_perf(read_metrics(ref_dir))
 
 
 def test_finished_run_dir_is_refused(finished, seed_data):

@@ -274,6 +274,9 @@ class TrainConfig(_Section):
     # directory resumes from it. Each costs a write of weights + 2x their size in Adam state.
     checkpoint_every: int = 0
     keep_checkpoint: bool = False  # keep the last checkpoint after the run finishes
+    # Under torchrun: ddp (each rank a whole copy) | fsdp (FSDP2: weights, gradients, AdamW
+    # state sharded over the ranks; sharded checkpoints; no generation). One process: no effect.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     @field_validator("batch_size", "grad_accum", "log_every")
     @classmethod
