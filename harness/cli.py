@@ -2,6 +2,7 @@
 
     harness train EXPERIMENT.yaml [--set key=value ...] [--run-dir DIR] [--dry-run]
     harness data EXPERIMENT.yaml [--set key=value ...]   (the first pair and the pairs per split)
+    harness plan EXPERIMENT.yaml [--device D] [--measure]   (memory per run: fits? runs per GPU?)
     harness replicate EXPERIMENT.yaml [--workers N|auto]
     harness sweep EXPERIMENT.yaml [--workers N|auto] [--devices 0,1] [--storage URL] [--study NAME]
     harness status EXPERIMENT.yaml [--storage URL] [--study NAME]
@@ -59,6 +60,34 @@ def cmd_data(args: argparse.Namespace) -> int:
     print("\n" + f"{'pairs':<10}" + "".join(f"  {k}" for k in kinds))
     for split in ("train", "validation", "test"):
         print(f"{split:<10}" + "".join(f"  {prep.counts.get(f'data/{split}/{k}', 0):>{len(k)}}" for k in kinds))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """The estimated peak memory of each run (each grid cell) of an experiment, by part; whether
+    it fits the device and how many share one; with --measure, a few real steps of each beside."""
+    import torch
+
+    from harness import plan
+    from harness.device import pick_device
+
+    device = torch.device(args.device) if args.memory_gb else pick_device(args.device)
+    capacity = args.memory_gb * 1e9 if args.memory_gb else None
+    runs = plan.runs_of(args.experiment, _overrides(args.set))
+    if args.measure:  # the plan of what is measured: the runs' first --steps steps
+        runs = [(label, plan.quick(cfg, args.steps)) for label, cfg in runs]
+    plans = [plan.plan_run(cfg, device, capacity) for _, cfg in runs]
+    measured = None
+    if args.measure:
+        if device.type != "cpu" and device.type != "cuda":
+            raise ConfigError(f"--measure: measures on cpu or cuda, not {device.type}")
+        measured = {}
+        for (_, cfg), p in zip(runs, plans, strict=True):
+            print(f"measuring {p.name} ({args.steps} steps) ...", file=sys.stderr, flush=True)
+            measured[p.name] = plan.measure(cfg, args.steps)
+    where = "GPU memory allocated" if device.type == "cuda" else "peak RSS increase"
+    print(f"{args.experiment} on {device} ({where}; GB; estimate: harness/plan.py)")
+    print(plan.table(plans, measured))
     return 0
 
 
@@ -256,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set data.limit=100 (repeatable)")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("plan", help="memory per run of an experiment: weights, gradients, optimizer, "
+                                    "reference, activations; whether it fits; runs per device")
+    p.add_argument("experiment", help="experiment YAML (each grid cell of a study is one run)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set model.lora.r=16 (repeatable)")
+    p.add_argument("--device", default="auto", help="the device to plan for: auto, cpu, cuda, cuda:1")
+    p.add_argument("--measure", action="store_true",
+                   help="also run --steps optimizer steps of each run in a fresh process and show "
+                        "its measured peak beside the estimate")
+    p.add_argument("--steps", type=int, default=3, help="steps per measured run (default 3)")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="plan for a device of this much memory that need not be here, e.g. "
+                        "--device cuda --memory-gb 141 for an H200")
+    p.set_defaults(func=cmd_plan)
 
     _sweep_commands(sub)
     p = sub.add_parser("status", help="where a study stands, from its storage (any machine)")

@@ -181,14 +181,14 @@ def check_batch(world: World, batch_size: int) -> None:
                          f"processes: pick a multiple of {world.size}")
 
 
-def check_strategy(world: World, generation: dict[str, bool]) -> None:
-    """Under FSDP no rank holds the whole model, and generation (token by token, through the
-    LM's own forward) is not sharded here: `generation` (config field -> whether the run
-    generates) must all be off."""
-    on = [name for name, enabled in generation.items() if enabled]
+def check_strategy(world: World, unsupported: dict[str, bool]) -> None:
+    """Under FSDP no rank holds the whole model, and neither generation (token by token, through
+    the LM's own forward) nor a LoRA policy (its reference is the base with the adapter off) is
+    sharded here: `unsupported` (config field -> whether the run uses it) must all be off."""
+    on = [name for name, enabled in unsupported.items() if enabled]
     if world.fsdp and on:
-        raise ValueError(f"train.distributed: fsdp does not generate; turn off {', '.join(on)} "
-                         "or train with ddp")
+        raise ValueError(f"train.distributed: fsdp does not generate or shard LoRA adapters; turn "
+                         f"off {', '.join(on)} or train with ddp")
 
 
 class Logps(torch.nn.Module):

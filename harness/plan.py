@@ -208,7 +208,8 @@ def estimate(cfg, shape: Shape, tokens: int, scored: int, family: str, precision
     # bf16 autocast keeps bf16 casts of float32 weights for the backward
     parts["autocast"] = shape.n_params * 2 if precision == "bf16" and not lora and trained_b == 4 else 0
     parts["runtime"] = RUNTIME if device == "cpu" else 0
-    return Plan(cfg.name, parts, shape.n_params, n_train, device, capacity)
+    total = shape.n_params + (shape.lora_params if lora else 0)
+    return Plan(cfg.name, parts, total, n_train, device, capacity)
 
 
 # ----------------------------------------------------------------------------- per experiment
@@ -231,9 +232,10 @@ def family(model_type: str | None) -> str:
     return "gpt2" if model_type == "gpt2" else "llama"
 
 
-def plan_run(cfg, device: torch.device) -> Plan:
+def plan_run(cfg, device: torch.device, capacity: float | None = None) -> Plan:
     """The plan of one run config: its model's shape (meta device), its largest micro-batch (the
-    tokenized data in the run's order; a task's bound), its precision on `device`."""
+    tokenized data in the run's order; a task's bound), its precision on `device`, against
+    `capacity` bytes (default: the device's own; give it to plan for a device not here)."""
     from harness import device as hdevice
     from harness import models as hmodels
     from harness.prepare import preview
@@ -251,7 +253,7 @@ def plan_run(cfg, device: torch.device) -> Plan:
         model_type = (cfg.model.name and "gpt2") if hmodels.is_tiny(cfg.model.name) else \
             hmodels.load_config(cfg.model).model_type
     return estimate(cfg, shape, tokens, scored, family(model_type), precision, device.type,
-                    device_capacity(device))
+                    capacity or device_capacity(device))
 
 
 def runs_of(path, overrides: dict | None = None) -> list:
@@ -271,23 +273,30 @@ def runs_of(path, overrides: dict | None = None) -> list:
     return out
 
 
+def quick(cfg, steps: int):
+    """`cfg` cut to its first `steps` optimizer steps with evaluation, samples and saving off:
+    what `measure` runs, and so what a measured plan is computed for."""
+    from harness.config import build_config
+    from harness.config.load import apply_overrides
+
+    cut = {"train.max_steps": steps, "train.eval_every": 0, "train.test_at_end": False,
+           "train.sample_validation": 0, "train.sample_test": 0, "train.save_model": False,
+           "train.checkpoint_every": 0, "tracking.progress": False, "tracking.wandb": "disabled",
+           "gen_eval.enabled": False, "sweep": None}
+    return build_config(apply_overrides(cfg.to_dict(), cut), where=cfg.name)
+
+
 def measure(cfg, steps: int = 3) -> float:
-    """The measured peak memory increase (bytes) of `steps` optimizer steps of the run in a fresh
-    process (`harness train`, evaluation, samples and saving off): its mem/peak_increase_gb."""
+    """The measured peak memory increase (bytes) of quick(cfg, steps) in a fresh process
+    (`harness train`): its mem/peak_increase_gb."""
     import json
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
-    from harness.config.load import apply_overrides
-
-    quick = {"train.max_steps": steps, "train.eval_every": 0, "train.test_at_end": False,
-             "train.sample_validation": 0, "train.sample_test": 0, "train.save_model": False,
-             "train.checkpoint_every": 0, "tracking.progress": False, "tracking.wandb": "disabled",
-             "gen_eval.enabled": False}
     with tempfile.TemporaryDirectory() as tmp:
-        raw = apply_overrides(cfg.to_dict(), {**quick, "sweep": None})
+        raw = quick(cfg, steps).to_dict()
         exp = Path(tmp) / "run.json"
         exp.write_text(json.dumps(raw))
         out = subprocess.run([sys.executable, "-m", "harness", "train", str(exp), "--run-dir",

@@ -73,7 +73,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, on_eval: EvalHook |
     distributed.check_batch(world, cfg.train.batch_size)
     distributed.check_strategy(world, {"gen_eval.enabled": metrics.gen_enabled(cfg),
                                        "train.sample_validation": bool(cfg.train.sample_validation),
-                                       "train.sample_test": bool(cfg.train.sample_test)})
+                                       "train.sample_test": bool(cfg.train.sample_test),
+                                       "model.lora.r": cfg.model.lora.enabled})
     # What the run computes in, and what the machine does natively: part of the result (a bf16
     # run and an fp32 run are different experiments; a study never pools them, a resume never
     # mixes them).

@@ -168,12 +168,14 @@ def test_fsdp_on_two_cpu_ranks_in_bf16(seed_data, tmp_path):
 
 
 def test_fsdp_refuses_generation_and_only_fsdp():
-    """Under FSDP no rank holds the whole model to generate with: a run that generates is refused
+    """Under FSDP no rank holds the whole model to generate with (and LoRA is not sharded): such a
+    run is refused
     before it starts, naming the fields to turn off; DDP and a single process are not affected;
     an unknown strategy names the valid ones."""
-    gen = {"gen_eval.enabled": True, "train.sample_validation": False, "train.sample_test": True}
-    with pytest.raises(ValueError, match="fsdp does not generate; turn off gen_eval.enabled, "
-                                         "train.sample_test"):
+    gen = {"gen_eval.enabled": True, "train.sample_validation": False, "train.sample_test": True,
+           "model.lora.r": True}
+    with pytest.raises(ValueError, match="fsdp does not generate or shard LoRA adapters; turn off "
+                                         "gen_eval.enabled, train.sample_test, model.lora.r"):
         distributed.check_strategy(distributed.World(0, 2, strategy="fsdp"), gen)
     distributed.check_strategy(distributed.World(0, 2, strategy="fsdp"), dict.fromkeys(gen, False))
     distributed.check_strategy(distributed.World(0, 2), gen)

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,18 +67,41 @@ def visible_accelerators() -> list[str]:
     return ids[:n] if ids else [str(i) for i in range(n)]
 
 
-def plan_workers(workers: int | str, devices: list[str] | None) -> list[str | None]:
+def plan_workers(workers: int | str, devices: list[str] | None,
+                 per_device: Callable[[], int] | None = None) -> list[str | None]:
     """The device of each worker (None: no assignment, e.g. CPU). `workers` is a count or
-    `auto`: one worker per device in `devices` (else per visible CUDA device, else per usable
-    CPU core). With more workers than devices, workers share devices round-robin."""
+    `auto`: on devices (`devices`, else the visible CUDA devices) as many workers per device as
+    `per_device()` says fit (the memory plan: harness.plan; 1 without it), else one per usable
+    CPU core. With more workers than devices, workers share devices round-robin."""
     if devices is None and workers == "auto":
         devices = visible_accelerators() or None
     if workers == "auto":
-        workers = len(devices) if devices else usable_cores()
+        k = max(1, per_device()) if devices and per_device is not None else 1
+        workers = len(devices) * k if devices else usable_cores()
     workers = int(workers)
     if workers < 1:
         raise ValueError(f"--workers {workers}: need at least one worker")
     return [devices[i % len(devices)] if devices else None for i in range(workers)]
+
+
+def runs_per_gpu(path) -> int:
+    """How many of the experiment's runs share one GPU: the memory plan's count for its largest
+    cell (harness.plan), or 1 when the plan cannot be made (said on stderr)."""
+    import torch
+
+    from harness import plan
+
+    try:
+        device = torch.device("cuda", 0)
+        plans = [plan.plan_run(cfg, device) for _, cfg in plan.runs_of(path)]
+        largest = max(plans, key=lambda p: p.peak)
+    except Exception as err:  # noqa: BLE001 - a plan is advice; the sweep runs without it
+        print(f"memory plan unavailable ({err}): one worker per GPU", file=sys.stderr)
+        return 1
+    k = largest.per_device() or 1
+    print(f"memory plan: {largest.name} needs ~{largest.peak / plan.GB:.1f} GB: {k} worker(s) per GPU",
+          file=sys.stderr)
+    return k
 
 
 def _worker(path: str, study: str | None, storage_url: str, results_dir: str, threads: int,
@@ -192,7 +216,7 @@ def run_sweep(path: str | Path, workers: int | str = 1, storage: str | None = No
     results = Path(results_dir or exp.base.tracking.results_dir)
     storage_url = resolve(storage, results, exp.study)
     shown = masked(storage_url)
-    plan = plan_workers(workers, devices)
+    plan = plan_workers(workers, devices, lambda: runs_per_gpu(path))
     workers = len(plan)
     sweep = Sweep(exp, storage_url, results, workers=workers)
     spec = exp.spec
