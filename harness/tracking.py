@@ -40,6 +40,15 @@ def _clean(value: Any) -> Any:
     return value
 
 
+WANDB_TAG_MAX = 64  # wandb refuses a longer tag (and with it the whole run)
+
+
+def wandb_tag(tag: str) -> str:
+    """`tag` as wandb takes it: a longer one (a cell value naming a model directory, say) keeps
+    its end, where the directory's own name is."""
+    return tag if len(tag) <= WANDB_TAG_MAX else "…" + tag[-(WANDB_TAG_MAX - 1):]
+
+
 class Backend(Protocol):
     def log(self, values: dict[str, float], step: int, examples_seen: int) -> None: ...
     def table(self, key: str, columns: list[str], rows: list[list], step: int | None = None,
@@ -133,7 +142,8 @@ class Wandb:
 
             self.run = wandb.init(
                 project=tracking.project, entity=tracking.entity, group=tracking.group,
-                job_type=job_type, tags=list(tracking.tags) or None, name=name, config=config,
+                job_type=job_type, tags=[wandb_tag(t) for t in tracking.tags] or None, name=name,
+                config=config,
                 dir=str(wandb_dir), mode=self.mode, reinit="finish_previous",
                 settings=wandb.Settings(console="off", silent=True, x_disable_stats=True,
                                         x_disable_meta=_password_in_argv()),

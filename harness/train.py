@@ -32,6 +32,7 @@ from harness import (
     checkpoint,
     distributed,
     export,
+    lowp,
     memory,
     metrics,
     optim,
@@ -174,12 +175,14 @@ def build_models(cfg: RunConfig, prep: Prepared, s: StepSettings, device,
     precision = hdevice.resolve_precision(device, cfg.train.precision)
     frozen = hmodels.frozen_dtype(cfg.model, precision)
     lora = cfg.model.lora.enabled
+    # bf16-stored frozen weights in an fp32 run are widened layer by layer (harness.lowp)
+    widen = lowp.compute_in if frozen != torch.float32 and precision == "fp32" else (lambda m: m)
     policy, info = start_model(cfg, prep, device, frozen if lora else hmodels.trainable_dtype(cfg.model))
     if lora:
-        policy = adapters.wrap(policy, cfg.model.lora)
+        policy = adapters.wrap(widen(policy.requires_grad_(False)), cfg.model.lora)
         scorer = adapters.AdapterOff(policy)
     else:
-        scorer = hmodels.frozen_copy(policy, frozen)
+        scorer = widen(hmodels.frozen_copy(policy, frozen))
     policy.train()
     live, gen = cfg.dpo.reference == "model", metrics.gen_enabled(cfg)
     reference = scorer if live or gen or lora else None

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from harness import atomic
-from harness.bench import memory, trl_path
+from harness.bench import memory, state, trl_path
 from harness.bench.agree import GUARD_STEPS, PathsDisagree
 from harness.bench.cases import CASES, DEFAULT_CASES, TRL_CASES, TRL_ONLY, available
 from harness.bench.gen import GEN_CASES, bench_gen, gen_table
@@ -51,7 +51,7 @@ def table(results: list[dict], rate: float) -> str:
 
 
 def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: Path,
-              baseline: str | None = None, force_bf16: bool = False) -> dict:
+              baseline: str | None = None, force_bf16: bool = False, models: bool = True) -> dict:
     rate = matmul_rate()
     print(f"fp32 matmul rate: {rate / 1e9:.0f} GFLOP/s", file=sys.stderr)
     results, skipped = [], {}
@@ -69,12 +69,22 @@ def run_bench(cases: list[str], steps: int, warmup: int, memory: bool, out_dir: 
         t0 = time.time()
         results.append(bench_case(case, steps, warmup, rate, memory, trl))
         print(f"{name}: {results[-1]['speedup']:.2f}x in {time.time() - t0:.0f}s", file=sys.stderr)
+    model_rows = []
+    if memory and models:
+        reason = available(CASES["smollm2-live-mean"])
+        if reason:
+            skipped["model memory rows"] = reason
+        else:
+            model_rows = state.bench_rows()
     report = {"machine": machine(), "matmul_flops": rate, "results": results, "skipped": skipped,
-              "padding": padding_report(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+              "padding": padding_report(), "model_memory": model_rows,
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     atomic.atomic_write(path, json.dumps(report, indent=2))
     print(table(results, rate))
+    if model_rows:
+        print(state.rows_table(model_rows))
     pad = report["padding"]
     print(f"\npadding ({pad['tokenizer']} tokens, batches of 8 pairs): file order "
           f"{pad['file_order']['padding_fraction']:.1%}, length-grouped "
@@ -114,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="measured steps per path (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+    p.add_argument("--no-models", action="store_true", help="skip the model-memory rows (SmolLM2-135M "
+                   "trained full fp32, with a bf16 reference, and as LoRA on a bf16 base)")
+    p.add_argument("--models-only", action="store_true", help="only the model-memory rows")
     p.add_argument("--out", default="results/bench", help="directory for the JSON report")
     p.add_argument("--profile", metavar="CASE", help="print a torch.profiler table of one step of "
                    "each path for CASE instead of benchmarking")
@@ -146,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--steps {args.steps} --warmup {args.warmup}: at least 1 measured step and "
                 f"{GUARD_STEPS} in all (the paths' losses are compared at step {GUARD_STEPS})")
     try:
-        run_bench(names, args.steps, args.warmup, not args.no_memory, Path(args.out), args.baseline,
-                  args.force_bf16)
+        run_bench([] if args.models_only else names, args.steps, args.warmup, not args.no_memory,
+                  Path(args.out), args.baseline, args.force_bf16, not args.no_models)
     except PathsDisagree as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
