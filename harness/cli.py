@@ -264,33 +264,37 @@ def _sweep_commands(sub) -> None:
     p.set_defaults(func=cmd_replicate)
 
 
+def _experiment_command(sub, name: str, help: str, example: str, example_set: str):  # noqa: A002
+    """A subcommand that takes an experiment YAML and --set overrides."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("experiment", help=f"experiment YAML, e.g. {example}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config field, e.g. --set {example_set} (repeatable)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="harness", description=__doc__)
     parser.add_argument(TRACEBACK, action="store_true",
                         help="on bad input, raise with the Python traceback instead of printing one "
                              "paragraph (accepted anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="one DPO run from an experiment YAML")
-    p.add_argument("experiment", help="experiment YAML, e.g. experiments/smoke.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set dpo.beta=0.3 (repeatable)")
+    p = _experiment_command(sub, "train", "one DPO run from an experiment YAML",
+                            "experiments/smoke.yaml", "dpo.beta=0.3")
     p.add_argument("--run-dir", default=None, help="run directory (default results/runs/<name>-<time>)")
     p.add_argument("--dry-run", action="store_true",
                    help="train nothing: print what `harness data` prints, then stop")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("data", help="check an experiment's data in seconds: the first pair as the "
-                                    "model sees it (masked tokens marked) and the pairs per split")
-    p.add_argument("experiment", help="experiment YAML, e.g. experiments/seed_polite.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set data.limit=100 (repeatable)")
+    p = _experiment_command(sub, "data", "check an experiment's data in seconds: the first pair as "
+                            "the model sees it (masked tokens marked) and the pairs per split",
+                            "experiments/seed_polite.yaml", "data.limit=100")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("plan", help="memory per run of an experiment: weights, gradients, optimizer, "
-                                    "reference, activations; whether it fits; runs per device")
-    p.add_argument("experiment", help="experiment YAML (each grid cell of a study is one run)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set model.lora.r=16 (repeatable)")
+    p = _experiment_command(sub, "plan", "memory per run of an experiment (each grid cell of a "
+                            "study is one run): weights, gradients, optimizer, reference, "
+                            "activations; whether it fits; runs per device",
+                            "experiments/sizes.yaml", "model.lora.r=16")
     p.add_argument("--device", default="auto", help="the device to plan for: auto, cpu, cuda, cuda:1")
     p.add_argument("--measure", action="store_true",
                    help="also run --steps optimizer steps of each run in a fresh process and show "
