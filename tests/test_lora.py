@@ -113,14 +113,28 @@ def test_cached_reference_of_lora_runs_is_keyed_by_the_base(seed_data, tmp_path)
     torch.testing.assert_close(torch.cat([cached[:, 0], cached[:, 1]]), live, rtol=0, atol=1e-6)
 
 
-def test_lora_rank_is_a_sweep_axis_and_validated():
-    """model.lora.r validates as a grid axis value and refuses a negative rank naming the field."""
-    from harness.config import ConfigError, build_config
+def test_lora_rank_is_a_sweep_axis_or_an_optuna_parameter_and_validated(tmp_path):
+    """model.lora.r is a grid axis (0 = full training) or an Optuna parameter: each cell's and
+    each trial's run config carries its rank; a negative rank is refused naming the field."""
+    import yaml
+
+    from harness.config import ConfigError, build_config, load_experiment
+    from harness.config.load import Cell
 
     cfg = build_config({"model": {"lora": {"r": 16}}})
     assert cfg.model.lora.enabled and not build_config({}).model.lora.enabled
     with pytest.raises(ConfigError, match=r"model\.lora\.r"):
         build_config({"model": {"lora": {"r": -1}}})
+    exp = tmp_path / "e.yaml"
+    exp.write_text(yaml.safe_dump({"name": "e", "sweep": {
+        "grid": {"model.lora.r": [0, 8]},
+        "search": {"model.lora.alpha": {"type": "categorical", "choices": [8, 16]}}}}))
+    e = load_experiment(exp)
+    assert [dict(c.values)["model.lora.r"] for c in e.cells] == [0, 8]
+    run = e.run_config(e.cells[1], {"model.lora.alpha": 16}, 0, "t", [])
+    assert (run.model.lora.r, run.model.lora.alpha) == (8, 16)
+    searched = e.run_config(Cell(()), {"model.lora.r": 4}, 0, "t", [])
+    assert searched.model.lora.r == 4
 
 
 def test_frozen_weights_follow_the_precision(seed_data, tmp_path):

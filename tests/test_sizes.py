@@ -44,6 +44,11 @@ def _llama_dir(path, shape: dict, vocab: int, tokenizer=None, weights: bool = Fa
     return str(path)
 
 
+def _seed_texts(seed_data) -> list[str]:
+    records = json.loads(seed_data.read_text())
+    return [r[k] for r in records for k in ("instruction", "input", "chosen", "rejected") if r.get(k)]
+
+
 def _with_models(tmp_path, names: dict[str, str], seed_data, **extra) -> str:
     raw = yaml.safe_load(SIZES.read_text())
     text = json.dumps(raw)
@@ -80,14 +85,16 @@ def test_plan_of_the_real_shapes_puts_the_lora_cell_where_full_training_would_no
     dirs = {hub: _llama_dir(tmp_path / hub.split("/")[-1], shape, 49152)
             for hub, shape in SHAPES.items()}
     exp = _with_models(tmp_path, dirs, seed_data, **{"model.tokenizer": None})
-    tok = train_tokenizer(["a b c d"] * 10, 300)
+    # a byte-level BPE of 8k tokens on the seed texts: about as many tokens a pair as SmolLM2's own
+    tok = train_tokenizer(_seed_texts(seed_data), 8192)
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
     cuda = torch.device("cuda")
     plans = {label: plan.plan_run(cfg.model_copy(update={"model": cfg.model.model_copy(
         update={"tokenizer": str(tok_dir)})}), cuda, 24e9)
         for label, cfg in plan.runs_of(exp, {"train.precision": "bf16"})}
-    assert len(plans) == 6 and all(p.fits for p in plans.values()), {k: p.peak / 1e9 for k, p in plans.items()}
+    peaks = {k.split("-")[-2]: round(p.peak / 1e9, 1) for k, p in plans.items()}
+    assert len(plans) == 6 and all(p.fits for p in plans.values()), peaks
     big = next(p for k, p in plans.items() if "1.7B" in k)
     assert 1.6e9 < big.n_params < 1.8e9 and big.n_trainable < 0.02 * big.n_params
     _, cfg = next((k, c) for k, c in plan.runs_of(exp, {"train.precision": "bf16"}) if "1.7B" in k)
@@ -101,7 +108,7 @@ def test_sizes_sweep_runs_end_to_end_on_scaled_down_shapes(tmp_path, seed_data, 
     1/8 of the width, a 512-token vocabulary): every cell finishes, the 1.7B-shaped cell trains
     LoRA adapters only, wandb takes every run (its tags shortened to 64 characters), and
     summary.csv has a row per cell."""
-    tok = train_tokenizer([p["instruction"] for p in json.loads(seed_data.read_text())], 512)
+    tok = train_tokenizer(_seed_texts(seed_data), 512)
     dirs = {}
     for hub, shape in SHAPES.items():
         small = {k: max(1, v // 8) if k != "num_hidden_layers" else 2 for k, v in shape.items()}
