@@ -85,9 +85,9 @@ PER_TOKEN = {"gpt2": (15.0, 4.0), "llama": (11.0, 4.0)}  # (x h, x i)
 BF16_SAVED = 0.6  # under bf16 autocast: the share of float32's bytes the saved tensors take
 LOGITS_COPIES = 3  # scored rows' logits: float32 logits, their gradient, the softmax of the backward
 RUNTIME = 120e6  # bytes the first forward and backward add beside any tensor (kernels, threads)
-# A LoRA step's peak holds this share of the saved activations more than they are (measured on
-# tiny-l and SmolLM2-135M over a frozen base, 0.71 and 0.61: notes/memory-plan.md; not traced to
-# one tensor, so it is carried as measured)
+# A LoRA step's peak RSS holds this share of the saved activations more than they are (measured
+# on tiny-l and SmolLM2-135M over a frozen base, 0.71 and 0.61): glibc's heap fragments in the
+# backward of a frozen base, and a fixed MALLOC_MMAP_THRESHOLD_ removes it (notes/memory-plan.md)
 LORA_BACKWARD = 0.65
 
 
