@@ -66,11 +66,6 @@ def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def adapter_is_zero(model: torch.nn.Module) -> bool:
-    """Whether every LoRA B matrix is zero: the policy is then its reference exactly."""
-    return all(not t.any() for n, t in model.state_dict().items() if "lora_B" in n)
-
-
 class AdapterOff:
     """The reference of a LoRA policy: the same modules, called with the adapter disabled. Reads
     like the transformers model (config, dtype, device, base_model, get_output_embeddings,

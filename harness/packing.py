@@ -61,6 +61,13 @@ def supported(model) -> bool:
             and not window and model.get_output_embeddings() is not None)
 
 
+def packed_width(batch: dict[str, torch.Tensor]) -> int:
+    """The width of a collated batch's packed rows: the longest prompt + chosen + rejected."""
+    B = batch["input_ids"].shape[0] // 2
+    lengths = batch["attention_mask"].sum(-1)
+    return int((lengths[:B] + lengths[B:] - batch["prompt_lens"][:B]).max())
+
+
 def pack(batch: dict[str, torch.Tensor], pad_id: int = 0) -> Packed:
     """The packed form of a collated batch ([2B, T] rows: B chosen, then B rejected)."""
     ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
@@ -68,7 +75,7 @@ def pack(batch: dict[str, torch.Tensor], pad_id: int = 0) -> Packed:
     B = ids.shape[0] // 2
     lengths = attn.sum(-1).tolist()
     P = prompt_lens[:B].tolist()
-    width = max(lengths[b] + lengths[B + b] - P[b] for b in range(B))
+    width = packed_width(batch)
     device = ids.device
     input_ids = torch.full((B, width), pad_id, dtype=ids.dtype, device=device)
     position_ids = torch.zeros((B, width), dtype=torch.long, device=device)

@@ -41,7 +41,8 @@ def state_record(policy: torch.nn.Module, reference) -> dict[str, float | int]:
     weights = sum(p.numel() * p.element_size() for p in params)
     grads = sum(p.numel() * p.element_size() for p in trained)
     ref_params = _unique(reference.parameters()) if reference is not None else []
-    ref = sum(p.numel() * p.element_size() for p in ref_params if all(p is not q for q in params))
+    own = {id(p) for p in params}
+    ref = sum(p.numel() * p.element_size() for p in ref_params if id(p) not in own)
     return {"n_params": sum(p.numel() for p in params), "n_trainable": sum(p.numel() for p in trained),
             "state/weights_gb": weights / GB, "state/gradients_gb": grads / GB,
             "state/optimizer_gb": 2 * grads / GB, "state/reference_gb": ref / GB,
@@ -101,6 +102,7 @@ class Shape:
     intermediate: int
     vocab: int
     lora_params: int  # adapter parameters at the configured rank (0 without LoRA)
+    model_type: str  # the config's model_type (gpt2, llama, ...): which PER_TOKEN row applies
 
 
 def _dims(config) -> tuple[int, int, int]:
@@ -147,29 +149,21 @@ def model_shape(cfg, tokenizer, max_length: int) -> Shape:
             model = AutoModelForCausalLM.from_config(hmodels.load_config(cfg.model))
     layers, hidden, inter = _dims(model.config)
     return Shape(hmodels.count_params(model), layers, hidden, inter, model.config.vocab_size,
-                 lora_param_count(model, cfg.model.lora))
+                 lora_param_count(model, cfg.model.lora), model.config.model_type)
 
 
-def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def batch_tokens(items, cfg, world_size: int = 1) -> tuple[int, int]:
+def batch_tokens(items, cfg) -> tuple[int, int]:
     """(tokens through the model, scored tokens) of the largest micro-batch the run draws: its
     data order, batch after batch, as harness.train.micro_batches gives it."""
+    from harness.packing import packed_width
     from harness.train import micro_batches, total_steps
 
     n = total_steps(cfg, len(items)) * cfg.train.grad_accum
     worst = (0, 0)
     for _, (_, batch, _) in zip(range(n), micro_batches(cfg, items, 0), strict=False):
         B, T = batch["input_ids"].shape
-        if cfg.train.share_prompt:  # the packed row's width (harness.packing), not a model's support
-            lengths = batch["attention_mask"].sum(-1)
-            P = batch["prompt_lens"][: B // 2]
-            width = int((lengths[: B // 2] + lengths[B // 2 :] - P).max())
-            tokens = (B // 2) * width
-        else:
-            tokens = B * T
+        # the packed rows when prompts are shared (the setting, not whether a model supports it)
+        tokens = (B // 2) * packed_width(batch) if cfg.train.share_prompt else B * T
         scored = int(batch["loss_mask"][:, 1:].sum())
         worst = max(worst, (tokens, scored))
     return worst
@@ -185,25 +179,24 @@ def task_tokens(cfg) -> tuple[int, int]:
     return 2 * b * (prompt + new), 2 * b * new
 
 
-def estimate(cfg, shape: Shape, tokens: int, scored: int, family: str, precision: str,
+def estimate(cfg, shape: Shape, tokens: int, scored: int, precision: str,
              device: str = "cpu", capacity: float | None = None) -> Plan:
     """The peak memory of a run of `cfg` (module docstring), its largest micro-batch having
     `tokens` tokens through the model and `scored` tokens whose log-probs count."""
+    from harness import metrics
     from harness import models as hmodels
 
     lora = cfg.model.lora.enabled
-    frozen = _bytes(hmodels.frozen_dtype(cfg.model, precision))
-    trained_b = _bytes(hmodels.trainable_dtype(cfg.model))
+    frozen = hmodels.frozen_dtype(cfg.model, precision).itemsize
+    trained_b = hmodels.trainable_dtype(cfg.model).itemsize
     n_train = shape.lora_params if lora else shape.n_params
     parts: dict[str, float] = {}
     parts["weights"] = shape.n_params * (frozen if lora else trained_b) + (n_train * trained_b if lora else 0)
     parts["gradients"] = n_train * trained_b
     parts["optimizer"] = 2 * n_train * trained_b
     live = cfg.dpo.reference == "model"
-    from harness import metrics
-
     parts["reference"] = 0 if lora or not (live or metrics.gen_enabled(cfg)) else shape.n_params * frozen
-    a_h, a_i = PER_TOKEN.get(family, PER_TOKEN["llama"])
+    a_h, a_i = PER_TOKEN["gpt2" if shape.model_type == "gpt2" else "llama"]
     per_token = shape.n_layers * (a_h * shape.hidden + a_i * shape.intermediate) * 4
     saved = per_token * tokens * (BF16_SAVED if precision == "bf16" else 1.0)
     if cfg.train.gradient_checkpointing:  # each layer keeps its input; one layer's inside at a time
@@ -232,10 +225,6 @@ def device_capacity(device: torch.device) -> float | None:
     return None
 
 
-def family(model_type: str | None) -> str:
-    return "gpt2" if model_type == "gpt2" else "llama"
-
-
 def plan_run(cfg, device: torch.device, capacity: float | None = None) -> Plan:
     """The plan of one run config: its model's shape (meta device), its largest micro-batch (the
     tokenized data in the run's order; a task's bound), its precision on `device`, against
@@ -253,10 +242,7 @@ def plan_run(cfg, device: torch.device, capacity: float | None = None) -> Plan:
         tokenizer, _ = hmodels.load_tokenizer(cfg.model, lambda: iter(["a b c"]))
         tokens, scored = task_tokens(cfg)
     shape = model_shape(cfg, tokenizer, cfg.data.max_length)
-    with torch.device("meta"):
-        model_type = (cfg.model.name and "gpt2") if hmodels.is_tiny(cfg.model.name) else \
-            hmodels.load_config(cfg.model).model_type
-    return estimate(cfg, shape, tokens, scored, family(model_type), precision, device.type,
+    return estimate(cfg, shape, tokens, scored, precision, device.type,
                     capacity or device_capacity(device))
 
 
